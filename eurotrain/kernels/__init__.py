@@ -8,8 +8,8 @@ references where Triton or a GPU is missing) or ``"compile"`` (the references un
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from eurotrain.kernels import reference
 

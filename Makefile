@@ -1,0 +1,45 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv with pinned
+# versions (torch==2.13.0, the CPU wheel on machines without a GPU) and install eurotrain into it.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+NPROC ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-quick check lint format clean
+
+$(BIN)/.installed: pyproject.toml requirements-pinned.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-pinned.txt
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Train the tiny model on the embedded demo corpus with $(NPROC) ranks (CPU here, GPUs if present).
+demo: venv
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node $(NPROC) \
+		-m eurotrain.train configs/tiny.yaml --train.steps 100 --logging.log_interval 10
+
+test: venv
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# A quick local run that skips the slowest multi-process cases (CI runs everything).
+test-quick: venv
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+check: lint test
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

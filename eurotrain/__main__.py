@@ -1,0 +1,5 @@
+import sys
+
+from eurotrain.cli import main
+
+sys.exit(main())

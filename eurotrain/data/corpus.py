@@ -1,0 +1,57 @@
+"""Raw text for the foundation loader: the embedded demo corpus, or local text files."""
+
+from __future__ import annotations
+
+import glob
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from eurotrain.configtools import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
+
+
+def demo_documents(num_bytes: int) -> Iterator[str]:
+    """Python's standard-library sources in sorted order, up to ``num_bytes`` of text.
+
+    Real, varied text that exists wherever Python does, so the demo needs no download."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        yield text
+        total += len(text.encode("utf-8"))
+        if total >= num_bytes:
+            return
+
+
+def file_documents(spec: str) -> Iterator[str]:
+    """One document per file: a file, a directory (recursively, text suffixes) or a glob."""
+    p = Path(spec)
+    if p.is_file():
+        paths = [p]
+    elif p.is_dir():
+        paths = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    else:
+        paths = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+        if not paths:
+            raise ConfigError(
+                f"data.corpus: {spec!r} is not a file, a directory, or a glob that matches "
+                f"files. Give the local path of your text, or 'demo' for the built-in corpus."
+            )
+    if not paths:
+        raise ConfigError(
+            f"data.corpus: directory {spec!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+        )
+    for path in paths:
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def documents(corpus: str, demo_bytes: int) -> Iterator[str]:
+    return demo_documents(demo_bytes) if corpus == "demo" else file_documents(corpus)

@@ -1,0 +1,95 @@
+"""Tokenizers: a byte-level default, or a HF tokenizer loaded from local files only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from eurotrain.configtools import ConfigError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, and 256 as end-of-document. Needs no files at all."""
+
+    vocab_size = 257
+    eos_id = 256
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers/tokenizers tokenizer from a local directory or tokenizer.json file."""
+
+    def __init__(self, path: str) -> None:
+        p = Path(path)
+        if p.is_file():
+            from tokenizers import Tokenizer as RawTokenizer
+            from transformers import PreTrainedTokenizerFast
+
+            self.tok = PreTrainedTokenizerFast(tokenizer_object=RawTokenizer.from_file(str(p)))
+        else:
+            from transformers import AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        self.name = str(p.resolve())
+        self.vocab_size = len(self.tok)
+        eos = self.tok.eos_token_id
+        if eos is None:  # a bare tokenizer.json: find a conventional end-of-text token
+            for cand in ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[SEP]"):
+                tid = self.tok.convert_tokens_to_ids(cand)
+                if isinstance(tid, int) and tid != self.tok.unk_token_id and tid >= 0:
+                    eos = tid
+                    break
+        if eos is None:
+            raise ConfigError(
+                f"tokenizer {path!r} defines no end-of-text token: add eos_token to its "
+                f"tokenizer_config.json (or a token such as <|endoftext|> to its vocabulary)"
+            )
+        self.eos_id = int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"``, or the local path of a HF tokenizer directory or tokenizer.json file."""
+    if spec == "byte":
+        return ByteTokenizer()
+    p = Path(spec)
+    if not p.exists():
+        raise ConfigError(
+            f"data.tokenizer: {spec!r} does not exist. Give the local path of a HF tokenizer "
+            f"directory (with tokenizer.json) or of a tokenizer.json file, or 'byte' for the "
+            f"byte-level tokenizer. Compute nodes have no internet: hub names do not work."
+        )
+    if p.is_dir() and not any(
+        (p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise ConfigError(
+            f"data.tokenizer: directory {spec!r} holds no tokenizer.json or "
+            f"tokenizer_config.json; save one with tokenizer.save_pretrained({spec!r})"
+        )
+    try:
+        return HFTokenizer(spec)
+    except ConfigError:
+        raise
+    except Exception as e:  # transformers raises many types for broken files
+        raise ConfigError(f"data.tokenizer: could not load {spec!r}: {e}") from None

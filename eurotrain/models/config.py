@@ -1,0 +1,127 @@
+"""Model configuration: the shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2 style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from eurotrain.configtools import ConfigError
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3.1 style frequency scaling of RoPE (HF ``rope_type: llama3``); factor 1 is off."""
+
+    factor: float = 1.0
+    """Context extension factor (8.0 for Llama 3.1); 1.0 disables scaling."""
+    low_freq_factor: float = 1.0
+    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
+    high_freq_factor: float = 4.0
+    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """Context length the base model was trained with."""
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0:
+            raise ConfigError(f"model.rope_scaling.factor: {self.factor} must be >= 1 (1 = off)")
+        if self.factor > 1.0 and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"model.rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor != 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the decoder; presets for tiny .. 70B live in configs/."""
+
+    name: str = "llama"
+    """Free-form name written to metrics and checkpoints."""
+    vocab_size: int = 320
+    """Rows of the embedding; must be >= the tokenizer's vocabulary."""
+    dim: int = 128
+    """Hidden size (HF hidden_size)."""
+    num_layers: int = 4
+    """Transformer blocks (HF num_hidden_layers)."""
+    num_heads: int = 4
+    """Query heads (HF num_attention_heads)."""
+    num_kv_heads: int | None = 2
+    """Key/value heads for grouped-query attention; null means num_heads (plain MHA)."""
+    head_dim: int | None = None
+    """Per-head size; null means dim // num_heads."""
+    ffn_dim: int = 384
+    """Hidden size of the SwiGLU MLP (HF intermediate_size)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base (500000 for Llama 3)."""
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    """Llama-3.1 RoPE frequency scaling; factor 1 = off."""
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE tables are built for."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection (Llama 3.2 1B/3B style)."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2 style)."""
+    init_std: float = 0.02
+    """Standard deviation of the (truncated) normal init of linear and embedding weights."""
+    kernels: Literal["torch", "triton", "compile"] = "torch"
+    """Implementation of RMSNorm, RoPE, SwiGLU and the loss: PyTorch references, fused Triton
+    kernels (fall back to the references where Triton or a GPU is missing), or torch.compile."""
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, key)
+            if value <= 0:
+                raise ConfigError(f"model.{key}: {value} must be a positive integer")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads: {self.num_kv_heads} must divide model.num_heads "
+                f"({self.num_heads}); for example {_divisors(self.num_heads)}"
+            )
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise ConfigError(
+                    f"model.dim ({self.dim}) is not divisible by model.num_heads "
+                    f"({self.num_heads}): set model.head_dim explicitly or change num_heads"
+                )
+            self.head_dim = self.dim // self.num_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim: {self.head_dim} must be even for RoPE")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count of the decoder (the output projection counts unless tied)."""
+        assert self.head_dim is not None and self.num_kv_heads is not None
+        attn = self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        n = self.num_layers * block + self.dim
+        embed = self.vocab_size * self.dim
+        if not exclude_embedding:
+            n += embed
+        if not self.tie_embeddings:
+            n += embed
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (weights, fwd + bwd) + 12 L H D S (attention scores),
+        as in the PaLM / Megatron MFU convention, with N excluding the input embedding."""
+        assert self.head_dim is not None
+        n = self.num_params(exclude_embedding=True)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.dim  # the output projection is still a matmul
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * n + attn
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)

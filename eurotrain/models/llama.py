@@ -1,0 +1,180 @@
+"""The Llama-family decoder in plain PyTorch.
+
+No parallelism lives here: tensor, pipeline and data parallelism are applied from outside
+(eurotrain/parallel/) following the plans declared at the bottom of this file. Head counts are
+read from the weight shapes at run time, so a tensor-parallel shard of a layer runs unchanged.
+Layers sit in a ModuleDict keyed by index, and the embedding, final norm and output projection may
+be None, so a pipeline stage keeps only its own part with the parameter names unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eurotrain.kernels import Ops, get_ops
+from eurotrain.models.config import ModelConfig
+from eurotrain.models.init import init_param
+from eurotrain.models.rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through scaled_dot_product_attention (causal)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        assert cfg.head_dim is not None and cfg.num_kv_heads is not None
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.ops = ops
+        # Context parallelism (Ulysses) swaps this for a function that all-to-alls around SDPA.
+        self.sdpa = sdpa
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        out = self.sdpa(q, k, v)  # [B, S, H, D]
+        return self.wo(out.reshape(bsz, seq, -1))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention on [B, S, H, D] tensors; KV heads are shared by groups of query heads."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.attention = Attention(cfg, ops)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, S] -> logits [B, S, V] (or, given labels, the summed cross-entropy)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ops = get_ops(cfg.kernels)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, self.ops) for i in range(cfg.num_layers)}
+        )
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = self._rope()
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        assert c.head_dim is not None
+        return rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling, device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter (layout-independent) and rebuild the RoPE tables.
+
+        Separate from __init__ so the model can be built on the meta device, sharded, moved
+        to its device with to_empty(), and only then filled."""
+        device = self.rope_cos.device
+        cos, sin = self._rope(device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        c = self.cfg
+        residual_std = c.init_std / math.sqrt(2 * c.num_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                init_param(p, name, seed, "ones")
+            elif leaf == "bias":
+                init_param(p, name, seed, "zeros")
+            elif name.endswith(("wo.weight", "w2.weight")):
+                init_param(p, name, seed, "normal", residual_std)
+            else:
+                init_param(p, name, seed, "normal", c.init_std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens: [B, S] ids (or [B, S, D] hidden states on a later pipeline stage).
+
+        positions ([S], optional) index the RoPE tables, for a context-parallel shard of a
+        longer sequence. With labels, returns the summed token cross-entropy (fp32) so the
+        trainer can normalise by the global token count."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seq = h.shape[1]
+        if positions is None:
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        if labels is not None:
+            return self.ops.linear_cross_entropy(
+                h.flatten(0, 1), self.output.weight, labels.flatten(), IGNORE_INDEX, 0.0, "sum"
+            )
+        return self.output(h)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:
+    """Build the model's structure on ``device`` (meta by default: no memory, no init)."""
+    with torch.device(device):
+        return Transformer(cfg)

@@ -1,0 +1,92 @@
+"""ParallelDims: the parallel degrees, checked against the world size, and the one DeviceMesh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from eurotrain.configtools import ConfigError
+from eurotrain.parallel.config import ParallelConfig
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+"""Mesh axes outermost first: tp innermost so it stays inside a node's fast links."""
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+    _mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        degrees = {k: getattr(cfg, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}
+        fixed = 1
+        for v in degrees.values():
+            if v != -1:
+                fixed *= v
+        for k, v in degrees.items():
+            if v == -1:
+                if world_size % fixed:
+                    raise ConfigError(
+                        f"parallel.{k} = -1 cannot fill the world: {world_size} ranks are not "
+                        f"divisible by the product of the other degrees ({fixed}). "
+                        f"{_suggest(world_size)}"
+                    )
+                degrees[k] = world_size // fixed
+        product = 1
+        for v in degrees.values():
+            product *= v
+        if product != world_size:
+            layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "1"
+            raise ConfigError(
+                f"parallel layout {layout} needs {product} ranks but the job has {world_size}. "
+                f"Set one degree to -1 to absorb the rest, or use for example "
+                f"{_suggest(world_size)}"
+            )
+        return cls(world_size=world_size, **degrees)
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data (replicas x shards)."""
+        return self.dp_replicate * self.dp_shard
+
+    def degrees(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in AXES}
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """One named mesh over all axes, with flattened views "dp" (data), "dp_cp" (FSDP and
+        loss reduction) and "dp_shard_cp" (the FSDP shard axis)."""
+        if self._mesh is not None:
+            return self._mesh
+        shape = tuple(getattr(self, k) for k in AXES)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        self._mesh = mesh
+        return mesh
+
+    def describe(self) -> str:
+        return " x ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "single rank"
+
+
+def _suggest(world_size: int) -> str:
+    return f"parallel.dp_shard={world_size} (pure FSDP over all {world_size} ranks)"
+
+
+def dp_rank_and_size(dims: ParallelDims, mesh: DeviceMesh | None) -> tuple[int, int]:
+    """This rank's index among the ranks that read different data, and their number."""
+    if mesh is None or dims.dp == 1:
+        return 0, dims.dp
+    return mesh["dp"].get_local_rank(), dims.dp
+
+
+def device_type(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"

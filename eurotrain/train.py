@@ -1,0 +1,268 @@
+"""The training loop, and ``python -m eurotrain.train CONFIG [--section.key value ...]``.
+
+Trainer builds every component from the config (checking everything that can be wrong before a
+model exists), then train() runs the loop; one step is train_step(), which reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from eurotrain.config import Config, load_config
+from eurotrain.configtools import ConfigError
+from eurotrain.data import Batch, GlobalBatchLoader, build_sequences, load_tokenizer
+from eurotrain.distributed import DistInfo, init_distributed
+from eurotrain.metrics import MetricsLogger, device_peak_tflops
+from eurotrain.models import IGNORE_INDEX, build_model
+from eurotrain.optim import build_optimizer, build_scheduler
+from eurotrain.parallel import ParallelDims, parallelize
+from eurotrain.parallel.dims import dp_rank_and_size
+from eurotrain.parallel.grad import clip_grad_norm_
+from eurotrain.parallel.parallelize import check_supported
+
+
+class Callback(Protocol):
+    """Side concerns (checkpoints, profiling, custom logging) hook in here, not in the loop."""
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        # Everything that can be wrong with the input is checked before the model exists.
+        self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world_size)
+        check_supported(self.dims)
+        self._check_batch()
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"the tokenizer {cfg.data.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
+                f"model.vocab_size is {cfg.model.vocab_size}: set model.vocab_size to at least "
+                f"{self.tokenizer.vocab_size} (a multiple of 64 is fastest)"
+            )
+        sequences = build_sequences(cfg.data, self.tokenizer)
+
+        device_type = self.dist.device.type
+        self.mesh = self.dims.build_mesh(device_type) if self.dist.world_size > 1 else None
+        dp_rank, dp_size = dp_rank_and_size(self.dims, self.mesh)
+        self.loader = GlobalBatchLoader(
+            sequences,
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            dp_size,
+            cfg.train.seed,
+        )
+
+        self.run_dir = self._make_run_dir()
+        bf16 = cfg.train.mixed_precision == "bf16" or (
+            cfg.train.mixed_precision == "auto" and device_type == "cuda"
+        )
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        model = build_model(cfg.model, "meta")
+        self.sharded = self.mesh is not None and self.dims.dp > 1
+        model = parallelize(model, self.dims, self.mesh, cfg.parallel, self.compute_dtype)
+        model.to_empty(device=self.dist.device)
+        model.init_weights(cfg.train.seed)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, device_type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps)
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.tokens_seen = 0
+        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.dist.device)
+        self.metrics = MetricsLogger(
+            cfg.logging,
+            self.run_dir,
+            cfg.train.steps,
+            cfg.to_dict(),
+            enabled=self.dist.is_main,
+        )
+        self.metrics.info(
+            f"eurotrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.2f}M params) on "
+            f"{self.dist.world_size} x {self.dist.device.type} [{self.dims.describe()}], "
+            f"{self.compute_dtype}, kernels {model.ops.backend}, run dir {self.run_dir}"
+        )
+
+    # ---- set-up helpers ------------------------------------------------------------------
+    def _check_batch(self) -> None:
+        t = self.cfg.train
+        per_step = t.micro_batch_size * self.dims.dp
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel ranks "
+                f"({self.dims.dp}) = {per_step}; for example set train.global_batch_size to "
+                f"{per_step * max(1, round(t.global_batch_size / per_step))}"
+            )
+
+    def _make_run_dir(self) -> Path:
+        name = self.cfg.train.run_name
+        if not name:
+            name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+            if self.dist.world_size > 1:  # every rank must agree on rank 0's clock
+                box = [name]
+                dist.broadcast_object_list(box, src=0)
+                name = box[0]
+        run_dir = Path(self.cfg.train.output_dir) / name
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        return run_dir
+
+    def _autocast(self):
+        if (
+            self.dist.device.type == "cuda"
+            and self.compute_dtype != torch.float32
+            and not self.sharded
+        ):
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        result = TrainResult(run_dir=self.run_dir)
+        try:
+            while self.step < self.cfg.train.steps:
+                metrics = self.train_step(next(self.loader))
+                result.losses.append(metrics["loss"])
+                result.grad_norms.append(metrics["grad_norm"])
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step, metrics)
+        finally:
+            self.metrics.close()
+        return result
+
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.model.train()
+        device = self.dist.device
+        # The loss is a sum over tokens divided by the token count of the whole global batch,
+        # so every rank and micro-batch weighs each token equally, as one big batch would.
+        local_tokens = sum(int((y != IGNORE_INDEX).sum()) for y in batch.labels)
+        num_tokens = self._all_reduce(torch.tensor(float(local_tokens), device=device))
+        loss_sum = torch.zeros((), device=device)
+        num_micro = len(batch.inputs)
+        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
+            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == num_micro - 1)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with self._autocast():
+                loss = self.model(x, y)
+            (loss / num_tokens).backward()
+            loss_sum += loss.detach().float()
+
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        loss = (self._all_reduce(loss_sum) / num_tokens).item()
+        lr = self.scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            self._skip_nonfinite(loss, grad_norm.item())
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += int(num_tokens.item())
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - start
+        metrics = self._step_metrics(loss, lr, grad_norm.item(), num_tokens.item(), step_time)
+        if self.step % self.cfg.logging.log_interval == 0 or self.step == self.cfg.train.steps:
+            self.metrics.log(self.step, metrics)
+        return metrics
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_steps += 1
+        message = (
+            f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+            f"({self.nonfinite_steps} such steps so far, train.max_nonfinite_steps = "
+            f"{self.cfg.train.max_nonfinite_steps})"
+        )
+        if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                message + ": stopping. Lower optim.lr, raise schedule.warmup_steps, check the "
+                "data, or resume from the last checkpoint."
+            )
+        self.metrics.info(message + ": the update is skipped")
+
+    def _step_metrics(
+        self, loss: float, lr: float, grad_norm: float, tokens: float, step_time: float
+    ) -> dict[str, Any]:
+        per_device = tokens / step_time / self.dist.world_size
+        metrics: dict[str, Any] = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / step_time,
+            "tokens_per_s_per_device": per_device,
+            "step_time_s": step_time,
+            "tokens_seen": self.tokens_seen,
+        }
+        flops = self.cfg.model.flops_per_token(self.cfg.data.seq_len) * per_device
+        metrics["tflops_per_device"] = flops / 1e12
+        if self.peak_tflops:
+            metrics["mfu"] = flops / (self.peak_tflops * 1e12)
+        if self.dist.device.type == "cuda":
+            metrics["memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: python -m eurotrain.train CONFIG [--section.key value ...]\n"
+            "       (under torchrun --nproc-per-node N for several ranks)"
+        )
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"eurotrain: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        from eurotrain.distributed import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
