@@ -56,17 +56,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-        errors = []
+        if value is None and type(None) in args:
+            return None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

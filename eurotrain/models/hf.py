@@ -73,9 +73,14 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], tie: bool) -> dict[str, t
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A LlamaConfig dict (Qwen2-style qkv bias maps to attention_bias)."""
+    # q/k/v biases without an o_proj bias is Qwen2's attention; HF Llama's attention_bias
+    # would put a bias on o_proj too.
+    arch, model_type = (
+        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
+    )
     d: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -87,12 +92,16 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.qkv_bias,
+        "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
     }
     rs = cfg.rope_scaling
+    if cfg.qkv_bias:
+        d.pop("attention_bias")
+        d.pop("mlp_bias")
+        d["use_sliding_window"] = False
     if rs.enabled:
         d["rope_scaling"] = {
             "rope_type": "llama3",
