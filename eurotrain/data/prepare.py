@@ -216,8 +216,9 @@ def prepare(
             num_proc=num_proc if num_proc > 1 else None,
             remove_columns=[field],
             features=features,
-            new_fingerprint=hashlib.sha256(f"{key}:{part}:{identity['sha256']}".encode())
-            .hexdigest()[:32],
+            new_fingerprint=hashlib.sha256(
+                f"{key}:{part}:{identity['sha256']}".encode()
+            ).hexdigest()[:32],
             cache_file_name=str(work / f"part-{part:05d}.arrow"),
             desc=f"tokenizing shard {part + 1}/{len(plan)}",
         )
