@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -130,7 +131,7 @@ def plan_shards(ds: Any, field: str, shard_chars: int) -> list[tuple[int, int]]:
         raise ConfigError("--input holds no text: every document is empty")
     cuts = np.searchsorted(cum, np.arange(shard_chars, int(cum[-1]), shard_chars), "left") + 1
     bounds = [0, *sorted(set(cuts.tolist()) - {0, len(cum)}), len(cum)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 class Encoder:

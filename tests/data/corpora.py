@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = (
+TEXT = (
     "the data loader serves packed sequences der Zug fährt über die Brücke la niña "
     "mange une crème brûlée à Zürich łódź żółw Ελληνικά γλώσσα суперкомпьютер "
     "eurohpc marenostrum lumi leonardo jupiter tokens shards résumé naïve café 😀"
-).split()
+)
+WORDS = TEXT.split()
 
 
 def make_documents(num: int, seed: int = 0, alphabet: str | None = None) -> list[str]:

@@ -111,9 +111,9 @@ def test_corrupted_and_truncated_shards_are_detected(tmp_path, prepared_byte):
     data[10] ^= 0x01  # one flipped bit, same size
     shard.write_bytes(bytes(data))
     PreparedDataset(bad, verify="size")  # the size check alone cannot see it
-    with pytest.raises(DataFormatError, match="shard-00001.bin fails its SHA-256 check"):
+    with pytest.raises(DataFormatError, match=r"shard-00001\.bin fails its SHA-256 check"):
         PreparedDataset(bad)
-    with pytest.raises(ConfigError, match="data.sources: .*SHA-256"):
+    with pytest.raises(ConfigError, match=r"data\.sources: .*SHA-256"):
         DataPipeline(DataConfig(sources=[SourceConfig(str(bad))]))
     assert main(["verify", str(bad)]) == 2
 
