@@ -22,17 +22,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eurotrain.data import GlobalBatchLoader, PreparedDataset, PreparedSequences  # noqa: E402
-from eurotrain.data.prepare import prepare  # noqa: E402
+from eurotrain.data import GlobalBatchLoader, PreparedDataset, PreparedSequences
+from eurotrain.data.prepare import prepare
 
 
 def make_corpus(folder: Path, megabytes: float) -> None:
     """Multilingual-ish random text in 1,000 files (one document each)."""
     rng = np.random.default_rng(0)
-    words = np.array(
+    text = (
         "der Zug fährt über die Brücke la niña mange une crème brûlée à Zürich łódź żółw "
-        "Ελληνικά γλώσσα суперкомпьютер the data loader serves packed sequences".split()
+        "Ελληνικά γλώσσα суперкомпьютер the data loader serves packed sequences"
     )
+    words = np.array(text.split())
     folder.mkdir(parents=True)
     per_file = int(megabytes * 2**20 / 1000)
     for i in range(1000):
