@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "train from a YAML config: eurotrain train CONFIG [--a.b v]",
     ),
+    "data": ("eurotrain.data.prepare", "main", "tokenize once into shards: eurotrain data prepare"),
 }
 
 

@@ -44,6 +44,11 @@ class TrainingConfig:
     """Per-device bf16 peak for MFU; null means looked up from the GPU's name."""
     max_nonfinite_steps: int = 0
     """Non-finite losses tolerated (the step is skipped) before the run stops with an error."""
+    eval_interval: int = 0
+    """Compute the validation loss (val_loss) every this many steps; 0 disables it. Needs
+    data.validation_fraction or data.validation_sources."""
+    eval_batches: int = 10
+    """Global batches of validation data per evaluation (the same ones every time)."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch_size", "micro_batch_size"):
@@ -55,6 +60,11 @@ class TrainingConfig:
                 f"train.micro_batch_size ({self.micro_batch_size}); for example set "
                 f"train.micro_batch_size to one of "
                 f"{[d for d in range(1, self.global_batch_size + 1) if self.global_batch_size % d == 0]}"
+            )
+        if self.eval_interval < 0 or self.eval_batches < 1:
+            raise ConfigError(
+                f"train.eval_interval ({self.eval_interval}) must be >= 0 (0 = off) and "
+                f"train.eval_batches ({self.eval_batches}) >= 1"
             )
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip: {self.grad_clip} must be >= 0 (0 = off)")

@@ -146,4 +146,4 @@ class MetricsLogger:
             self.wandb_run = None
 
 
-_SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "memory_gib")
+_SHOWN = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "memory_gib")

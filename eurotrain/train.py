@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
-from eurotrain.data import Batch, GlobalBatchLoader, build_sequences, load_tokenizer
+from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
 from eurotrain.metrics import MetricsLogger, device_peak_tflops
 from eurotrain.models import IGNORE_INDEX, build_model
@@ -61,25 +61,31 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world_size)
         check_supported(self.dims)
         self._check_batch()
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+        self.data = DataPipeline(cfg.data)  # prepared sources, or the raw-text corpus
+        self.tokenizer = self.data.tokenizer
+        if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
-                f"the tokenizer {cfg.data.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
-                f"model.vocab_size is {cfg.model.vocab_size}: set model.vocab_size to at least "
-                f"{self.tokenizer.vocab_size} (a multiple of 64 is fastest)"
+                f"the tokenizer {self.data.identity['name']!r} has {self.data.vocab_size} tokens "
+                f"but model.vocab_size is {cfg.model.vocab_size}: set model.vocab_size to at "
+                f"least {self.data.vocab_size} (a multiple of 64 is fastest)"
             )
-        sequences = build_sequences(cfg.data, self.tokenizer)
+        if cfg.train.eval_interval and not (
+            cfg.data.validation_fraction or cfg.data.validation_sources
+        ):
+            raise ConfigError(
+                f"train.eval_interval={cfg.train.eval_interval} needs validation data: set "
+                f"data.validation_fraction (e.g. 0.01) or data.validation_sources"
+            )
 
         device_type = self.dist.device.type
         self.mesh = self.dims.build_mesh(device_type) if self.dist.world_size > 1 else None
         dp_rank, dp_size = dp_rank_and_size(self.dims, self.mesh)
-        self.loader = GlobalBatchLoader(
-            sequences,
-            cfg.train.global_batch_size,
-            cfg.train.micro_batch_size,
-            dp_rank,
-            dp_size,
-            cfg.train.seed,
+        t = cfg.train
+        self.loader = self.data.train_loader(
+            t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, t.seed
+        )
+        self.val_loader = self.data.validation_loader(
+            t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
         )
 
         self.run_dir = self._make_run_dir()
@@ -160,6 +166,8 @@ class Trainer:
                 metrics = self.train_step(next(self.loader))
                 result.losses.append(metrics["loss"])
                 result.grad_norms.append(metrics["grad_norm"])
+                if self.cfg.train.eval_interval and self.step % self.cfg.train.eval_interval == 0:
+                    metrics["val_loss"] = self.evaluate()
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, metrics)
         finally:
@@ -204,6 +212,26 @@ class Trainer:
         if self.step % self.cfg.logging.log_interval == 0 or self.step == self.cfg.train.steps:
             self.metrics.log(self.step, metrics)
         return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per token over the first train.eval_batches validation batches (the same
+        batches every time), logged as val_loss."""
+        assert self.val_loader is not None
+        self.model.eval()
+        self.val_loader.step = 0
+        num_batches = min(self.cfg.train.eval_batches, self.val_loader.batches_per_epoch)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for _ in range(num_batches):
+            batch = next(self.val_loader)
+            for x, y in zip(batch.inputs, batch.labels):
+                x, y = x.to(self.dist.device), y.to(self.dist.device)
+                with self._autocast():
+                    totals[0] += self.model(x, y).double()
+                totals[1] += int((y != IGNORE_INDEX).sum())
+        val_loss = (self._all_reduce(totals)[0] / totals[1]).item()
+        self.metrics.log(self.step, {"val_loss": val_loss})
+        return val_loss
 
     def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_steps += 1

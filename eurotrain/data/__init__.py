@@ -1,26 +1,36 @@
-"""Data: tokenizers, the corpus, packed sequences and the resumable global-batch loader.
+"""Data: tokenizers, prepared memory-mapped shards, blending and the resumable loader.
 
-``build_loader`` is the one entry point the trainer uses; the full pipeline (prepared
-memory-mapped shards, blending) plugs in behind it.
+``DataPipeline`` is the one entry point the trainer uses: it opens prepared sources
+(``data.sources``) or tokenizes the raw-text corpus, checks them, and builds the global-batch
+loaders. ``eurotrain data prepare`` (eurotrain/data/prepare.py) writes prepared sources.
 """
 
 from __future__ import annotations
 
-from eurotrain.data.config import DataConfig
-from eurotrain.data.loader import Batch, GlobalBatchLoader, PackedSequences, tokenize_corpus
+from eurotrain.data.config import DataConfig, SourceConfig
+from eurotrain.data.loader import Batch, GlobalBatchLoader, tokenize_corpus
+from eurotrain.data.pipeline import DataPipeline
+from eurotrain.data.shards import DataFormatError, PreparedDataset
+from eurotrain.data.sources import PackedSequences, PreparedSequences
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
 def build_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> PackedSequences:
-    return PackedSequences(tokenize_corpus(cfg, tokenizer), cfg.seq_len)
+    """The raw-text corpus as in-memory packed sequences."""
+    return PackedSequences(tokenize_corpus(cfg, tokenizer), cfg.seq_len, tokenizer.eos_id)
 
 
 __all__ = [
     "Batch",
     "ByteTokenizer",
     "DataConfig",
+    "DataFormatError",
+    "DataPipeline",
     "GlobalBatchLoader",
     "PackedSequences",
+    "PreparedDataset",
+    "PreparedSequences",
+    "SourceConfig",
     "Tokenizer",
     "build_sequences",
     "load_tokenizer",

@@ -1,39 +1,26 @@
-"""Packed fixed-length sequences and a deterministic, resumable global-batch loader.
+"""A deterministic, resumable global-batch loader over one or several blended sources.
 
-The order of sequences depends only on (seed, epoch): global batch k is the same set of
-sequences whatever the number of data-parallel ranks, and each rank takes its contiguous slice.
-That is what makes N ranks train exactly like one, and what lets a checkpoint store the loader's
-position as a single number.
+Global batch k is slots [k * B, (k + 1) * B) of the blend schedule (eurotrain/data/blend.py),
+whatever the number of data-parallel ranks, and each rank takes its contiguous slice. That is
+what makes N ranks train exactly like one, and what lets a checkpoint store the loader's
+position as a single number that stays valid under a different number of ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from eurotrain.configtools import ConfigError
+from eurotrain.data.blend import BlendSchedule, ShuffledRows
 from eurotrain.data.config import DataConfig
 from eurotrain.data.corpus import documents
+from eurotrain.data.sources import PackedSequences, SequenceSource
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer
-
-
-class PackedSequences:
-    """A token stream cut into non-overlapping windows of seq_len + 1 (inputs and shifted labels)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.num_sequences = (len(tokens) - 1) // seq_len
-
-    def __len__(self) -> int:
-        return self.num_sequences
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        start = i * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
@@ -55,10 +42,17 @@ def tokenize_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """One rank's share of one global batch, as micro-batches of [micro_batch, seq_len]."""
+    """One rank's share of one global batch, as micro-batches of [micro_batch, seq_len].
+
+    With document positions on, ``positions`` holds per-document position ids (same shape as
+    the inputs) and ``cu_seqlens`` each row's cumulative document lengths [0, ..., seq_len]."""
 
     inputs: list[torch.Tensor]
     labels: list[torch.Tensor]
+    positions: list[torch.Tensor] | None = None
+    cu_seqlens: list[list[torch.Tensor]] | None = None
+    source_ids: np.ndarray | None = None
+    """The source of each of this rank's rows (index into the loader's sources)."""
 
 
 class GlobalBatchLoader:
@@ -66,71 +60,125 @@ class GlobalBatchLoader:
 
     def __init__(
         self,
-        data: PackedSequences,
+        data: SequenceSource | Sequence[SequenceSource],
         global_batch: int,
         micro_batch: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
+        weights: Sequence[float] | None = None,
+        shuffle: bool = True,
+        document_positions: bool = False,
     ) -> None:
+        sources = list(data) if isinstance(data, (list, tuple)) else [data]
+        weights = list(weights) if weights is not None else [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
         if global_batch % (micro_batch * dp_size):
             raise ConfigError(
                 f"train.global_batch_size ({global_batch}) must be a multiple of "
                 f"train.micro_batch_size ({micro_batch}) x data-parallel ranks ({dp_size})"
             )
-        if len(data) < global_batch:
+        for s in sources:
+            if len(s) == 0:
+                raise ConfigError(
+                    f"data source {s.name!r} holds fewer than data.seq_len + 1 = "
+                    f"{s.seq_len + 1} tokens: it gives no sequence; add text or drop it"
+                )
+        total = sum(len(s) for s in sources)
+        if total < global_batch:
             raise ConfigError(
-                f"the corpus gives only {len(data)} sequences of data.seq_len={data.seq_len} "
+                f"the data gives only {total} sequences of data.seq_len={sources[0].seq_len} "
                 f"tokens, fewer than one global batch ({global_batch}); use more text or a "
                 f"smaller train.global_batch_size / data.seq_len"
             )
-        self.data = data
+        self.sources = sources
+        self.weights = weights
+        self.seq_len = sources[0].seq_len
         self.global_batch = global_batch
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.batches_per_epoch = len(data) // global_batch
+        self.document_positions = document_positions
+        self.schedule = BlendSchedule(weights, [s.name for s in sources])
+        self.rows = [ShuffledRows(len(s), seed, i, shuffle) for i, s in enumerate(sources)]
+        self.batches_per_epoch = max(1, total // global_batch)
         self.step = 0  # global batches served so far
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        key = ";".join(f"{len(s)}:{w!r}" for s, w in zip(sources, weights))
+        self.fingerprint = hashlib.sha256(f"{self.seq_len};{key}".encode()).hexdigest()[:16]
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(len(self.data))
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
+    def locate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source id, row within that source) of each global slot."""
+        src, j = self.schedule.assign(slots)
+        rows = np.empty_like(j)
+        for s in np.unique(src).tolist():
+            mask = src == s
+            rows[mask] = self.rows[s].rows(j[mask])
+        return src, rows
 
-    def global_indices(self, step: int) -> np.ndarray:
-        """Sequence indices of global batch number ``step`` (0-based)."""
-        epoch, k = divmod(step, self.batches_per_epoch)
-        perm = self._permutation(epoch)
-        return perm[k * self.global_batch : (k + 1) * self.global_batch]
+    def global_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source ids, rows) of global batch number ``step`` (0-based), all ranks together."""
+        return self.locate(step * self.global_batch + np.arange(self.global_batch))
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        idx = self.global_indices(self.step)
-        self.step += 1
         per_rank = self.global_batch // self.dp_size
-        mine = idx[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        rows = torch.from_numpy(np.stack([self.data[int(i)] for i in mine]).astype(np.int64))
-        inputs, labels = rows[:, :-1], rows[:, 1:]
-        return Batch(
-            inputs=list(inputs.split(self.micro_batch)), labels=list(labels.split(self.micro_batch))
+        first = self.step * self.global_batch + self.dp_rank * per_rank
+        src, rows = self.locate(first + np.arange(per_rank))
+        self.step += 1
+        tokens = np.empty((per_rank, self.seq_len + 1), dtype=np.int64)
+        positions = np.empty((per_rank, self.seq_len), dtype=np.int64)
+        cu: list = [None] * per_rank
+        for s in np.unique(src).tolist():
+            mask = src == s
+            tokens[mask] = self.sources[s].gather(rows[mask])
+            if self.document_positions:
+                pos, cus = self.sources[s].positions(rows[mask])
+                positions[mask] = pos
+                for i, c in zip(np.flatnonzero(mask).tolist(), cus):
+                    cu[i] = torch.from_numpy(c)
+        t = torch.from_numpy(tokens)
+        batch = Batch(
+            inputs=list(t[:, :-1].split(self.micro_batch)),
+            labels=list(t[:, 1:].split(self.micro_batch)),
+            source_ids=src,
         )
+        if self.document_positions:
+            batch.positions = list(torch.from_numpy(positions).split(self.micro_batch))
+            m = self.micro_batch
+            batch.cu_seqlens = [cu[i : i + m] for i in range(0, per_rank, m)]
+        return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed, "global_batch": self.global_batch}
+    def state_dict(self) -> dict[str, int | str]:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "fingerprint": self.fingerprint,
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         if state.get("global_batch", self.global_batch) != self.global_batch:
             raise ConfigError(
                 f"the checkpoint's data position was saved with global batch "
                 f"{state['global_batch']}, this run uses {self.global_batch}: keep "
                 f"train.global_batch_size unchanged to resume the same data order"
             )
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise ConfigError(
+                "the checkpoint's data position belongs to other data (the sources' sizes, "
+                "weights or data.seq_len differ): resume with the same data settings, or start "
+                "the data order afresh by not loading the loader state"
+            )
+        if state.get("seed", self.seed) != self.seed:
+            raise ConfigError(
+                f"the checkpoint's data order was seeded with {state['seed']}, this run uses "
+                f"train.seed={self.seed}: keep the seed to resume the same data order"
+            )
         self.step = int(state["step"])
+
+
+__all__ = ["Batch", "GlobalBatchLoader", "PackedSequences", "tokenize_corpus"]

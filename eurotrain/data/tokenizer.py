@@ -93,3 +93,44 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise
     except Exception as e:  # transformers raises many types for broken files
         raise ConfigError(f"data.tokenizer: could not load {spec!r}: {e}") from None
+
+
+# Files that define a HF tokenizer; weights and other model files in the same directory are not
+# part of its identity.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def tokenizer_identity(spec: str, tokenizer: Tokenizer) -> dict[str, object]:
+    """Name, content hash, vocabulary size and end-of-document id of a tokenizer.
+
+    The hash covers the tokenizer's own files (not their location), so a copy of the same
+    tokenizer elsewhere on the file system is the same tokenizer, and any edit to the vocabulary,
+    merges or special tokens is a different one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if spec == "byte":
+        h.update(b"eurotrain-byte-tokenizer-v1")
+    else:
+        p = Path(spec)
+        files = [p] if p.is_file() else [p / f for f in TOKENIZER_FILES if (p / f).is_file()]
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            h.update(f.read_bytes())
+            h.update(b"\0")
+    h.update(f"vocab={tokenizer.vocab_size};eos={tokenizer.eos_id}".encode())
+    return {
+        "name": tokenizer.name,
+        "sha256": h.hexdigest(),
+        "vocab_size": int(tokenizer.vocab_size),
+        "eos_id": int(tokenizer.eos_id),
+    }

@@ -1,0 +1,131 @@
+"""The trainer's one entry point to data: open and check everything, then build loaders.
+
+``DataPipeline(cfg)`` opens the training and validation data (prepared shards when
+``data.sources`` is given, else the raw-text corpus tokenized in memory) and checks it before
+any model exists; ``train_loader`` / ``validation_loader`` then build the loaders once the
+data-parallel rank is known.
+"""
+
+from __future__ import annotations
+
+from eurotrain.configtools import ConfigError
+from eurotrain.data.config import DataConfig, SourceConfig
+from eurotrain.data.loader import GlobalBatchLoader, tokenize_corpus
+from eurotrain.data.shards import DataFormatError, PreparedDataset
+from eurotrain.data.sources import (
+    SPLIT_SEED,
+    PackedSequences,
+    PreparedSequences,
+    SequenceSource,
+    split_validation,
+)
+from eurotrain.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
+
+
+class DataPipeline:
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer: Tokenizer | None = None
+        self.train_sources: list[SequenceSource]
+        self.validation_sources: list[SequenceSource] = []
+        if cfg.sources:
+            self.train_sources, self.identity = self._open(cfg.sources, "data.sources")
+            self.weights = [s.weight for s in cfg.sources]
+            if cfg.tokenizer != "byte":  # an explicit tokenizer must be the data's own
+                tok = load_tokenizer(cfg.tokenizer)
+                ident = tokenizer_identity(cfg.tokenizer, tok)
+                if ident["sha256"] != self.identity["sha256"]:
+                    raise ConfigError(
+                        f"data.tokenizer {cfg.tokenizer!r} is not the tokenizer the sources "
+                        f"were prepared with ({self.identity['name']}): leave data.tokenizer "
+                        f"unset with data.sources, or prepare the data with this tokenizer"
+                    )
+        else:
+            self.tokenizer = load_tokenizer(cfg.tokenizer)
+            self.identity = tokenizer_identity(cfg.tokenizer, self.tokenizer)
+            tokens = tokenize_corpus(cfg, self.tokenizer)
+            self.train_sources = [
+                PackedSequences(tokens, cfg.seq_len, self.tokenizer.eos_id, cfg.corpus)
+            ]
+            self.weights = [1.0]
+        if cfg.validation_sources:
+            self.validation_sources, ident = self._open(
+                cfg.validation_sources, "data.validation_sources"
+            )
+            self._check_same(ident, "data.validation_sources", self.identity)
+            self.validation_weights = [s.weight for s in cfg.validation_sources]
+        elif cfg.validation_fraction:
+            pairs = [split_validation(s, cfg.validation_fraction) for s in self.train_sources]
+            self.train_sources = [t for t, _ in pairs]
+            self.validation_sources = [v for _, v in pairs]
+            self.validation_weights = self.weights
+            for v in self.validation_sources:
+                if len(v) == 0:
+                    raise ConfigError(
+                        f"data.validation_fraction={cfg.validation_fraction} holds out no "
+                        f"sequence of {v.name!r}: raise it or give data.validation_sources"
+                    )
+        self.vocab_size = int(self.identity["vocab_size"])
+
+    def _open(
+        self, sources: list[SourceConfig], key: str
+    ) -> tuple[list[SequenceSource], dict[str, object]]:
+        opened: list[SequenceSource] = []
+        identity: dict[str, object] | None = None
+        for s in sources:
+            try:
+                ds = PreparedDataset(s.path, verify=self.cfg.verify)
+            except DataFormatError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            if identity is None:
+                identity = ds.tokenizer
+            self._check_same(ds.tokenizer, f"{key} {s.path!r}", identity)
+            opened.append(PreparedSequences(ds, self.cfg.seq_len))
+        assert identity is not None
+        return opened, identity
+
+    @staticmethod
+    def _check_same(ident: dict[str, object], where: str, expected: dict[str, object]) -> None:
+        if ident["sha256"] != expected["sha256"]:
+            raise ConfigError(
+                f"{where} was prepared with tokenizer {ident['name']} "
+                f"(sha256 {str(ident['sha256'])[:12]}), the other data with {expected['name']} "
+                f"(sha256 {str(expected['sha256'])[:12]}): all data of a run must share one "
+                f"tokenizer; prepare it again with the same tokenizer"
+            )
+
+    def train_loader(
+        self, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int
+    ) -> GlobalBatchLoader:
+        return GlobalBatchLoader(
+            self.train_sources,
+            global_batch,
+            micro_batch,
+            dp_rank,
+            dp_size,
+            seed,
+            weights=self.weights,
+            document_positions=self.cfg.document_positions,
+        )
+
+    def validation_loader(
+        self, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    ) -> GlobalBatchLoader | None:
+        """The validation batches, in a fixed order (evaluate from step 0 each time)."""
+        if not self.validation_sources:
+            return None
+        total = sum(len(s) for s in self.validation_sources)
+        if total < global_batch:
+            raise ConfigError(
+                f"the validation data gives {total} sequences, fewer than one global batch "
+                f"({global_batch}): raise data.validation_fraction or add validation data"
+            )
+        return GlobalBatchLoader(
+            self.validation_sources,
+            global_batch,
+            micro_batch,
+            dp_rank,
+            dp_size,
+            SPLIT_SEED,
+            weights=self.validation_weights,
+        )
