@@ -57,5 +57,9 @@ def linear_cross_entropy(
     """
     logits = (hidden @ weight.t()).float()
     return F.cross_entropy(
-        logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
     )
