@@ -25,7 +25,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def _inputs(num_tokens, hidden_dim, vocab, dtype, device, ignore_every=5):
     hidden = torch.randn(num_tokens, hidden_dim, device=device).to(dtype)
-    weight = (torch.randn(vocab, hidden_dim, device=device) * 0.2).to(dtype)
+    # The offset gives every row's logits a non-zero mean, which label smoothing depends on.
+    weight = (torch.randn(vocab, hidden_dim, device=device) * 0.2 + 0.05).to(dtype)
     labels = torch.randint(0, vocab, (num_tokens,), device=device)
     labels[::ignore_every] = -100
     return hidden, weight, labels
