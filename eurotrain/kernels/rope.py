@@ -101,6 +101,9 @@ def inplace_is_safe(t: torch.Tensor) -> bool:
         # Outside autograd, the tensor is the caller's own data: do not surprise them.
         return False
     if t._is_view():
+        base = t._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            return False  # autograd forbids in-place on a view of a leaf that requires grad
         meta = torch._C._autograd._get_creation_meta(t)
         return meta == torch._C._autograd.CreationMeta.DEFAULT
     return True
