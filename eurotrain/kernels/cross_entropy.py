@@ -152,12 +152,12 @@ def _chunked_forward(
         ce_chunk = ce_chunk_torch
     num_tokens = hidden.shape[0]
     compute_grad = need_hidden_grad or need_weight_grad
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    if not need_hidden_grad:
-        grad_hidden = None
-    if not need_weight_grad:
-        grad_weight = None
+    grad_hidden: torch.Tensor | None = None
+    grad_weight: torch.Tensor | None = None
+    if need_hidden_grad:
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    if need_weight_grad:
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     loss_rows = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     for start in range(0, num_tokens, chunk_size):
         end = min(start + chunk_size, num_tokens)

@@ -72,7 +72,7 @@ def test_inplace_only_where_autograd_allows_it(device):
     assert not inplace_is_safe(leaf)
     assert not inplace_is_safe(leaf.view(2, 5, 4, 16))  # a view of that leaf
     q_leaf_view, k_leaf_view = leaf.view(2, 5, 4, 16), leaf[:, :, :2]
-    apply_rotary(q_leaf_view, k_leaf_view, *_cos_sin(5, 16, device)) # must not raise
+    apply_rotary(q_leaf_view, k_leaf_view, *_cos_sin(5, 16, device))  # must not raise
     assert not inplace_is_safe(torch.randn(2, 5, 4, 16, device=device))  # caller's data
 
 
