@@ -1,0 +1,90 @@
+"""The fused CE's logits memory is bounded by its chunk: measured, not assumed.
+
+Every tensor allocation torch makes on the CPU is recorded with ``torch.profiler``
+(``profile_memory=True``); from the allocation/free events in time order we get the largest
+single allocation and the peak of live bytes during forward + backward. The reference must show
+the full [N, V] logits (this proves the measurement sees them); the fused version must not.
+
+Under the Triton interpreter the kernel's own block temporaries are numpy arrays the profiler
+does not see; they are one block of one row at a time. The torch-chunked path has no such gap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from eurotrain.kernels import reference
+from eurotrain.kernels._runtime import triton_importable
+from eurotrain.kernels.cross_entropy import linear_cross_entropy
+
+NUM_TOKENS, HIDDEN, VOCAB = 256, 16, 32000
+FULL_LOGITS_BYTES = NUM_TOKENS * VOCAB * 4
+PATHS = [
+    pytest.param(
+        True, id="triton", marks=pytest.mark.skipif(not triton_importable(), reason="no triton")
+    ),
+    pytest.param(False, id="torch-chunked"),
+]
+
+
+def _allocation_events(prof) -> list[tuple[int, int]]:
+    """(time, bytes) of every allocation (+) and free (-) the profiler saw, in time order."""
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        device = getattr(node.extra_fields, "device", None)
+        if size is not None and device is not None and device.type == "cpu":
+            events.append((node.start_time_ns, size))
+    events.sort()
+    return events
+
+
+def measure(fn) -> tuple[int, int]:
+    """(largest single allocation, peak live bytes above the start) while fn runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = largest = 0
+    for _, size in _allocation_events(prof):
+        live += size
+        peak = max(peak, live)
+        largest = max(largest, size)
+    return largest, peak
+
+
+def _step(fn, **kwargs):
+    hidden = torch.randn(NUM_TOKENS, HIDDEN, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (NUM_TOKENS,))
+
+    def run():
+        fn(hidden, weight, labels, **kwargs).backward()
+
+    return run
+
+
+def test_measurement_sees_the_reference_logits():
+    largest, peak = measure(_step(reference.linear_cross_entropy))
+    assert largest >= FULL_LOGITS_BYTES
+    assert peak >= 2 * FULL_LOGITS_BYTES  # logits and their gradient
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_fused_logits_memory_is_bounded_by_the_chunk(use_triton):
+    chunk = 32
+    chunk_bytes = chunk * VOCAB * 4
+    largest, peak = measure(_step(linear_cross_entropy, chunk_size=chunk, use_triton=use_triton))
+    # Outputs that exist whatever the chunk: d weight [V, D] and d hidden [N, D], fp32.
+    fixed = (VOCAB + NUM_TOKENS) * HIDDEN * 4
+    assert largest <= chunk_bytes
+    assert peak <= fixed + 4 * chunk_bytes  # a few chunk-sized temporaries at most
+    assert peak < FULL_LOGITS_BYTES / 2
+
+    # And it grows with the chunk, by a small multiple of the extra chunk bytes.
+    _, peak_big = measure(_step(linear_cross_entropy, chunk_size=4 * chunk, use_triton=use_triton))
+    extra = 3 * chunk_bytes
+    assert extra * 0.9 <= peak_big - peak <= 4 * extra
