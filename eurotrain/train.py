@@ -115,7 +115,7 @@ class Trainer:
         self.metrics.info(
             f"eurotrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.2f}M params) on "
             f"{self.dist.world_size} x {self.dist.device.type} [{self.dims.describe()}], "
-            f"{self.compute_dtype}, kernels {model.ops.backend}, run dir {self.run_dir}"
+            f"{self.compute_dtype}, kernels {_describe_ops(model.ops)}, run dir {self.run_dir}"
         )
 
     # ---- set-up helpers ------------------------------------------------------------------
@@ -267,6 +267,14 @@ class Trainer:
         if self.dist.device.type == "cuda":
             metrics["memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         return metrics
+
+
+def _describe_ops(ops: Any) -> str:
+    """ "triton" when every op runs the kernel set asked for, else which op runs what."""
+    impls = ops.describe()
+    if len(set(impls.values())) == 1:
+        return next(iter(impls.values()))
+    return ", ".join(f"{op}={impl}" for op, impl in impls.items())
 
 
 def main(argv: list[str] | None = None) -> int:
