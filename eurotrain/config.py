@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import yaml
 
+from eurotrain.checkpoint.config import CheckpointConfig
 from eurotrain.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from eurotrain.data.config import DataConfig
 from eurotrain.metrics import LoggingConfig
@@ -68,20 +69,6 @@ class TrainingConfig:
             )
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip: {self.grad_clip} must be >= 0 (0 = off)")
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpointing (saving and resuming)."""
-
-    dir: str = ""
-    """Checkpoint directory; empty means '<run dir>/checkpoints'."""
-    interval: int = 0
-    """Save every this many steps; 0 disables checkpointing."""
-
-    def __post_init__(self) -> None:
-        if self.interval < 0:
-            raise ConfigError(f"checkpoint.interval: {self.interval} must be >= 0 (0 = off)")
 
 
 @dataclass

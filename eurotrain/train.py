@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from eurotrain.checkpoint import Checkpointer
 from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
@@ -117,6 +118,11 @@ class Trainer:
             f"{self.dist.world_size} x {self.dist.device.type} [{self.dims.describe()}], "
             f"{self.compute_dtype}, kernels {_describe_ops(model.ops)}, run dir {self.run_dir}"
         )
+        # Resume (or init_from) once model, optimizer, schedule and loader exist; saves are a
+        # callback, the final one happens in train().
+        self.checkpointer = Checkpointer(cfg.checkpoint, self)
+        self.checkpointer.maybe_resume(self)
+        self.callbacks.append(self.checkpointer)
 
     # ---- set-up helpers ------------------------------------------------------------------
     def _check_batch(self) -> None:
@@ -161,6 +167,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> TrainResult:
         result = TrainResult(run_dir=self.run_dir)
+        finished = False
         try:
             while self.step < self.cfg.train.steps:
                 metrics = self.train_step(next(self.loader))
@@ -170,7 +177,9 @@ class Trainer:
                     metrics["val_loss"] = self.evaluate()
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, metrics)
+            finished = True
         finally:
+            self.checkpointer.close(self, final_save=finished)
             self.metrics.close()
         return result
 

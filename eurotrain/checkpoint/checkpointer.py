@@ -1,0 +1,314 @@
+"""Checkpointer: periodic (async) saves with an atomic commit, retention, and resume.
+
+A save stages this rank's state to CPU memory on the training thread (the only pause training
+sees when async), then one background thread per rank writes it with DCP and commits it:
+
+  1. dcp.save into step-N.tmp/ (each rank one file, fsynced), over a dedicated gloo group;
+  2. each rank fsyncs its files and the directory and checksums its own files (in parallel);
+  3. the checksums are gathered on rank 0, which writes COMMITTED.json, fsyncs, renames
+     step-N.tmp -> step-N, fsyncs the parent, then applies retention; rank 0 broadcasts the
+     outcome so every rank agrees whether step N is committed.
+
+Why not dcp.async_save: it starts a fresh thread per call, so two saves in flight would issue
+collectives on one process group from two threads in an order ranks need not agree on; and the
+commit needs collectives of its own after the write. One worker thread per rank runs saves and
+commits strictly in order on a process group nobody else uses (a separate gloo group is also
+what makes this work when the training group is NCCL).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from eurotrain.checkpoint import layout
+from eurotrain.checkpoint.config import CheckpointConfig
+from eurotrain.checkpoint.layout import CheckpointError
+from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, verify
+from eurotrain.checkpoint.state import apply_state, build_state, load_target
+from eurotrain.checkpoint.storage import (
+    DIR_MODE,
+    FILE_MODE,
+    checksum,
+    detect_fs,
+    fsync_path,
+    lustre_setstripe,
+    make_dir,
+    write_durable,
+)
+
+KILL_HOOK = "EUROTRAIN_TEST_CKPT_KILL"
+"""Test hook "RANK:STEP": that rank truncates its shard to half and SIGKILLs itself mid-save."""
+ENOSPC_HOOK = "EUROTRAIN_TEST_CKPT_ENOSPC"
+"""Test hook "STEP": every rank's write of that step fails with ENOSPC (where no small tmpfs
+can be mounted to fill up for real)."""
+
+
+class _Writer(FileSystemWriter):
+    """FileSystemWriter plus the two fault-injection hooks the tests use."""
+
+    def __init__(self, path: Path, step: int, rank: int) -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self._step, self._rank = step, rank
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        if os.environ.get(ENOSPC_HOOK) == str(self._step):
+            raise OSError(errno.ENOSPC, f"No space left on device (test hook {ENOSPC_HOOK})")
+        fut = super().write_data(plan, planner)
+        if os.environ.get(KILL_HOOK) == f"{self._rank}:{self._step}":
+            fut.wait()
+            for f in Path(self.path).glob(f"__{self._rank}_*.distcp"):
+                os.truncate(f, f.stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fut
+
+
+class Checkpointer:
+    """One per rank; every rank must create it (it creates a process group) and call
+    maybe_resume/save/close at the same points."""
+
+    def __init__(self, cfg: CheckpointConfig, trainer: Any) -> None:
+        self.cfg = cfg
+        self.rank = trainer.dist.rank
+        self.world_size = trainer.dist.world_size
+        self.root = Path(cfg.dir) if cfg.dir else Path(trainer.run_dir) / "checkpoints"
+        self._log = trainer.metrics.info
+        self.last_saved_step = -1
+        self._inflight: deque[Future] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eurotrain-ckpt")
+        cuda = trainer.dist.device.type == "cuda"
+        self._stager = DefaultStager(StagingOptions(cuda, False, False, False))
+        # A group of its own, used only from the worker thread (and for loading, when idle).
+        self.pg = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        if self.rank == 0 and (cfg.interval > 0 or cfg.resume == "auto"):
+            make_dir(self.root)
+            self._describe_fs()
+
+    def _describe_fs(self) -> None:
+        info = detect_fs(self.root)
+        extra = ""
+        if info.fstype == "lustre":
+            extra = ", " + lustre_setstripe(
+                self.root, self.cfg.lustre_stripe_count, self.cfg.lustre_stripe_size
+            )
+        self._log(f"checkpoints: {self.root} on {info.describe()}{extra}")
+
+    # ---- saving --------------------------------------------------------------------------
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
+        interval = self.cfg.interval
+        if interval and step % interval == 0 and step < trainer.cfg.train.steps:
+            self.save(trainer, sync=not self.cfg.async_save)
+
+    def save(self, trainer: Any, sync: bool = False) -> None:
+        """Save the trainer's state at its current step; async unless sync (then committed on
+        return). Raises the error of an earlier async save that failed."""
+        step = trainer.step
+        if step == self.last_saved_step:
+            return
+        while len(self._inflight) >= (1 if sync else self.cfg.max_in_flight):
+            self._inflight.popleft().result()
+        start = time.perf_counter()
+        staged = self._stager.stage(build_state(trainer, self.rank))
+        info = {
+            "step": step,
+            "tokens_seen": trainer.tokens_seen,
+            "kind": "full",
+            "layout": trainer.dims.degrees(),
+            "config_yaml": trainer.cfg.to_yaml(),
+            "stage_s": time.perf_counter() - start,
+        }
+        fut = self._executor.submit(self._write_and_commit, staged, info)
+        self.last_saved_step = step
+        if sync:
+            fut.result()
+        else:
+            self._inflight.append(fut)
+
+    def wait(self) -> None:
+        """Block until every save in flight is committed (raising the first failure)."""
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def close(self, trainer: Any | None = None, final_save: bool = True) -> None:
+        """End of training: a final synchronous save (when saving is on), then wait for all."""
+        try:
+            if trainer is not None and final_save and self.cfg.interval > 0:
+                self.save(trainer, sync=True)
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._stager.close()
+            if self.pg is not None:
+                dist.destroy_process_group(self.pg)
+                self.pg = None
+
+    def _write_and_commit(self, staged: dict[str, Any], info: dict[str, Any]) -> Path:
+        step = info["step"]
+        tmp = layout.step_dir(self.root, step, tmp=True)
+        final = layout.step_dir(self.root, step)
+        start = time.perf_counter()
+        try:
+            if self.rank == 0:
+                for stale in (tmp, final):  # a torn or superseded save of this very step
+                    if stale.exists():
+                        layout.remove_checkpoint(stale)
+                make_dir(tmp)
+            self._barrier()
+            dcp.save(
+                staged,
+                storage_writer=_Writer(tmp, step, self.rank),
+                process_group=self.pg,
+                no_dist=self.pg is None,
+            )
+            files = self._seal_local_files(tmp, info)
+            self._commit(tmp, final, files, info, time.perf_counter() - start)
+        except BaseException as e:
+            print(f"eurotrain: rank {self.rank}: checkpoint step {step} FAILED: {e}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            if self.rank == 0:
+                layout.remove_checkpoint(tmp)  # free the space; the last good one stays
+            raise
+        return final
+
+    def _barrier(self) -> None:
+        if self.pg is not None:
+            dist.barrier(group=self.pg)
+
+    def _seal_local_files(self, tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
+        """Make this rank's files durable and private, and checksum them."""
+        names = [p.name for p in tmp.glob(f"__{self.rank}_*.distcp")]
+        if self.rank == 0:
+            write_durable(tmp / "config.yaml", info["config_yaml"].encode())
+            names += [".metadata", "config.yaml"]
+        files = {}
+        for name in names:
+            path = tmp / name
+            os.chmod(path, FILE_MODE)
+            fsync_path(path)
+            files[name] = {"size": path.stat().st_size, "blake2b": checksum(path)}
+        fsync_path(tmp)
+        return files
+
+    def _commit(
+        self, tmp: Path, final: Path, files: dict[str, Any], info: dict[str, Any], write_s: float
+    ) -> None:
+        gathered: list[Any] = [files]
+        if self.pg is not None:
+            gathered = [None] * self.world_size if self.rank == 0 else []
+            dist.gather_object(files, gathered if self.rank == 0 else None, dst=0, group=self.pg)
+        outcome = [""]
+        if self.rank == 0:
+            try:
+                all_files = {k: v for part in gathered for k, v in part.items()}
+                marker = self._marker(info, all_files, write_s)
+                write_commit(tmp, final, marker)
+                removed = layout.apply_retention(
+                    self.root, info["step"], self.cfg.keep_last, self.cfg.keep_every
+                )
+                size = sum(f["size"] for f in all_files.values()) / 2**20
+                self._log(
+                    f"checkpoint step {info['step']}: committed {final} ({size:.1f} MiB, "
+                    f"stage {info['stage_s']:.2f}s, write+commit {write_s:.2f}s)"
+                    + (f", removed {', '.join(p.name for p in removed)}" if removed else "")
+                )
+            except Exception as e:
+                outcome[0] = f"{type(e).__name__}: {e}"
+        if self.pg is not None:
+            dist.broadcast_object_list(outcome, src=0, group=self.pg)
+        if outcome[0]:
+            raise CheckpointError(f"commit of {tmp} failed on rank 0: {outcome[0]}")
+
+    def _marker(self, info: dict[str, Any], files: dict[str, Any], write_s: float) -> dict:
+        return {
+            "format": layout.FORMAT,
+            "step": info["step"],
+            "tokens_seen": info["tokens_seen"],
+            "kind": info["kind"],
+            "world_size": self.world_size,
+            "layout": info["layout"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "write_seconds": round(write_s, 3),
+            "files": dict(sorted(files.items())),
+        }
+
+    # ---- loading -------------------------------------------------------------------------
+    def find_resume(self) -> tuple[Path | None, bool]:
+        """(checkpoint to load, weights only?) per checkpoint.resume and init_from; decided by
+        rank 0 and broadcast, so every rank loads the same one."""
+        choice: list[Any] = [None, False]
+        if self.rank == 0:
+            resume = self.cfg.resume
+            if resume == "auto":
+                found, bad = layout.latest(self.root)
+                for b in bad:
+                    self._log(f"checkpoint {b.path} ignored: {b.problem}")
+                if found is not None:
+                    choice = [str(found.path), False]
+            elif resume != "none":
+                choice = [resume, False]
+            if choice[0] is None and self.cfg.init_from:
+                choice = [self.cfg.init_from, True]
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return (Path(choice[0]) if choice[0] else None), bool(choice[1])
+
+    def maybe_resume(self, trainer: Any) -> bool:
+        path, weights_only = self.find_resume()
+        if path is None:
+            return False
+        marker = self._verify_everywhere(path)
+        if marker.get("kind") == "weights":
+            weights_only = True
+        keys = {"model"} if weights_only else {"model", "optim"}
+        state = load_target(trainer, self.rank, marker["world_size"], keys)
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=self.world_size == 1)
+        apply_state(trainer, state, self.rank)
+        if not weights_only:
+            self.last_saved_step = trainer.step
+        what = "model weights from" if weights_only else "resumed from"
+        self._log(
+            f"checkpoint: {what} {path} (step {marker['step']}, saved by "
+            f"{marker['world_size']} ranks {marker.get('layout')}, verify {self.cfg.verify})"
+        )
+        return True
+
+    def _verify_everywhere(self, path: Path) -> dict[str, Any]:
+        error = ""
+        marker: dict[str, Any] = {}
+        try:
+            marker = verify(path, self.cfg.verify, self.rank, self.world_size)
+        except CheckpointError as e:
+            error = str(e)
+        if self.world_size > 1:  # every rank raises the same error, none waits forever
+            errors: list[Any] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), "")
+        if error:
+            raise CheckpointError(error)
+        return marker
+
+
+def write_commit(tmp: Path, final: Path, marker: dict[str, Any]) -> None:
+    """The commit point: marker into the .tmp directory, durable, then the atomic rename."""
+    import json
+
+    write_durable(tmp / layout.MARKER, json.dumps(marker, indent=1).encode())
+    os.chmod(tmp, DIR_MODE)
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(final.parent)

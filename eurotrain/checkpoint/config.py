@@ -1,0 +1,61 @@
+"""Checkpoint settings: where, how often, how many to keep, how to resume and verify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from eurotrain.configtools import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpointing (saving, resuming, retention, integrity, parallel-file-system layout)."""
+
+    dir: str = ""
+    """Checkpoint directory; empty means '<run dir>/checkpoints'."""
+    interval: int = 0
+    """Save every this many steps (plus a final save at the end); 0 disables saving."""
+    async_save: bool = True
+    """Stage to CPU memory and write in a background thread while training continues."""
+    max_in_flight: int = 1
+    """Async saves allowed in flight; starting one more first waits for the oldest."""
+    keep_last: int = 3
+    """Committed checkpoints to keep (newest first); 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this forever; 0 disables."""
+    resume: str = "auto"
+    """auto: the newest committed checkpoint in dir, if any; none: start fresh; or a path to
+    one checkpoint directory (step-N)."""
+    init_from: str = ""
+    """A checkpoint whose model weights (only) start a fresh run, e.g. one made by
+    'eurotrain convert hf-to-eurotrain'; ignored when a resume checkpoint is found."""
+    verify: Literal["metadata", "full", "none"] = "metadata"
+    """On load, check the commit marker's checksums: of the DCP metadata (metadata), of every
+    file (full: reads everything once more), or nothing (none)."""
+    lustre_stripe_count: int = 4
+    """On Lustre: OSTs each new checkpoint file is striped over (-1 = all)."""
+    lustre_stripe_size: str = "16M"
+    """On Lustre: stripe size (lfs setstripe -S syntax, e.g. 4M, 16M)."""
+
+    def __post_init__(self) -> None:
+        for key in ("interval", "keep_last", "keep_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"checkpoint.{key}: {getattr(self, key)} must be >= 0 (0 = off)")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")
+        if not self.resume:
+            raise ConfigError("checkpoint.resume: empty; use auto, none or a checkpoint path")
+        if self.verify not in ("metadata", "full", "none"):
+            raise ConfigError(
+                f"checkpoint.verify: {self.verify!r} must be one of metadata, full, none"
+            )
+        if self.lustre_stripe_count == 0 or self.lustre_stripe_count < -1:
+            raise ConfigError(
+                f"checkpoint.lustre_stripe_count: {self.lustre_stripe_count} must be >= 1 or -1"
+            )
+        size = self.lustre_stripe_size
+        if not (size[:-1].isdigit() if size[-1:] in "kKmMgG" else size.isdigit()):
+            raise ConfigError(
+                f"checkpoint.lustre_stripe_size: {size!r} must be a byte count like 4M or 16M"
+            )

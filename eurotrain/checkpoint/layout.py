@@ -1,0 +1,133 @@
+"""The on-disk layout of a checkpoint directory, its commit marker, discovery and retention.
+
+    <dir>/step-000120/            committed: holds COMMITTED.json
+          .metadata               DCP's global plan (pickled by DCP; verified before loading)
+          __0_0.distcp ...        one data file per rank (single_file_per_rank)
+          config.yaml             the run's resolved config
+          COMMITTED.json          the commit marker: step, layout, every file's size + blake2b
+    <dir>/step-000130.tmp/        being written, or torn by a crash: never loaded
+
+A checkpoint exists only once rank 0 has written the marker into ``step-N.tmp`` and renamed the
+directory to ``step-N`` (then fsynced the parent), after every rank's files were durable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eurotrain.checkpoint.storage import fsync_path
+
+MARKER = "COMMITTED.json"
+FORMAT = "eurotrain-checkpoint/1"
+_NAME = re.compile(r"^step-(\d+)(\.tmp)?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+def step_dir(root: Path, step: int, tmp: bool = False) -> Path:
+    return root / (f"step-{step:06d}" + (".tmp" if tmp else ""))
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    step: int
+    marker: dict[str, Any] | None
+    problem: str = ""
+    """Why this directory is not a usable checkpoint; empty when it is."""
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The parsed commit marker of a checkpoint directory; CheckpointError when unusable."""
+    marker_path = path / MARKER
+    try:
+        marker = json.loads(marker_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no commit marker {MARKER} (incomplete save)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{marker_path}: unreadable commit marker ({e})") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise CheckpointError(f"{marker_path}: not a {FORMAT} commit marker")
+    for key, kind in (("step", int), ("files", dict), ("world_size", int)):
+        if not isinstance(marker.get(key), kind):
+            raise CheckpointError(f"{marker_path}: field {key!r} missing or not {kind.__name__}")
+    return marker
+
+
+def scan(root: Path) -> list[Found]:
+    """Every step-N[.tmp] directory under root, oldest first, with why it is unusable if so."""
+    found: list[Found] = []
+    if not root.is_dir():
+        return found
+    for child in root.iterdir():
+        m = _NAME.match(child.name)
+        if not m or not child.is_dir():
+            continue
+        step = int(m.group(1))
+        if m.group(2):
+            found.append(Found(child, step, None, "unfinished save (.tmp)"))
+            continue
+        try:
+            marker = read_marker(child)
+        except CheckpointError as e:
+            found.append(Found(child, step, None, str(e)))
+            continue
+        if marker["step"] != step:
+            found.append(Found(child, step, None, f"marker says step {marker['step']}"))
+            continue
+        found.append(Found(child, step, marker))
+    return sorted(found, key=lambda f: (f.step, f.path.name))
+
+
+def latest(root: Path) -> tuple[Found | None, list[Found]]:
+    """(newest committed checkpoint or None, the incomplete ones that were skipped)."""
+    entries = scan(root)
+    good = [f for f in entries if not f.problem]
+    bad = [f for f in entries if f.problem]
+    return (good[-1] if good else None), bad
+
+
+def to_delete(committed_steps: list[int], keep_last: int, keep_every: int) -> list[int]:
+    """Steps that retention removes. The newest is always kept; keep_last 0 keeps everything;
+    steps that are multiples of keep_every are kept forever."""
+    steps = sorted(committed_steps)
+    if keep_last == 0 or len(steps) <= 1:
+        return []
+    keep = set(steps[-max(keep_last, 1) :])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return [s for s in steps if s not in keep]
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete marker first (and make that durable) so a crash mid-delete leaves an incomplete
+    directory, never a 'committed' one with files missing."""
+    marker = path / MARKER
+    if marker.exists():
+        marker.unlink()
+        fsync_path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def apply_retention(root: Path, newest: int, keep_last: int, keep_every: int) -> list[Path]:
+    """Run after the commit of step ``newest`` succeeded: drop old checkpoints beyond the
+    policy and stale .tmp directories older than ``newest``; returns what was removed."""
+    entries = scan(root)
+    committed = [f.step for f in entries if not f.problem and f.step <= newest]
+    doomed = set(to_delete(committed, keep_last, keep_every))
+    removed = []
+    for f in entries:
+        stale_tmp = f.problem and f.step < newest
+        if (not f.problem and f.step in doomed) or stale_tmp:
+            remove_checkpoint(f.path)
+            removed.append(f.path)
+    if removed:
+        fsync_path(root)
+    return removed

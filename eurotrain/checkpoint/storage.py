@@ -1,0 +1,144 @@
+"""File-system facts and primitives for checkpoints: which file system, Lustre striping,
+durability (fsync of files and directories), streamed checksums, safe permissions."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+"""Checkpoints are readable by the project group, writable by the owner only, never by all."""
+
+# statfs f_type magic numbers (linux/magic.h and the vendors' headers) for the fallback.
+_FS_MAGIC = {
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x6969: "nfs",
+    0xEF53: "ext4",
+    0x58465342: "xfs",
+    0x01021994: "tmpfs",
+    0x9123683E: "btrfs",
+    0x794C7630: "overlay",
+    0x65735546: "fuse",
+    0x00C36400: "ceph",
+    0x6B414653: "beegfs",
+}
+PARALLEL_FS = {"lustre", "gpfs", "ceph", "beegfs", "nfs", "nfs4"}
+
+
+@dataclass(frozen=True)
+class FsInfo:
+    fstype: str
+    mount_point: str
+    source: str
+    """How the type was found: "mounts" (/proc/mounts) or "statfs" (magic number)."""
+
+    @property
+    def parallel(self) -> bool:
+        return self.fstype in PARALLEL_FS
+
+    def describe(self) -> str:
+        kind = "parallel" if self.parallel else "local"
+        return f"{self.fstype} ({kind}, mounted at {self.mount_point}, from {self.source})"
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts escapes spaces, tabs, newlines and backslashes as octal.
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def detect_fs(path: str | Path, mounts_file: str = "/proc/mounts") -> FsInfo:
+    """The file system holding ``path``: longest mount-point prefix in /proc/mounts, with
+    statfs's magic number as a fallback where /proc/mounts is missing or unreadable."""
+    target = Path(path).resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    best: tuple[int, str, str] | None = None
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt, fstype = _unescape(parts[1]), parts[2]
+        if target == Path(mnt) or Path(mnt) in target.parents:
+            if best is None or len(mnt) > best[0]:
+                best = (len(mnt), mnt, fstype)
+    if best is not None:
+        fstype = best[2]
+        if fstype.startswith("fuse.") and "gpfs" in fstype:
+            fstype = "gpfs"
+        return FsInfo(fstype, best[1], "mounts")
+    return FsInfo(_statfs_type(target), "?", "statfs")
+
+
+def _statfs_type(path: Path) -> str:
+    """f_type via libc statfs(2); struct statfs starts with the f_type word on Linux."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return "unknown"
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(str(path).encode(), buf) != 0:
+        return "unknown"
+    magic = int.from_bytes(buf.raw[:8], "little") & 0xFFFFFFFF
+    return _FS_MAGIC.get(magic, f"unknown(0x{magic:x})")
+
+
+def lustre_setstripe(directory: Path, count: int, size: str) -> str:
+    """Set the default striping of ``directory`` (new files inherit it); returns what was done."""
+    lfs = shutil.which("lfs")
+    if lfs is None:
+        return "lustre without the lfs command: default striping kept"
+    cmd = [lfs, "setstripe", "-c", str(count), "-S", size, str(directory)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return f"'{' '.join(cmd)}' failed ({done.stderr.strip()}): default striping kept"
+    return f"striped -c {count} -S {size}"
+
+
+def make_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; make it exact
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a small file, fsync it, set its mode; the caller fsyncs the directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(path, FILE_MODE)
+
+
+def checksum(path: Path, chunk: int = 8 << 20) -> str:
+    """Streamed blake2b (16-byte digest) of a file: ~1 GB/s per core, no extra package."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
