@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from eurotrain.checkpoint import layout
@@ -176,12 +177,12 @@ class Checkpointer:
             )
             files = self._seal_local_files(tmp, info)
             self._commit(tmp, final, files, info, time.perf_counter() - start)
-        except BaseException as e:
-            print(f"eurotrain: rank {self.rank}: checkpoint step {step} FAILED: {e}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            error = save_error(step, tmp, e)
+            print(f"eurotrain: rank {self.rank}: {error}", file=sys.stderr, flush=True)
             if self.rank == 0:
                 layout.remove_checkpoint(tmp)  # free the space; the last good one stays
-            raise
+            raise error from e
         return final
 
     def _barrier(self) -> None:
@@ -301,6 +302,28 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return marker
+
+
+def save_error(step: int, tmp: Path, e: BaseException) -> CheckpointError:
+    """A clear error for a failed save. A full disk often surfaces from torch.save as
+    'unexpected pos', not as ENOSPC, so the free space is checked and reported."""
+    if isinstance(e, CheckpointError):
+        return e
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    cause = f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
+    message = f"checkpoint step {step} could not be written to {tmp}: {cause}"
+    try:
+        fs = os.statvfs(tmp.parent)
+        free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        message += f" ({free / 2**20:.1f} MiB free of {total / 2**20:.1f} MiB)"
+        if "No space left" in str(e) or free < 0.02 * total:
+            message += (
+                ". No space left on device: free space (checkpoint.keep_last smaller?) or "
+                "move checkpoint.dir; the last committed checkpoint is kept"
+            )
+    except OSError:
+        pass
+    return CheckpointError(message)
 
 
 def write_commit(tmp: Path, final: Path, marker: dict[str, Any]) -> None:

@@ -1,0 +1,103 @@
+"""Crashes, corruption and a full disk: the last good checkpoint survives, errors are clear."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import pytest
+from ckpt_common import tiny_config
+from distributed import run_torchrun
+
+from eurotrain.checkpoint import CheckpointError
+from eurotrain.checkpoint.checkpointer import ENOSPC_HOOK, KILL_HOOK
+from eurotrain.checkpoint.layout import latest
+from eurotrain.checkpoint.safe_reader import load_metadata, verify
+from eurotrain.train import Trainer
+
+
+def test_rank_killed_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2})
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    # Rank 0 dies half-way through writing step 4 (were it alive, it would remove the failed
+    # save's directory itself; dead, it leaves a torn step-4.tmp behind, as a node crash does).
+    monkeypatch.setenv(KILL_HOOK, "0:4")
+    done = run_torchrun(2, [str(tmp_path / "c.yaml")], timeout=120)
+    assert done.returncode != 0, "the killed rank should fail the job"
+    root = tmp_path / "run" / "checkpoints"
+    found, bad = latest(root)
+    assert found is not None and found.step == 2
+    assert [b.path.name for b in bad] == ["step-000004.tmp"]
+
+    # Resume (here in one process: a reshard too) skips the torn save and redoes step 4.
+    monkeypatch.delenv(KILL_HOOK)
+    result = Trainer(cfg).train()
+    assert len(result.losses) == 2  # steps 3 and 4
+    found, bad = latest(root)
+    assert found is not None and found.step == 4 and not bad
+
+
+@pytest.fixture
+def one_checkpoint(tmp_path) -> Path:
+    Trainer(tiny_config(tmp_path, "run", 2, checkpoint={"interval": 2})).train()
+    return tmp_path / "run" / "checkpoints" / "step-000002"
+
+
+def test_truncated_shard_is_named(one_checkpoint, tmp_path):
+    shard = one_checkpoint / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size - 100)
+    cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2})
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: .* bytes, the commit marker says"):
+        Trainer(cfg)
+
+
+def test_bit_flip_is_detected_by_full_verify(one_checkpoint):
+    shard = one_checkpoint / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    verify(one_checkpoint, "metadata")  # sizes and metadata only: a flipped bit passes
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: blake2b checksum differs"):
+        verify(one_checkpoint, "full")
+
+
+def test_crafted_metadata_is_never_unpickled(one_checkpoint, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    meta = one_checkpoint / ".metadata"
+    meta.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match=r"\.metadata: .*(commit marker says|checksum)"):
+        verify(one_checkpoint, "metadata")  # first line of defence: the marker's size/checksum
+    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system"):
+        load_metadata(meta)  # second: the restricted unpickler
+    assert not (tmp_path / "pwned").exists()
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def test_full_disk_fails_loudly_and_keeps_last_good(tmp_path, monkeypatch):
+    disk = tmp_path / "small"
+    # A real 3 MiB tmpfs holds one 2.3 MiB checkpoint, not two; without root to mount one,
+    # the writer's test hook raises ENOSPC at step 4 instead.
+    mounted = _mount_tmpfs(disk, "3M")
+    if not mounted:
+        disk.mkdir(exist_ok=True)
+        monkeypatch.setenv(ENOSPC_HOOK, "4")
+    try:
+        cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2, "dir": str(disk)})
+        with pytest.raises(Exception, match="No space left on device"):
+            Trainer(cfg).train()
+        found, bad = latest(disk)
+        assert found is not None and found.step == 2 and not bad  # torn step 4 removed
+        verify(found.path, "full")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
