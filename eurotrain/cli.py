@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train from a YAML config: eurotrain train CONFIG [--a.b v]",
     ),
     "data": ("eurotrain.data.prepare", "main", "tokenize once into shards: eurotrain data prepare"),
+    "convert": (
+        "eurotrain.checkpoint.convert",
+        "main",
+        "HF <-> eurotrain checkpoints: eurotrain convert {hf-to-eurotrain|eurotrain-to-hf} IN OUT",
+    ),
 }
 
 

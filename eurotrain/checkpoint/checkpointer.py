@@ -25,7 +25,6 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +214,7 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 all_files = {k: v for part in gathered for k, v in part.items()}
-                marker = self._marker(info, all_files, write_s)
+                marker = layout.make_marker(info, self.world_size, all_files, write_s)
                 write_commit(tmp, final, marker)
                 removed = layout.apply_retention(
                     self.root, info["step"], self.cfg.keep_last, self.cfg.keep_every
@@ -232,20 +231,6 @@ class Checkpointer:
             dist.broadcast_object_list(outcome, src=0, group=self.pg)
         if outcome[0]:
             raise CheckpointError(f"commit of {tmp} failed on rank 0: {outcome[0]}")
-
-    def _marker(self, info: dict[str, Any], files: dict[str, Any], write_s: float) -> dict:
-        return {
-            "format": layout.FORMAT,
-            "step": info["step"],
-            "tokens_seen": info["tokens_seen"],
-            "kind": info["kind"],
-            "world_size": self.world_size,
-            "layout": info["layout"],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "write_seconds": round(write_s, 3),
-            "files": dict(sorted(files.items())),
-        }
 
     # ---- loading -------------------------------------------------------------------------
     def find_resume(self) -> tuple[Path | None, bool]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,25 @@ def read_marker(path: Path) -> dict[str, Any]:
         if not isinstance(marker.get(key), kind):
             raise CheckpointError(f"{marker_path}: field {key!r} missing or not {kind.__name__}")
     return marker
+
+
+def make_marker(
+    info: dict[str, Any], world_size: int, files: dict[str, Any], write_s: float
+) -> dict[str, Any]:
+    import torch
+
+    return {
+        "format": FORMAT,
+        "step": info["step"],
+        "tokens_seen": info["tokens_seen"],
+        "kind": info["kind"],
+        "world_size": world_size,
+        "layout": info["layout"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "write_seconds": round(write_s, 3),
+        "files": dict(sorted(files.items())),
+    }
 
 
 def scan(root: Path) -> list[Found]:

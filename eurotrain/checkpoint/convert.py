@@ -1,0 +1,194 @@
+"""``eurotrain convert``: HF transformers safetensors <-> eurotrain (DCP) checkpoints.
+
+    eurotrain convert hf-to-eurotrain HF_DIR OUT_DIR
+        config.json + *.safetensors of a Llama-family model -> OUT_DIR/step-000000 (a committed,
+        weights-only checkpoint) + OUT_DIR/config.yaml (the model section and
+        checkpoint.init_from) to continue pretraining from.
+    eurotrain convert eurotrain-to-hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
+        any eurotrain checkpoint, saved under any layout (or a checkpoints directory: its newest
+        committed one) -> config.json + model.safetensors (sharded with an index when large).
+
+Both run in one process on the CPU and hold the whole model in memory once. Nothing is
+unpickled: safetensors in, DCP metadata through the restricted reader, safetensors out.
+torch's HuggingFaceStorageReader/Writer would do the file format, but not the renaming, the
+tied-embedding handling or the config, which are most of the work here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from eurotrain.checkpoint import layout
+from eurotrain.checkpoint.checkpointer import write_commit
+from eurotrain.checkpoint.layout import CheckpointError
+from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, load_metadata, verify
+from eurotrain.checkpoint.storage import FILE_MODE, checksum, make_dir, write_durable
+from eurotrain.configtools import from_dict, to_dict
+from eurotrain.models.config import ModelConfig
+from eurotrain.models.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- HF -> eurotrain -----------------------------------------------------------------------
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(
+            f"{hf_dir}: no *.safetensors files (pytorch_model.bin is not read: it is a pickle; "
+            f"re-save the model with save_pretrained(safe_serialization=True))"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(hf_dir / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
+    config_json = hf_dir / "config.json"
+    if not config_json.exists():
+        raise FileNotFoundError(f"{config_json}: missing; HF_DIR must hold config.json")
+    model_cfg = from_hf_config(json.loads(config_json.read_text()))
+    hf_state = read_hf_weights(hf_dir)
+    # Master weights are fp32 in eurotrain, whatever the HF files hold.
+    weights = from_hf_state_dict(hf_state, model_cfg.tie_embeddings)
+    weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
+
+    make_dir(out_dir)
+    tmp, final = layout.step_dir(out_dir, 0, tmp=True), layout.step_dir(out_dir, 0)
+    if final.exists() or tmp.exists():
+        raise FileExistsError(f"{final}: exists; choose an empty OUT_DIR")
+    make_dir(tmp)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": weights}, storage_writer=FileSystemWriter(tmp), no_dist=True)
+    run_cfg = {"model": to_dict(model_cfg), "checkpoint": {"init_from": str(final.resolve())}}
+    text = yaml.safe_dump(run_cfg, sort_keys=False)
+    write_durable(tmp / "config.yaml", text.encode())
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        path.chmod(FILE_MODE)
+        files[path.name] = {"size": path.stat().st_size, "blake2b": checksum(path)}
+    info = {"step": 0, "tokens_seen": 0, "kind": "weights", "layout": {}}
+    marker = layout.make_marker(info, 1, files, time.perf_counter() - start)
+    marker["source"] = str(hf_dir.resolve())
+    write_commit(tmp, final, marker)
+    write_durable(out_dir / "config.yaml", text.encode())
+    return final
+
+
+# ---- eurotrain -> HF -----------------------------------------------------------------------
+def resolve_checkpoint(path: Path) -> Path:
+    """A step-N directory, or the newest committed one under a checkpoints directory."""
+    if (path / layout.MARKER).exists():
+        return path
+    found, _ = layout.latest(path)
+    if found is None:
+        raise CheckpointError(f"{path}: neither a committed checkpoint nor a directory of them")
+    return found.path
+
+
+def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of a checkpoint saved under any layout."""
+    metadata = load_metadata(ckpt / ".metadata")
+    state: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            state[key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not state:
+        raise CheckpointError(f"{ckpt}: holds no model weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(ckpt), no_dist=True)
+    return state
+
+
+def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def eurotrain_to_hf(
+    ckpt_dir: Path, out_dir: Path, dtype: str = "float32", max_shard_gb: float = 5.0
+) -> list[str]:
+    ckpt = resolve_checkpoint(ckpt_dir)
+    verify(ckpt, "full")
+    run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
+    model_cfg = from_dict(ModelConfig, run_cfg["model"], "model")
+    weights = read_model_weights(ckpt)
+    hf_state = to_hf_state_dict(weights, model_cfg.tie_embeddings)
+    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
+    make_dir(out_dir)
+    hf_cfg = to_hf_config(model_cfg)
+    hf_cfg["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    return save_sharded(hf_state, out_dir, int(max_shard_gb * 2**30))
+
+
+# ---- command line --------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eurotrain convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-eurotrain", help="HF safetensors dir -> eurotrain checkpoint")
+    a.add_argument("hf_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
+    b = sub.add_parser("eurotrain-to-hf", help="eurotrain checkpoint -> HF safetensors dir")
+    b.add_argument("ckpt_dir", type=Path)
+    b.add_argument("out_dir", type=Path)
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    b.add_argument("--max-shard-gb", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    try:
+        if args.direction == "hf-to-eurotrain":
+            final = hf_to_eurotrain(args.hf_dir, args.out_dir)
+            print(
+                f"wrote {final} and {args.out_dir / 'config.yaml'}; continue pretraining with "
+                f"a config that includes its model section and checkpoint.init_from {final}"
+            )
+        else:
+            files = eurotrain_to_hf(args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_gb)
+            print(f"wrote {args.out_dir}: config.json, {', '.join(files)}")
+    except (OSError, ValueError, KeyError, CheckpointError) as e:
+        print(f"eurotrain convert: {e}", file=sys.stderr)
+        return 1
+    return 0

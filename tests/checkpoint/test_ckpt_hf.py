@@ -1,0 +1,68 @@
+"""HF transformers interop: random tiny Llama -> eurotrain -> (trainer, 0 steps) -> HF."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from ckpt_common import tiny_config
+
+from eurotrain.checkpoint.convert import main as convert
+from eurotrain.cli import main as cli
+from eurotrain.train import Trainer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hf_round_trip_keeps_logits(tmp_path, tie):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        want = hf(tokens).logits
+
+    assert cli(["convert", "hf-to-eurotrain", str(tmp_path / "hf"), str(tmp_path / "et")]) == 0
+    run_cfg = yaml.safe_load((tmp_path / "et" / "config.yaml").read_text())
+    assert run_cfg["model"]["tie_embeddings"] is tie
+
+    # Continued pretraining starts from it: the trainer loads it via checkpoint.init_from,
+    # then (0 steps trained) saves its own full checkpoint, which is exported back.
+    model = {k: run_cfg["model"][k] for k in ("dim", "num_layers", "ffn_dim", "tie_embeddings")}
+    cfg = tiny_config(
+        tmp_path, "run", 1, model=model, checkpoint={**run_cfg["checkpoint"], "interval": 1}
+    )
+    trainer = Trainer(cfg)
+    assert trainer.step == 0
+    with torch.no_grad():
+        ours = trainer.model(tokens)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    trainer.checkpointer.save(trainer, sync=True)
+    trainer.checkpointer.close()
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert convert(["eurotrain-to-hf", str(ckpt), str(tmp_path / "back")]) == 0
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        got = back(tokens).logits
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is tie
+
+
+def test_pickled_weights_are_refused_with_a_clear_error(tmp_path, capsys):
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2)
+    )  # fmt: skip
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle: never read
+    assert convert(["hf-to-eurotrain", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "no *.safetensors files (pytorch_model.bin is not read" in capsys.readouterr().err
