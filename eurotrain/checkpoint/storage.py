@@ -57,9 +57,7 @@ def _unescape(field: str) -> str:
 def detect_fs(path: str | Path, mounts_file: str = "/proc/mounts") -> FsInfo:
     """The file system holding ``path``: longest mount-point prefix in /proc/mounts, with
     statfs's magic number as a fallback where /proc/mounts is missing or unreadable."""
-    target = Path(path).resolve()
-    while not target.exists() and target != target.parent:
-        target = target.parent
+    target = Path(os.path.realpath(path))  # follows symlinks; fine for paths not yet made
     best: tuple[int, str, str] | None = None
     try:
         lines = Path(mounts_file).read_text().splitlines()
@@ -70,14 +68,16 @@ def detect_fs(path: str | Path, mounts_file: str = "/proc/mounts") -> FsInfo:
         if len(parts) < 3:
             continue
         mnt, fstype = _unescape(parts[1]), parts[2]
-        if target == Path(mnt) or Path(mnt) in target.parents:
-            if best is None or len(mnt) > best[0]:
-                best = (len(mnt), mnt, fstype)
+        inside = target == Path(mnt) or Path(mnt) in target.parents
+        if inside and (best is None or len(mnt) > best[0]):
+            best = (len(mnt), mnt, fstype)
     if best is not None:
         fstype = best[2]
         if fstype.startswith("fuse.") and "gpfs" in fstype:
             fstype = "gpfs"
         return FsInfo(fstype, best[1], "mounts")
+    while not target.exists() and target != target.parent:
+        target = target.parent
     return FsInfo(_statfs_type(target), "?", "statfs")
 
 

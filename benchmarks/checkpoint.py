@@ -1,0 +1,146 @@
+"""Checkpoint bandwidth and training stall, against the file system's raw write speed.
+
+    python benchmarks/checkpoint.py --params 1e9 --dir /scratch/me/bench [--steps 6]
+
+One process, fp32 model of --params parameters split into 64 tensors (plus nothing else, so
+bytes = 4 x params). It measures, on --dir:
+  * dd-style: the same bytes written in 64 MiB blocks to one file, fsynced (the ceiling);
+  * save: eurotrain's sync save (DCP write + fsync + blake2b + commit) -> GB/s, ratio to dd;
+  * load: verify (metadata) + DCP load into preallocated tensors -> GB/s (page cache warm!);
+  * stall: training steps (a matmul loop of fixed length) with a save at step 1, sync vs async:
+    the extra time the loop sees, and the ratio async/sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eurotrain.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, verify  # noqa: E402
+from eurotrain.checkpoint.storage import checksum, detect_fs  # noqa: E402
+
+
+class Blob(nn.Module):
+    def __init__(self, params: int, num: int = 64) -> None:
+        super().__init__()
+        each = params // num
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(each)) for _ in range(num))
+
+
+def dd(path: Path, nbytes: int, block: int = 64 << 20) -> float:
+    buf = os.urandom(block)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    left = nbytes
+    while left > 0:
+        left -= os.write(fd, buf[: min(block, left)])
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - start
+
+
+def fake_trainer(model: nn.Module, root: Path) -> SimpleNamespace:
+    """The few trainer attributes the Checkpointer reads, around a bare model + AdamW-free
+    optimizer (SGD without momentum has no state: the bytes are the model's)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = SimpleNamespace(train=SimpleNamespace(steps=10**9), to_yaml=lambda: "bench: true\n")
+    return SimpleNamespace(
+        dist=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
+        run_dir=root, metrics=SimpleNamespace(info=lambda m: None), model=model,
+        optimizer=opt, scheduler=sched, loader=SimpleNamespace(state_dict=lambda: {"step": 0}),
+        step=0, tokens_seen=0, nonfinite_steps=0, cfg=cfg,
+        dims=SimpleNamespace(degrees=lambda: {"dp_shard": 1}),
+    )  # fmt: skip
+
+
+def run_steps(trainer, ck, steps: int, save_at: int, sync: bool, work: torch.Tensor) -> float:
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        for _ in range(8):
+            work @ work  # a fixed amount of compute per step  # noqa: B018
+        trainer.step = step
+        if step == save_at:
+            ck.save(trainer, sync=sync)
+    loop = time.perf_counter() - start  # what training sees; an async write may go on
+    ck.wait()
+    return loop
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=2.5e8)
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    params = int(args.params)
+    nbytes = params * 4
+    work_dir = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-bench-", dir=args.dir))
+    try:
+        model = Blob(params)
+        dd_s = dd(work_dir / "dd.bin", nbytes)
+        t0 = time.perf_counter()
+        checksum(work_dir / "dd.bin")
+        sum_s = time.perf_counter() - t0
+        (work_dir / "dd.bin").unlink()
+
+        cfg = CheckpointConfig(dir=str(work_dir / "ck"), interval=1, keep_last=1)
+        trainer = fake_trainer(model, work_dir)
+        ck = Checkpointer(cfg, trainer)
+        trainer.step = 1
+        t0 = time.perf_counter()
+        ck.save(trainer, sync=True)
+        save_s = time.perf_counter() - t0
+
+        ckpt = work_dir / "ck" / "step-000001"
+        target = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
+        t0 = time.perf_counter()
+        verify(ckpt, "metadata")
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(target, storage_reader=SafeFileSystemReader(ckpt), no_dist=True)
+        load_s = time.perf_counter() - t0
+
+        work = torch.randn(512, 512)
+        ck.last_saved_step = -1
+        base = run_steps(trainer, ck, args.steps, save_at=-1, sync=True, work=work)
+        ck.last_saved_step = -1
+        sync_s = run_steps(trainer, ck, args.steps, save_at=2, sync=True, work=work)
+        ck.last_saved_step = -1
+        # async: only the staging copy stalls the loop; the write overlaps later steps.
+        async_loop = run_steps(trainer, ck, args.steps, save_at=2, sync=False, work=work)
+        ck.close()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    gb = nbytes / 1e9
+    stall_sync, stall_async = max(sync_s - base, 1e-9), max(async_loop - base, 1e-9)
+    print(f"# Checkpoint benchmark {date.today()} on {platform.node()} ({os.cpu_count()} cores)")
+    print(f"command: python benchmarks/checkpoint.py --params {args.params:g} --dir {args.dir}")
+    print(f"file system: {detect_fs(args.dir).describe()}; {gb:.2f} GB of fp32 weights")
+    print(f"dd write+fsync      {gb / dd_s:6.2f} GB/s ({dd_s:.2f} s)")
+    print(f"blake2b of the file {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s)")
+    print(f"save (sync, commit) {gb / save_s:6.2f} GB/s ({save_s:.2f} s), {dd_s / save_s:.2f} x dd")
+    print(f"load (verify meta)  {gb / load_s:6.2f} GB/s ({load_s:.2f} s, page cache warm)")
+    print(
+        f"stall over {args.steps} steps ({base:.2f} s without saving): sync +{stall_sync:.2f} s,"
+        f" async +{stall_async:.2f} s (loop only; ratio async/sync {stall_async / stall_sync:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

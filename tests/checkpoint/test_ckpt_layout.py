@@ -1,0 +1,65 @@
+"""Retention, discovery of committed/incomplete checkpoints, file-system detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eurotrain.checkpoint import CheckpointConfig
+from eurotrain.checkpoint.layout import FORMAT, MARKER, apply_retention, latest, to_delete
+from eurotrain.checkpoint.storage import detect_fs
+from eurotrain.configtools import ConfigError
+
+
+def _commit(root, step, world=1):
+    d = root / f"step-{step:06d}"
+    d.mkdir(parents=True)
+    marker = {"format": FORMAT, "step": step, "world_size": world, "files": {}}
+    (d / MARKER).write_text(json.dumps(marker))
+    return d
+
+
+def test_retention_policy():
+    assert to_delete([10, 20, 30, 40], keep_last=2, keep_every=0) == [10, 20]
+    assert to_delete([10, 20, 30, 40], keep_last=1, keep_every=20) == [10, 30]
+    assert to_delete([10, 20, 30], keep_last=0, keep_every=0) == []  # keep all
+    assert to_delete([10], keep_last=1, keep_every=0) == []  # never the only one
+
+
+def test_latest_skips_incomplete_and_retention_cleans_up(tmp_path):
+    for step in (10, 20, 30):
+        _commit(tmp_path, step)
+    (tmp_path / "step-000040.tmp").mkdir()  # a save in progress or torn
+    (tmp_path / "step-000050").mkdir()  # no marker
+    bad = _commit(tmp_path, 60)
+    (bad / MARKER).write_text("{not json")
+    found, skipped = latest(tmp_path)
+    assert found is not None and found.step == 30
+    assert {s.path.name for s in skipped} == {"step-000040.tmp", "step-000050", "step-000060"}
+    removed = apply_retention(tmp_path, newest=30, keep_last=2, keep_every=0)
+    assert [p.name for p in removed] == ["step-000010"]  # newer incomplete ones are left
+    assert (tmp_path / "step-000040.tmp").exists()
+
+
+def test_detect_fs_longest_prefix(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "10.0.0.1@o2ib:/scratch /scratch lustre rw 0 0\n"
+        "gpfs1 /gpfs/projects gpfs rw 0 0\n"
+        "/dev/x /scratch/node\\040local xfs rw 0 0\n"
+    )
+    assert detect_fs("/scratch/user/ckpt", str(mounts)).fstype == "lustre"
+    assert detect_fs("/gpfs/projects/a", str(mounts)).fstype == "gpfs"
+    assert detect_fs("/scratch/node local/x", str(mounts)).fstype == "xfs"
+    assert detect_fs("/home/x", str(mounts)).fstype == "ext4"
+    assert detect_fs(tmp_path, "/nonexistent").source == "statfs"  # the fallback
+    assert detect_fs(tmp_path, "/nonexistent").fstype != "unknown"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="checkpoint.max_in_flight"):
+        CheckpointConfig(max_in_flight=0)
+    with pytest.raises(ConfigError, match="checkpoint.lustre_stripe_size"):
+        CheckpointConfig(lustre_stripe_size="big")
