@@ -29,9 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eurotrain.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
-from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, verify  # noqa: E402
-from eurotrain.checkpoint.storage import checksum, detect_fs  # noqa: E402
+from eurotrain.checkpoint import CheckpointConfig, Checkpointer
+from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, verify
+from eurotrain.checkpoint.storage import checksum, detect_fs
 
 
 class Blob(nn.Module):
@@ -72,7 +72,7 @@ def run_steps(trainer, ck, steps: int, save_at: int, sync: bool, work: torch.Ten
     start = time.perf_counter()
     for step in range(1, steps + 1):
         for _ in range(8):
-            work @ work  # a fixed amount of compute per step  # noqa: B018
+            work @ work  # a fixed amount of compute per step
         trainer.step = step
         if step == save_at:
             ck.save(trainer, sync=sync)

@@ -3,6 +3,7 @@ that run_distributed executes in real gloo processes."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,8 @@ def straight_and_saved(rank: int, world: int, out: str) -> tuple[list, list]:
     trainer = Trainer(tiny_config(Path(out), "split", 10, checkpoint={"interval": 5}))
     stop = StopAfter(5)
     trainer.callbacks.append(stop)  # after the checkpointer: step 5's save has started
-    try:
+    with contextlib.suppress(Interrupt):
         trainer.train()
-    except Interrupt:
-        pass
     return straight, stop.losses
 
 

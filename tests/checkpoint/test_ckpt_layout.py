@@ -59,7 +59,7 @@ def test_detect_fs_longest_prefix(tmp_path):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="checkpoint.max_in_flight"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.max_in_flight"):
         CheckpointConfig(max_in_flight=0)
-    with pytest.raises(ConfigError, match="checkpoint.lustre_stripe_size"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.lustre_stripe_size"):
         CheckpointConfig(lustre_stripe_size="big")
