@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train from a YAML config: eurotrain train CONFIG [--a.b v]",
     ),
     "data": ("eurotrain.data.prepare", "main", "tokenize once into shards: eurotrain data prepare"),
+    "launch": ("eurotrain.launch", "main", "render/submit an sbatch job for a EuroHPC machine"),
+    "doctor": ("eurotrain.doctor", "main", "preflight checks of a node/allocation before a run"),
 }
 
 
