@@ -66,6 +66,8 @@ class Container:
     """Flags for `exec`: --nv on NVIDIA, --rocm on AMD."""
     binds: list[str] = field(default_factory=list)
     """Host paths bound into the container (file systems, fabric libraries)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run only when a container is used (module loads of the runtime, bindings)."""
 
 
 @dataclass
@@ -128,13 +130,14 @@ class ClusterProfile:
     """Rendezvous address: the first node's host name, or its NodeAddr from `scontrol show
     node` (for emulated nodes whose names do not resolve)."""
     modules: list[str] = field(default_factory=list)
-    """`module load` arguments, in order (after `module purge` when non-empty)."""
+    """`module load` arguments, in order. No `module purge` first: a user's venv may rest on a
+    module's Python."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before the ranks start (after modules)."""
     container: Container = field(default_factory=Container)
     comm: Comm = field(default_factory=lambda: Comm("nccl"))
     env: dict[str, str] = field(default_factory=dict)
-    """Other variables for every rank (caches, offline modes)."""
+    """Other variables for every rank (caches, offline modes); $VARS expand in the job."""
     sbatch_extra: list[str] = field(default_factory=list)
     """Further #SBATCH options this machine needs (memory, exclusivity)."""
     filesystems: list[FileSystem] = field(default_factory=list)

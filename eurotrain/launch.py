@@ -96,7 +96,7 @@ def plan(req: LaunchRequest) -> Plan:
         fits = [
             q
             for q, v in profile.queues.items()
-            if v.min_nodes <= req.nodes and (not v.max_nodes or req.nodes <= v.max_nodes)
+            if v.max_nodes and v.min_nodes <= req.nodes <= v.max_nodes  # known limits only
         ]
         limit = f"{queue.min_nodes}..{queue.max_nodes or 'any'}"
         hint = f"; --partition {fits[0]} takes {req.nodes} nodes" if fits else ""
@@ -203,6 +203,14 @@ def _rank_command(p: Plan) -> list[str]:
     return cmd
 
 
+def _export(name: str, value: str) -> str:
+    """export NAME=VALUE; a value with $VARIABLES stays expandable (double quotes)."""
+    if "$" in value:
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+        return f'export {name}="{escaped}"'
+    return f"export {name}={shlex.quote(value)}"
+
+
 def _shell_words(words: list[str]) -> str:
     """Quote words for bash, leaving the $VARIABLES the torchrun line needs expandable."""
     out = []
@@ -224,18 +232,18 @@ def render(p: Plan) -> str:
         "",
     ]
     if prof.modules:
-        lines += ["# Software environment", "module purge"]
-        lines += [f"module load {m}" for m in prof.modules]
-        lines.append("")
+        lines += ["# Software environment", *(f"module load {m}" for m in prof.modules), ""]
     if prof.setup:
         lines += ["# Machine set-up (see the profile's comments)", *prof.setup, ""]
+    if req.container and prof.container.setup:
+        lines += [f"# Container runtime ({prof.container.runtime})", *prof.container.setup, ""]
     if prof.comm.env:
         lines.append(f"# Communication: {prof.comm.library.upper()} on this network")
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in prof.comm.env.items()]
+        lines += [_export(k, v) for k, v in prof.comm.env.items()]
         lines.append("")
     env = {**prof.env, "OMP_NUM_THREADS": str(prof.cpus_per_task), "PYTHONUNBUFFERED": "1"}
     lines.append("# Every rank")
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines += [_export(k, v) for k, v in env.items()]
     lines += [
         "",
         "# Rendezvous: the allocation's first node, a port derived from the job id",
