@@ -190,7 +190,9 @@ def check_wandb_dir(path: str, profile: ClusterProfile | None) -> Check:
     return Check("wandb dir", "PASS", f"{path} writable, WANDB_MODE={mode or 'unset'}")
 
 
-def local_checks(args: argparse.Namespace, profile: ClusterProfile | None, world: int) -> list[Check]:
+def local_checks(
+    args: argparse.Namespace, profile: ClusterProfile | None, world: int
+) -> list[Check]:
     return [
         check_gpus(profile, world),
         check_comm(profile, world),

@@ -84,7 +84,9 @@ def plan(req: LaunchRequest) -> Plan:
     seconds = parse_walltime(req.time)
     if queue.max_time and seconds > parse_walltime(queue.max_time):
         longer = [
-            q for q, v in profile.queues.items() if v.max_time and parse_walltime(v.max_time) >= seconds
+            q
+            for q, v in profile.queues.items()
+            if v.max_time and parse_walltime(v.max_time) >= seconds
         ]
         hint = f", or use --partition {longer[0]}" if longer else ""
         _fail(
@@ -100,11 +102,13 @@ def plan(req: LaunchRequest) -> Plan:
         ]
         limit = f"{queue.min_nodes}..{queue.max_nodes or 'any'}"
         hint = f"; --partition {fits[0]} takes {req.nodes} nodes" if fits else ""
-        _fail(
-            f"--nodes {req.nodes}: {profile.name} queue {queue_name!r} takes {limit} nodes{hint}"
-        )
+        _fail(f"--nodes {req.nodes}: {profile.name} queue {queue_name!r} takes {limit} nodes{hint}")
     if profile.account_required and not req.account:
-        example = f" (accounts here look like {profile.account_example})" if profile.account_example else ""
+        example = (
+            f" (accounts here look like {profile.account_example})"
+            if profile.account_example
+            else ""
+        )
         _fail(
             f"{profile.name} needs a project account: pass --account ACCOUNT{example}; "
             f"`sacctmgr show assoc user=$USER` or the centre's portal lists yours"
@@ -251,7 +255,7 @@ def render(p: Plan) -> str:
     ]
     if prof.master_addr == "nodeaddr":
         lines.append(
-            'MASTER_ADDR=$(scontrol show node "$head_node" | sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')'
+            "MASTER_ADDR=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"
         )
     else:
         lines.append("MASTER_ADDR=$head_node")
@@ -281,8 +285,8 @@ def render(p: Plan) -> str:
     lines += [
         command,
         "ranks=$!",
-        "trap 'echo \"eurotrain: walltime warning (USR1), passing it on\"; "
-        "kill -USR1 \"$ranks\" 2>/dev/null || true' USR1",
+        'trap \'echo "eurotrain: walltime warning (USR1), passing it on"; '
+        'kill -USR1 "$ranks" 2>/dev/null || true\' USR1',
         "# wait returns early when the trap fires; keep waiting until srun itself ends.",
         "while true; do",
         '    status=0; wait "$ranks" || status=$?',

@@ -31,6 +31,8 @@ start() {
     chown -R munge:munge "$dir/munge"
     chmod 700 "$dir/munge"
     chmod 400 "$dir/munge/munge.key"
+    runuser -u munge -- test -r "$dir/munge/munge.key" ||
+        die "the munge user cannot reach $dir (a parent directory is private): use a DIR under /tmp"
     runuser -u munge -- munged --force \
         --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,14 +24,15 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def slurm() -> Iterator[dict[str, str]]:
     """Environment (SLURM_CONF, PYTHONPATH) for commands that talk to the test cluster."""
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(b)]
     if missing:
         _unavailable(f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         _unavailable("starting slurmd needs root")
-    state = tmp_path_factory.mktemp("slurm")
+    # Not under pytest's tmp dir: that is private to root (0700) and munged runs as `munge`.
+    state = Path(tempfile.mkdtemp(prefix="eurotrain-slurm-"))
     start = subprocess.run(
         ["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=120
     )
@@ -49,3 +51,4 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         subprocess.run(
             ["bash", str(SCRIPT), "stop", str(state)], env=env, capture_output=True, timeout=120
         )
+        shutil.rmtree(state, ignore_errors=True)

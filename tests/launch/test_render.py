@@ -96,7 +96,9 @@ def test_unknown_cluster_lists_known_and_suggests(capsys, monkeypatch):
 
 
 def test_more_gpus_than_the_node_has(capsys, monkeypatch):
-    err = _refused(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--gpus-per-node", "8", CONFIG)
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--gpus-per-node", "8", CONFIG
+    )
     assert "--gpus-per-node 8" in err and "have 4 GPUs" in err
 
 
@@ -131,7 +133,5 @@ def test_layout_that_does_not_fit(capsys, monkeypatch):
 
 
 def test_unknown_partition_lists_queues(capsys, monkeypatch):
-    err = _refused(
-        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--partition", "acc", CONFIG
-    )
+    err = _refused(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--partition", "acc", CONFIG)
     assert "unknown partition 'acc'" in err and "acc_debug" in err
