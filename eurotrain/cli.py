@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "HF <-> eurotrain checkpoints: eurotrain convert {hf-to-eurotrain|eurotrain-to-hf} IN OUT",
     ),
+    "launch": ("eurotrain.launch", "main", "render/submit an sbatch job for a EuroHPC machine"),
+    "doctor": ("eurotrain.doctor", "main", "preflight checks of a node/allocation before a run"),
 }
 
 

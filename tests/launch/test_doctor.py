@@ -1,0 +1,72 @@
+"""`eurotrain doctor` on this machine, healthy and with a planted fault, across 2 real ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from distributed import free_port
+
+from eurotrain.doctor import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _doctor_torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(free_port()), "-m", "eurotrain", "doctor", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("SLURM_JOB_ID", None)
+    return env
+
+
+def test_doctor_passes_here_single_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    rc = main(["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
+               "--wandb-dir", str(tmp_path / "wb")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "[PASS] versions" in out and "[PASS] checkpoint dir" in out and "[FAIL]" not in out
+
+
+def test_doctor_two_ranks_healthy(tmp_path):
+    out = _doctor_torchrun(
+        ["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
+         "--wandb-dir", str(tmp_path / "wb")],
+        _env(GLOO_SOCKET_IFNAME="lo"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "eurotrain doctor: 2 rank(s)" in out.stdout
+    assert "identical on 2 rank(s)" in out.stdout
+    assert "[PASS] bandwidth: all-reduce" in out.stdout and "0 fail(s)" in out.stdout
+
+
+def test_doctor_reports_planted_faults(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    env = _env()
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    out = _doctor_torchrun(
+        ["--cluster", "local", "--checkpoint-dir", str(blocker / "ck"),
+         "--wandb-dir", str(tmp_path / "wb")],
+        env,
+    )  # fmt: skip
+    assert out.returncode != 0, out.stdout
+    assert "[FAIL] comm: rank(s) 0@" in out.stdout and "GLOO_SOCKET_IFNAME" in out.stdout
+    assert "fix: export GLOO_SOCKET_IFNAME=lo" in out.stdout
+    assert "[FAIL] checkpoint dir" in out.stdout and "not writable" in out.stdout
+    assert "2 fail(s)" in out.stdout
+
+
+def test_doctor_unknown_cluster(capsys):
+    assert main(["--cluster", "nope"]) == 2
+    assert "Known clusters" in capsys.readouterr().err
