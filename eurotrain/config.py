@@ -40,7 +40,8 @@ class TrainingConfig:
     output_dir: str = "runs"
     """Parent directory of run directories."""
     run_name: str = ""
-    """Run directory name under output_dir; empty means '<model.name>-<date>-<time>'."""
+    """Run directory name under output_dir; empty means '<model.name>-job<SLURM_JOB_ID>' inside a
+    SLURM job (a requeued job resumes from its own checkpoints), else '<model.name>-<date>-<time>'."""
     peak_tflops: float | None = None
     """Per-device bf16 peak for MFU; null means looked up from the GPU's name."""
     max_nonfinite_steps: int = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
+from eurotrain.fault import StopRequest
 from eurotrain.metrics import MetricsLogger, device_peak_tflops
 from eurotrain.models import IGNORE_INDEX, build_model
 from eurotrain.optim import build_optimizer, build_scheduler
@@ -43,6 +45,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     run_dir: Path | None = None
+    stopped_early: bool = False
+    """True when a signal (SLURM's walltime warning, SIGTERM) stopped the run before train.steps."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +107,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, device_type)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps)
         self.step = 0
+        self.stop_request = StopRequest()
+        self.stop_agreed = False
         self.nonfinite_steps = 0
         self.tokens_seen = 0
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.dist.device)
@@ -138,6 +144,9 @@ class Trainer:
 
     def _make_run_dir(self) -> Path:
         name = self.cfg.train.run_name
+        if not name and os.environ.get("SLURM_JOB_ID"):
+            # A requeued SLURM job keeps its id: it finds its own run directory and resumes.
+            name = f"{self.cfg.model.name}-job{os.environ['SLURM_JOB_ID']}"
         if not name:
             name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
             if self.dist.world_size > 1:  # every rank must agree on rank 0's clock
@@ -169,14 +178,27 @@ class Trainer:
         result = TrainResult(run_dir=self.run_dir)
         finished = False
         try:
-            while self.step < self.cfg.train.steps:
-                metrics = self.train_step(next(self.loader))
-                result.losses.append(metrics["loss"])
-                result.grad_norms.append(metrics["grad_norm"])
-                if self.cfg.train.eval_interval and self.step % self.cfg.train.eval_interval == 0:
-                    metrics["val_loss"] = self.evaluate()
-                for cb in self.callbacks:
-                    cb.on_step_end(self, self.step, metrics)
+            with self.stop_request:
+                while self.step < self.cfg.train.steps:
+                    metrics = self.train_step(next(self.loader))
+                    result.losses.append(metrics["loss"])
+                    result.grad_norms.append(metrics["grad_norm"])
+                    if (
+                        self.cfg.train.eval_interval
+                        and self.step % self.cfg.train.eval_interval == 0
+                    ):
+                        metrics["val_loss"] = self.evaluate()
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, self.step, metrics)
+                    if self.stop_agreed:
+                        result.stopped_early = True
+                        self.metrics.info(
+                            f"eurotrain: stop requested ({self.stop_request.signal_name or 'a signal'}"
+                            f"{'' if self.stop_request.requested else ' on another rank'}): stopping after step {self.step} of "
+                            f"{self.cfg.train.steps} with a final checkpoint; resubmit the same "
+                            f"job to resume"
+                        )
+                        break
             finished = True
         finally:
             self.checkpointer.close(self, final_save=finished)
@@ -190,7 +212,12 @@ class Trainer:
         # The loss is a sum over tokens divided by the token count of the whole global batch,
         # so every rank and micro-batch weighs each token equally, as one big batch would.
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for y in batch.labels)
-        num_tokens = self._all_reduce(torch.tensor(float(local_tokens), device=device))
+        # One collective carries the token count and whether any rank was asked to stop.
+        counts = torch.tensor(
+            [float(local_tokens), float(self.stop_request.requested)], device=device
+        )
+        num_tokens, stop = self._all_reduce(counts).unbind()
+        self.stop_agreed = bool(stop.item() > 0)
         loss_sum = torch.zeros((), device=device)
         num_micro = len(batch.inputs)
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
