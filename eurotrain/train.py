@@ -26,12 +26,15 @@ from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
 from eurotrain.fault import StopRequest
 from eurotrain.metrics import MetricsLogger, device_peak_tflops
-from eurotrain.models import IGNORE_INDEX, build_model
+from eurotrain.models import IGNORE_INDEX
 from eurotrain.optim import build_optimizer, build_scheduler
-from eurotrain.parallel import ParallelDims, parallelize
+from eurotrain.parallel import cp as context_parallel
+from eurotrain.parallel.checks import check_layout, pipeline_microbatches
+from eurotrain.parallel.deepspeed import build_deepspeed
 from eurotrain.parallel.dims import dp_rank_and_size
 from eurotrain.parallel.grad import clip_grad_norm_
-from eurotrain.parallel.parallelize import check_supported
+from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
+from eurotrain.parallel.tp import loss_context, plain, sharded_cross_entropy
 
 
 class Callback(Protocol):
@@ -63,8 +66,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         # Everything that can be wrong with the input is checked before the model exists.
-        self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world_size)
-        check_supported(self.dims)
+        self.dims = check_layout(cfg, self.dist.world_size)
         self._check_batch()
         self.data = DataPipeline(cfg.data)  # prepared sources, or the raw-text corpus
         self.tokenizer = self.data.tokenizer
@@ -98,14 +100,29 @@ class Trainer:
             cfg.train.mixed_precision == "auto" and device_type == "cuda"
         )
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-        model = build_model(cfg.model, "meta")
-        self.sharded = self.mesh is not None and self.dims.dp > 1
-        model = parallelize(model, self.dims, self.mesh, cfg.parallel, self.compute_dtype)
-        model.to_empty(device=self.dist.device)
-        model.init_weights(cfg.train.seed)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim, device_type)
+        self.sharded = uses_fsdp(self.dims, self.mesh, cfg.parallel)
+        built = build_parallel_model(
+            cfg.model,
+            cfg.parallel,
+            self.dims,
+            self.mesh,
+            self.dist.device,
+            self.compute_dtype,
+            cfg.train.seed,
+            pipeline_microbatches(cfg, self.dims) if self.dims.pp > 1 else 1,
+        )
+        # One module per pipeline stage this rank holds; a single one without pipelining.
+        self.model_parts = built.parts
+        self.pipeline = built.pipeline
+        self.model = self.model_parts[0]
+        self.optimizer = build_optimizer(
+            torch.nn.ModuleList(self.model_parts), cfg.optim, device_type
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps)
+        self.deepspeed = None
+        if cfg.parallel.engine == "deepspeed":
+            self.deepspeed = build_deepspeed(cfg, self.model, self.optimizer, dp_size, bf16)
+        model = self.model
         self.step = 0
         self.stop_request = StopRequest()
         self.stop_agreed = False
@@ -168,10 +185,60 @@ class Trainer:
             return torch.autocast("cuda", dtype=self.compute_dtype)
         return contextlib.nullcontext()
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dist.world_size > 1:
-            dist.all_reduce(t)
+    def _all_reduce(self, t: torch.Tensor, *axes: str) -> torch.Tensor:
+        """Sum ``t`` over all ranks, or over the named mesh axes only (ranks on the other axes
+        hold copies, not parts)."""
+        if not axes:
+            if self.dist.world_size > 1:
+                dist.all_reduce(t)
+            return t
+        for axis in axes:
+            if self.mesh is not None and self.mesh[axis].size() > 1:
+                dist.all_reduce(t, group=self.mesh[axis].get_group())
         return t
+
+    def _loss(self, model, x: torch.Tensor, y: torch.Tensor, positions=None) -> torch.Tensor:
+        """Summed CE of one micro-batch; under tp computed on the vocabulary shards."""
+        if self.dims.tp > 1:
+            return sharded_cross_entropy(model(x, positions=positions), y)
+        return model(x, y, positions=positions)
+
+    def _forward_backward(self, batch: Batch, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every micro-batch (gradient accumulation); the summed CE."""
+        device = self.dist.device
+        loss_sum = torch.zeros((), device=device)
+        num_micro = len(batch.inputs)
+        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
+            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == num_micro - 1)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            positions, ring = None, contextlib.nullcontext()
+            if self.dims.cp > 1:  # this rank's slice of every sequence
+                cp_mesh = self.mesh["cp"]
+                if self.cfg.parallel.cp_method == "ulysses":
+                    x, y, positions = context_parallel.shard_sequence(x, y, cp_mesh)
+                else:
+                    positions = torch.arange(x.shape[1], device=device)
+                    ring = context_parallel.ring_context(cp_mesh, x, y, positions)
+            with ring, loss_context(self.dims.tp):
+                with self._autocast():
+                    loss = self._loss(self.deepspeed or self.model, x, y, positions)
+                if self.deepspeed is not None:
+                    self.deepspeed.backward_and_step(loss / num_tokens)
+                else:
+                    (loss / num_tokens).backward()
+            loss_sum += plain(loss.detach()).float()
+        return loss_sum
+
+    def _pipeline_step(self, batch: Batch, num_tokens: torch.Tensor) -> torch.Tensor:
+        """The schedule runs forward and backward of all micro-batches over the stages; the
+        summed CE of the last stage (zero on the other pipeline ranks)."""
+        assert self.pipeline is not None
+        device = self.dist.device
+        x = torch.cat(batch.inputs).to(device)
+        y = torch.cat(batch.labels).to(device)
+        with loss_context(self.dims.tp):
+            return self.pipeline.step(x, y, num_tokens)
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -207,36 +274,41 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, Any]:
         start = time.perf_counter()
-        self.model.train()
+        for part in self.model_parts:
+            part.train()
         device = self.dist.device
         # The loss is a sum over tokens divided by the token count of the whole global batch,
         # so every rank and micro-batch weighs each token equally, as one big batch would.
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for y in batch.labels)
-        # One collective carries the token count and whether any rank was asked to stop.
+        # One collective carries the token count and whether any rank was asked to stop. Ranks
+        # with the same data (tp, cp, pp) each count it once: divide by their number.
         counts = torch.tensor(
             [float(local_tokens), float(self.stop_request.requested)], device=device
         )
-        num_tokens, stop = self._all_reduce(counts).unbind()
+        total, stop = self._all_reduce(counts).unbind()
+        num_tokens = total / (self.dist.world_size // self.dims.dp)
         self.stop_agreed = bool(stop.item() > 0)
-        loss_sum = torch.zeros((), device=device)
-        num_micro = len(batch.inputs)
-        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
-            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
-                self.model.set_requires_gradient_sync(i == num_micro - 1)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with self._autocast():
-                loss = self.model(x, y)
-            (loss / num_tokens).backward()
-            loss_sum += loss.detach().float()
-
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        loss = (self._all_reduce(loss_sum) / num_tokens).item()
         lr = self.scheduler.get_last_lr()[0]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
-            self._skip_nonfinite(loss, grad_norm.item())
+        if self.pipeline is not None:
+            loss_sum = self._pipeline_step(batch, num_tokens)
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = self._forward_backward(batch, num_tokens)
+        # Each token's loss lives on one (data, context) rank of the last pipeline stage.
+        loss = (self._all_reduce(loss_sum, "dp_cp", "pp") / num_tokens).item()
+
+        if self.deepspeed is not None:  # DeepSpeed has clipped and stepped already
+            grad_norm = torch.tensor(self.deepspeed.grad_norm())
+            if not math.isfinite(loss):
+                self._skip_nonfinite(loss, grad_norm.item())
+        else:
+            params = [p for part in self.model_parts for p in part.parameters()]
+            pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+            grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+                self._skip_nonfinite(loss, grad_norm.item())
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += int(num_tokens.item())
@@ -262,10 +334,10 @@ class Trainer:
             batch = next(self.val_loader)
             for x, y in zip(batch.inputs, batch.labels):
                 x, y = x.to(self.dist.device), y.to(self.dist.device)
-                with self._autocast():
-                    totals[0] += self.model(x, y).double()
+                with self._autocast(), loss_context(self.dims.tp):
+                    totals[0] += plain(self._loss(self.model, x, y)).double()
                 totals[1] += int((y != IGNORE_INDEX).sum())
-        val_loss = (self._all_reduce(totals)[0] / totals[1]).item()
+        val_loss = (self._all_reduce(totals, "dp")[0] / totals[1]).item()
         self.metrics.log(self.step, {"val_loss": val_loss})
         return val_loss
 

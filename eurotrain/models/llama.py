@@ -54,7 +54,9 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
-        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        # The tables may be longer than this sequence: under sequence parallelism the caller
+        # only sees its sequence shard, attention sees the whole (gathered) sequence.
+        q, k = self.ops.apply_rotary(q, k, cos[:seq], sin[:seq])
         out = self.sdpa(q, k, v)  # [B, S, H, D]
         return self.wo(out.reshape(bsz, seq, -1))
 
@@ -156,9 +158,8 @@ class Transformer(nn.Module):
         longer sequence. With labels, returns the summed token cross-entropy (fp32) so the
         trainer can normalise by the global token count."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seq = h.shape[1]
-        if positions is None:
-            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        if positions is None:  # attention takes the first rows it needs
+            cos, sin = self.rope_cos, self.rope_sin
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer in self.layers.values():

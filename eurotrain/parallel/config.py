@@ -7,6 +7,11 @@ from typing import Literal
 
 from eurotrain.configtools import ConfigError
 
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv", "interleaved_zb")
+"""Pipeline schedules; the last three run several (virtual) stages per rank."""
+
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv", "interleaved_zb")
+
 
 @dataclass
 class ParallelConfig:
@@ -23,14 +28,67 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline parallel: consecutive layers on consecutive ranks."""
     engine: Literal["fsdp", "deepspeed"] = "fsdp"
-    """Data-parallel engine: PyTorch FSDP2 or DeepSpeed ZeRO."""
+    """Data-parallel engine: PyTorch FSDP2 or DeepSpeed ZeRO (data parallelism only)."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2-like)."""
+    fsdp_cpu_offload: bool = False
+    """FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory."""
+    sequence_parallel: bool | None = None
+    """With tp > 1, also split norms and residuals along the sequence; null means true."""
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zbv", "interleaved_zb"] = "1f1b"
+    """Pipeline schedule: 1f1b, gpipe, interleaved_1f1b (virtual stages), zbv (zero-bubble V,
+    two stages per rank) or interleaved_zb (zero-bubble interleaved, virtual stages)."""
+    pp_virtual_stages: int = 1
+    """Stages per rank for interleaved_1f1b / interleaved_zb (zbv always uses 2)."""
+    pp_microbatches: int | None = None
+    """Micro-batches per pipeline step; null means the data-parallel rank's batch divided by
+    train.micro_batch_size. Must be >= the number of pipeline stages."""
+    pp_layers: list[int] | None = None
+    """Transformer blocks per stage, in stage order (sums to model.num_layers); null means
+    balanced, the first stages taking the remainder."""
+    cp_method: Literal["ulysses", "ring"] = "ulysses"
+    """ulysses: all-to-all from sequence shards to head shards around attention (any device);
+    ring: PyTorch's context_parallel ring attention (GPU only)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: full blocks, or selective (keep matmul outputs,
+    recompute the cheap element-wise ops)."""
+    ac_every: int = 1
+    """Checkpoint every k-th block (1 = all blocks)."""
+    compile: bool = False
+    """torch.compile each block in place (parameter names unchanged)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, 3: + parameters sharded)."""
 
     def __post_init__(self) -> None:
-        for key in ("dp_replicate", "dp_shard", "cp", "tp", "pp"):
+        axes = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
+        for key in axes:
             value = getattr(self, key)
             if value == 0 or value < -1:
                 raise ConfigError(f"parallel.{key}: {value} must be a positive integer or -1")
-        if sum(getattr(self, k) == -1 for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")) > 1:
+        if sum(getattr(self, k) == -1 for k in axes) > 1:
             raise ConfigError("only one of parallel.dp_replicate/dp_shard/cp/tp/pp may be -1")
+        if self.pp_virtual_stages < 1:
+            raise ConfigError(f"parallel.pp_virtual_stages: {self.pp_virtual_stages} must be >= 1")
+        if self.pp_virtual_stages > 1 and self.pp_schedule not in (
+            "interleaved_1f1b",
+            "interleaved_zb",
+        ):
+            raise ConfigError(
+                f"parallel.pp_virtual_stages = {self.pp_virtual_stages} needs an interleaved "
+                f"schedule: set parallel.pp_schedule to interleaved_1f1b or interleaved_zb "
+                f"(it is {self.pp_schedule})"
+            )
+        if self.pp_microbatches is not None and self.pp_microbatches < 1:
+            raise ConfigError(f"parallel.pp_microbatches: {self.pp_microbatches} must be >= 1")
+        if self.pp_layers is not None and any(n < 1 for n in self.pp_layers):
+            raise ConfigError(f"parallel.pp_layers: {self.pp_layers}: every stage needs >= 1 block")
+        if self.ac_every < 1:
+            raise ConfigError(f"parallel.ac_every: {self.ac_every} must be >= 1")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: {self.zero_stage} must be 1, 2 or 3")
+
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pipeline rank holds under the chosen schedule."""
+        if self.pp_schedule == "zbv":
+            return 2
+        return self.pp_virtual_stages

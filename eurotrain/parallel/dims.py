@@ -34,9 +34,11 @@ class ParallelDims:
         for k, v in degrees.items():
             if v == -1:
                 if world_size % fixed:
+                    others = " x ".join(f"parallel.{o}={d}" for o, d in degrees.items() if d > 1)
                     raise ConfigError(
                         f"parallel.{k} = -1 cannot fill the world: {world_size} ranks are not "
-                        f"divisible by the product of the other degrees ({fixed}). "
+                        f"divisible by the product of the other degrees ({others} = {fixed}). "
+                        f"Use a layout whose product divides {world_size}, for example "
                         f"{_suggest(world_size)}"
                     )
                 degrees[k] = world_size // fixed

@@ -1,19 +1,47 @@
-"""Gradient-norm clipping that works on plain tensors and on sharded DTensor gradients."""
+"""Gradient-norm clipping over plain tensors and sharded DTensor gradients, across pipeline stages."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total L2 norm of all gradients (over every shard); scale them to ``max_norm`` if > 0."""
+def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of all gradients, each counted once over every shard.
+
+    Gradients are grouped by (mesh, placements): under tensor parallelism without FSDP some are
+    DTensors (split weights) and some plain (replicated norms), which one foreach norm cannot mix.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
+        groups.setdefault(key, []).append(g)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for key, members in groups.items():
+        norm = torch.nn.utils.get_total_norm(members, norm_type=2.0, foreach=True)
+        if key is not None:  # a DTensor: reduce the partial norms across its mesh
+            norm = norm.full_tensor()
+        total = total + norm.float().pow(2)
+    return total
+
+
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Total L2 norm of all gradients (every shard, every pipeline stage); scale them to
+    ``max_norm`` if > 0. ``pp_group``: sum the stages' squared norms over the pipeline ranks."""
     params = [p for p in params if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if hasattr(total, "full_tensor"):  # a DTensor: reduce the partial norms across ranks
-        total = total.full_tensor()
+    sq = _sq_norm([p.grad for p in params])
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        # A scalar multiply per gradient: foreach ops cannot mix DTensors and plain tensors.
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
     return total

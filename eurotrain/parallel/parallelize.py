@@ -1,25 +1,29 @@
-"""parallelize(): apply the layout to a model built on the meta device."""
+"""build_parallel_model(): the model built on the meta device, split and wrapped for the layout,
+then materialised and initialised. The order is torchtitan's: tensor parallelism, context
+parallelism, activation checkpointing, compile, then FSDP2 on top."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from eurotrain.configtools import ConfigError
+from eurotrain.models.config import ModelConfig
+from eurotrain.models.llama import build_model
+from eurotrain.parallel.ac import apply_ac, apply_compile
 from eurotrain.parallel.config import ParallelConfig
+from eurotrain.parallel.cp import apply_ulysses
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.parallel.fsdp import apply_fsdp
+from eurotrain.parallel.pipeline import Pipeline
+from eurotrain.parallel.tp import apply_tp
 
 
-def check_supported(dims: ParallelDims) -> None:
-    unsupported = {k: v for k, v in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp)) if v > 1}
-    if unsupported:
-        names = ", ".join(f"parallel.{k}={v}" for k, v in unsupported.items())
-        raise ConfigError(
-            f"{names}: tensor, pipeline and context parallelism are not available in this "
-            f"version; use data parallelism (parallel.dp_shard / parallel.dp_replicate)"
-        )
+def uses_fsdp(dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> bool:
+    """FSDP2 runs whenever gradients must be reduced over data or context-parallel ranks."""
+    return mesh is not None and cfg.engine == "fsdp" and dims.dp * dims.cp > 1
 
 
 def parallelize(
@@ -29,15 +33,67 @@ def parallelize(
     cfg: ParallelConfig,
     param_dtype: torch.dtype,
 ) -> nn.Module:
-    """Apply data parallelism (FSDP2 / HSDP) to the model; a no-op on one rank."""
-    check_supported(dims)
-    if mesh is None or dims.dp == 1:
-        return model
-    dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-    return apply_fsdp(
-        model,
-        dp_mesh,
-        param_dtype=param_dtype,
-        reduce_dtype=torch.float32,
-        reshard_after_forward=cfg.reshard_after_forward,
-    )
+    """Apply TP, CP (Ulysses), AC, compile and FSDP2/HSDP to one model (or pipeline stage)."""
+    if mesh is not None and dims.tp > 1:
+        sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else True
+        apply_tp(model, mesh["tp"], sequence_parallel=sp)
+    if mesh is not None and dims.cp > 1 and cfg.cp_method == "ulysses":
+        apply_ulysses(model, mesh["cp"])
+    apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    if uses_fsdp(dims, mesh, cfg):
+        assert mesh is not None
+        dp_mesh = (
+            mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        )
+        apply_fsdp(
+            model,
+            dp_mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=torch.float32,
+            reshard_after_forward=cfg.reshard_after_forward,
+            cpu_offload=cfg.fsdp_cpu_offload,
+        )
+    return model
+
+
+@dataclass
+class ParallelModel:
+    """The model parts this rank holds (one, or the stages of a pipeline) and the pipeline."""
+
+    parts: list[nn.Module]
+    pipeline: Pipeline | None
+
+
+def build_parallel_model(
+    model_cfg: ModelConfig,
+    cfg: ParallelConfig,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    seed: int,
+    num_microbatches: int = 1,
+) -> ParallelModel:
+    """Build on meta, parallelize, materialise on ``device`` and initialise (layout-independent)."""
+    pipeline = None
+    if mesh is not None and dims.pp > 1:
+        pipeline = Pipeline(
+            model_cfg,
+            mesh["pp"],
+            cfg.pp_schedule,
+            cfg.stages_per_rank(),
+            num_microbatches,
+            cfg.pp_layers,
+        )
+        parts = pipeline.parts
+    else:
+        parts = [build_model(model_cfg, "meta")]
+    for part in parts:
+        parallelize(part, dims, mesh, cfg, param_dtype)
+        part.to_empty(device=device)
+        part.init_weights(seed)
+    if pipeline is not None:
+        pipeline.build_schedule(device)
+    return ParallelModel(parts, pipeline)

@@ -1,0 +1,57 @@
+"""How the Llama model may be split by tensor parallelism: the plan as data, next to the model.
+
+eurotrain/parallel/tp.py applies it with ``parallelize_module``; the model itself never sees a
+mesh. Column-parallel q/k/v and w1/w3 split heads and the MLP hidden size, row-parallel wo/w2
+reduce back; the model reads its local head count from the weight shapes, so GQA splits
+correctly whenever tp divides the KV heads. With sequence parallelism the norms and residual
+stream are split along the sequence between the blocks (all-gather in, reduce-scatter out).
+The output projection stays split over the vocabulary (loss parallel: the cross-entropy is
+computed on the vocabulary shards without gathering the logits).
+"""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+Plan = dict[str, ParallelStyle]
+
+
+def llama_tp_plan(sequence_parallel: bool) -> tuple[Plan, Plan]:
+    """(plan for the model's top level, plan for each TransformerBlock)."""
+    # Between blocks the residual stream is sharded on the sequence dim (SP) or replicated.
+    between = Shard(1) if sequence_parallel else Replicate()
+    top: Plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+        "output": ColwiseParallel(
+            input_layouts=between, output_layouts=Shard(-1), use_local_output=False
+        ),
+    }
+    block: Plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=between),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=between),
+    }
+    if sequence_parallel:
+        top["norm"] = SequenceParallel()
+        block["attention_norm"] = SequenceParallel()
+        block["ffn_norm"] = SequenceParallel()
+        # attention(x, cos, sin): gather x along the sequence; the RoPE tables stay plain.
+        block["attention"] = PrepareModuleInput(
+            input_layouts=(Shard(1), None, None),
+            desired_input_layouts=(Replicate(), None, None),
+        )
+        block["feed_forward"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        )
+    return top, block

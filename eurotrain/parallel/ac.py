@@ -1,0 +1,59 @@
+"""Activation checkpointing and torch.compile, per transformer block, in place.
+
+Both keep parameter names unchanged (no wrapper modules): checkpointing swaps a block's
+``forward`` for a checkpointed call of the original, compile uses ``Module.compile()``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention, the expensive
+# part of recomputation. Everything else (norms, activations, RoPE) is recomputed.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_ac(model: nn.Module, mode: str, every: int = 1) -> Counter:
+    """Checkpoint every ``every``-th block ("full" or "selective"); returns counts per mode."""
+    counts: Counter = Counter()
+    if mode == "none":
+        return counts
+    for key, layer in model.layers.items():
+        if int(key) % every:  # global block index: the same blocks whatever the pipeline split
+            continue
+        kwargs = {"use_reentrant": False}
+        if mode == "selective":
+            kwargs["context_fn"] = _selective_context
+        layer.forward = partial(checkpoint, layer.forward, **kwargs)
+        counts[mode] += 1
+    return counts
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    for layer in model.layers.values():
+        layer.compile(fullgraph=False)
+    return model

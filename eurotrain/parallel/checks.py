@@ -1,0 +1,187 @@
+"""check_layout(): everything about a parallel layout that can be wrong, checked before any model
+is built, as a function of (config, world size) so that each case is a cheap test.
+
+Every error names the values that do not fit and a layout (or setting) that would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+import torch
+
+from eurotrain.configtools import ConfigError
+from eurotrain.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:
+    from eurotrain.config import Config
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fits(value: int, candidates: list[int]) -> str:
+    return ", ".join(str(d) for d in candidates if value % d == 0) or "1"
+
+
+def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> ParallelDims:
+    """Resolve the degrees against ``world_size`` and check the model, data and engine fit them.
+
+    ``cuda``: whether the run will be on GPUs (default: train.device and what torch sees)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    dims = ParallelDims.from_config(p, world_size)
+    if cuda is None:
+        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    assert m.num_kv_heads is not None and m.head_dim is not None
+
+    if dims.tp > 1:
+        for name, value in (
+            ("model.num_heads", m.num_heads),
+            ("model.num_kv_heads", m.num_kv_heads),
+            ("model.ffn_dim", m.ffn_dim),
+            ("model.vocab_size", m.vocab_size),
+        ):
+            if value % dims.tp:
+                raise ConfigError(
+                    f"parallel.tp = {dims.tp} does not divide {name} = {value}: tensor "
+                    f"parallelism splits it across the tp ranks. Use parallel.tp in "
+                    f"{{{_fits(value, _divisors(world_size))}}} (the rest to parallel.dp_shard)"
+                )
+        if m.tie_embeddings:
+            raise ConfigError(
+                "model.tie_embeddings with parallel.tp > 1 is not supported (the embedding and "
+                "the output are split along different dims); set parallel.tp = 1"
+            )
+
+    if dims.pp > 1:
+        _check_pipeline(cfg, dims)
+
+    if dims.cp > 1:
+        _check_context(cfg, dims, cuda)
+
+    if t.eval_interval and (dims.pp > 1 or dims.cp > 1):
+        raise ConfigError(
+            f"train.eval_interval = {t.eval_interval} with parallel.pp = {dims.pp} / parallel.cp "
+            f"= {dims.cp}: validation runs without pipeline or context parallelism for now; "
+            f"set train.eval_interval = 0 or use data/tensor parallelism"
+        )
+
+    if p.engine == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "parallel.engine = deepspeed but DeepSpeed is not installed: "
+                "`pip install --no-build-isolation deepspeed` (after torch), or set "
+                "parallel.engine = fsdp"
+            )
+        others = {k: v for k, v in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp)) if v > 1}
+        if others:
+            names = ", ".join(f"parallel.{k} = {v}" for k, v in others.items())
+            raise ConfigError(
+                f"parallel.engine = deepspeed runs data parallelism (ZeRO) only, not {names}: "
+                f"use parallel.engine = fsdp for tensor/pipeline/context parallelism, or "
+                f"parallel.dp_shard = {world_size} with DeepSpeed"
+            )
+        if dims.dp_replicate > 1:
+            raise ConfigError(
+                f"parallel.engine = deepspeed has no replicate axis (parallel.dp_replicate = "
+                f"{dims.dp_replicate}); use parallel.dp_shard = {world_size}"
+            )
+    return dims
+
+
+def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    num_stages = dims.pp * p.stages_per_rank()
+    if m.tie_embeddings:
+        raise ConfigError(
+            "model.tie_embeddings with parallel.pp > 1 is not supported (the embedding and "
+            "output live on different stages); set parallel.pp = 1 or untie them"
+        )
+    if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and p.pp_virtual_stages < 2:
+        raise ConfigError(
+            f"parallel.pp_schedule = {p.pp_schedule} needs parallel.pp_virtual_stages >= 2 "
+            f"(it is {p.pp_virtual_stages}); or use pp_schedule 1f1b"
+        )
+    if m.num_layers < num_stages:
+        raise ConfigError(
+            f"model.num_layers = {m.num_layers} is fewer than the {num_stages} pipeline stages "
+            f"(parallel.pp = {dims.pp} x {p.stages_per_rank()} stage(s) per rank): use "
+            f"parallel.pp <= {max(1, m.num_layers // p.stages_per_rank())} or fewer virtual stages"
+        )
+    if p.pp_layers is not None and (
+        len(p.pp_layers) != num_stages or sum(p.pp_layers) != m.num_layers
+    ):
+        raise ConfigError(
+            f"parallel.pp_layers = {p.pp_layers} must list {num_stages} stage sizes summing to "
+            f"model.num_layers = {m.num_layers}, for example {balanced_split(m.num_layers, num_stages)}"
+        )
+    local_batch = t.global_batch_size // dims.dp
+    micro = pipeline_microbatches(cfg, dims)
+    if local_batch % micro:
+        raise ConfigError(
+            f"parallel.pp_microbatches = {micro} does not divide the {local_batch} sequences each "
+            f"data-parallel rank gets per step (train.global_batch_size / dp); use one of "
+            f"{_divisors(local_batch)}"
+        )
+    if micro < dims.pp:
+        raise ConfigError(
+            f"{micro} pipeline micro-batches are fewer than the parallel.pp = {dims.pp} pipeline "
+            f"ranks: set parallel.pp_microbatches >= {dims.pp} (and a divisor of {local_batch})"
+        )
+    if p.pp_schedule == "interleaved_zb" and micro % dims.pp:
+        raise ConfigError(
+            f"parallel.pp_schedule = interleaved_zb needs parallel.pp_microbatches ({micro}) to be "
+            f"a multiple of parallel.pp ({dims.pp})"
+        )
+    if dims.cp > 1:
+        raise ConfigError(
+            "parallel.cp > 1 with parallel.pp > 1 is not supported yet (the RoPE positions of a "
+            "sequence shard do not travel between stages); use one of them"
+        )
+
+
+def _check_context(cfg: Config, dims: ParallelDims, cuda: bool) -> None:
+    p, m = cfg.parallel, cfg.model
+    seq = cfg.data.seq_len
+    assert m.num_kv_heads is not None
+    if p.cp_method == "ring":
+        if not cuda:
+            raise ConfigError(
+                f"parallel.cp_method = ring (parallel.cp = {dims.cp}) needs GPUs: PyTorch's ring "
+                f"attention has no CPU kernel. Use parallel.cp_method = ulysses on CPU"
+            )
+        if seq % (2 * dims.cp):
+            raise ConfigError(
+                f"data.seq_len = {seq} must be divisible by 2 x parallel.cp = {2 * dims.cp} for "
+                f"ring attention's load balancing; for example data.seq_len = "
+                f"{seq - seq % (2 * dims.cp) or 2 * dims.cp}"
+            )
+        return
+    if seq % dims.cp:
+        raise ConfigError(
+            f"data.seq_len = {seq} is not divisible by parallel.cp = {dims.cp}: each cp rank "
+            f"takes an equal slice; for example data.seq_len = {seq - seq % dims.cp or dims.cp}"
+        )
+    heads, kv = m.num_heads // dims.tp, m.num_kv_heads // dims.tp
+    if heads % dims.cp or kv % dims.cp:
+        raise ConfigError(
+            f"parallel.cp_method = ulysses splits attention heads across cp ranks: the "
+            f"{heads} query and {kv} key/value heads per tp rank (model.num_heads = "
+            f"{m.num_heads}, model.num_kv_heads = {m.num_kv_heads}, parallel.tp = {dims.tp}) "
+            f"must be divisible by parallel.cp = {dims.cp}; use parallel.cp in "
+            f"{{{_fits(kv, _divisors(kv))}}}"
+        )
+
+
+def balanced_split(num_layers: int, num_stages: int) -> list[int]:
+    """Blocks per stage, as even as possible, the first stages taking the remainder."""
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if i < extra else 0) for i in range(num_stages)]
+
+
+def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
+    if cfg.parallel.pp_microbatches is not None:
+        return cfg.parallel.pp_microbatches
+    return max(1, cfg.train.global_batch_size // dims.dp // cfg.train.micro_batch_size)

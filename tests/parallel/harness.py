@@ -1,0 +1,82 @@
+"""Train the tiny model under several layouts inside one group of processes (reused: spawning
+and importing torch is most of the cost on a 2-core CI machine) and collect what the parity
+tests compare: losses, gradient norms, and the bytes of parameters, gradients and optimizer
+state each rank holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+# Small enough for 8 processes on 2 cores; 4 micro-batches of accumulation on one rank.
+COMMON = [
+    "--data.seq_len", "32",
+    "--train.global_batch_size", "8",
+    "--train.micro_batch_size", "2",
+    "--train.steps", "5",
+    "--train.device", "cpu",
+    "--schedule.warmup_steps", "2",
+    "--logging.progress", "lines",
+    "--logging.log_interval", "100",
+]  # fmt: skip
+
+
+def overrides(layout: dict[str, Any], output_dir: str, name: str) -> list[str]:
+    args = [*COMMON, "--train.output_dir", output_dir, "--train.run_name", name]
+    for key, value in layout.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def measure_bytes(trainer) -> dict[str, int]:
+    """Bytes this rank holds: parameters, gradients (after one more backward), Adam state."""
+    params = [p for part in trainer.model_parts for p in part.parameters()]
+    batch = next(trainer.loader)
+    num_tokens = torch.tensor(float(sum(int((y >= 0).sum()) for y in batch.labels)))
+    num_tokens = trainer._all_reduce(num_tokens, "dp")
+    if trainer.pipeline is not None:
+        trainer._pipeline_step(batch, num_tokens)
+    else:
+        trainer._forward_backward(batch, num_tokens)
+    state = [
+        v
+        for s in trainer.optimizer.state.values()
+        for k, v in s.items()
+        if k != "step" and isinstance(v, torch.Tensor)
+    ]
+    return {
+        "params": sum(_local_bytes(p) for p in params),
+        "grads": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        "optim": sum(_local_bytes(v) for v in state),
+    }
+
+
+def train_layouts(
+    rank: int, world_size: int, layouts: list[dict[str, Any]], output_dir: str
+) -> list[dict[str, Any]]:
+    """Run each layout in turn on this group; rank-local results, one dict per layout."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from eurotrain.config import load_config
+    from eurotrain.train import Trainer
+
+    results = []
+    for i, layout in enumerate(layouts):
+        cfg = load_config(TINY, overrides(layout, output_dir, f"layout{i}"))
+        trainer = Trainer(cfg)
+        out = trainer.train()
+        entry: dict[str, Any] = {"losses": out.losses, "grad_norms": out.grad_norms}
+        if layout.get("parallel.engine") != "deepspeed":
+            entry["bytes"] = measure_bytes(trainer)
+        results.append(entry)
+    return results

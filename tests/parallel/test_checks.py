@@ -1,0 +1,125 @@
+"""Layouts that do not fit fail in check_layout(config, world_size), before any model exists,
+naming the values and a layout that would fit. No processes needed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from eurotrain.config import load_config
+from eurotrain.configtools import ConfigError
+from eurotrain.parallel.checks import balanced_split, check_layout
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+
+
+def cfg(**overrides):
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return load_config(TINY, args)
+
+
+def fails(config, world: int, *needles: str, cuda: bool = False) -> str:
+    with pytest.raises(ConfigError) as err:
+        check_layout(config, world, cuda=cuda)
+    message = str(err.value)
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_good_layouts_resolve():
+    dims = check_layout(
+        cfg(parallel__tp=2, parallel__pp=2, parallel__pp_microbatches=2), 8, cuda=False
+    )
+    assert (dims.pp, dims.dp_shard, dims.tp) == (2, 2, 2)
+    assert check_layout(cfg(parallel__cp=2), 2, cuda=False).cp == 2
+
+
+def test_product_must_match_world():
+    fails(cfg(parallel__dp_shard=2, parallel__tp=2), 8, "needs 4 ranks", "8", "dp_shard=8")
+    fails(cfg(parallel__tp=3), 8, "-1 cannot fill", "dp_shard=8")
+
+
+def test_heads_and_kv_heads_divisible_by_tp():
+    # tiny: 4 heads, 2 KV heads
+    fails(cfg(parallel__tp=4), 4, "num_kv_heads = 2", "parallel.tp in {1, 2}")
+    fails(cfg(model__num_kv_heads=4, model__num_heads=4, parallel__tp=8), 8, "num_heads = 4")
+
+
+def test_fewer_layers_than_stages():
+    fails(cfg(parallel__pp=8, parallel__dp_shard=1), 8, "num_layers = 4", "8 pipeline stages")
+    fails(
+        cfg(parallel__pp=4, parallel__dp_shard=1, parallel__pp_schedule="interleaved_1f1b",
+            parallel__pp_virtual_stages=2, train__global_batch_size=16),
+        4, "fewer than the 8 pipeline stages", "parallel.pp <= 2",
+    )  # fmt: skip
+
+
+def test_pp_layers_must_cover_the_model():
+    c = cfg(parallel__pp=2, parallel__dp_shard=1)
+    c.parallel.pp_layers = [1, 2]
+    fails(c, 2, "[1, 2]", "summing to model.num_layers = 4", "[2, 2]")
+
+
+def test_microbatches_fewer_than_stages():
+    c = cfg(parallel__pp=2, parallel__dp_shard=1, parallel__pp_microbatches=1)
+    fails(c, 2, "1 pipeline micro-batches", "parallel.pp_microbatches >= 2")
+    c = cfg(parallel__pp=2, parallel__dp_shard=1, parallel__pp_microbatches=3)
+    fails(c, 2, "does not divide the 16 sequences")
+
+
+def test_interleaved_needs_virtual_stages():
+    c = cfg(parallel__pp=2, parallel__dp_shard=1, parallel__pp_schedule="interleaved_1f1b")
+    fails(c, 2, "pp_virtual_stages >= 2")
+    with pytest.raises(ConfigError, match="interleaved schedule"):
+        cfg(parallel__pp_virtual_stages=2)
+
+
+def test_cp_sequence_and_heads():
+    fails(cfg(parallel__cp=3, data__seq_len=128), 3, "data.seq_len = 128", "parallel.cp = 3")
+    # 4 heads, 2 KV heads: Ulysses over cp=4 cannot split 2 KV heads
+    fails(cfg(parallel__cp=4), 4, "2 key/value heads", "parallel.cp in {1, 2}")
+    fails(cfg(parallel__cp=2, parallel__tp=2), 4, "1 key/value heads", "parallel.tp = 2")
+
+
+def test_ring_cp_is_gpu_only():
+    fails(cfg(parallel__cp=2, parallel__cp_method="ring"), 2, "needs GPUs", "ulysses")
+    check_layout(cfg(parallel__cp=2, parallel__cp_method="ring"), 2, cuda=True)
+    fails(
+        cfg(parallel__cp=2, parallel__cp_method="ring", data__seq_len=126), 2,
+        "divisible by 2 x parallel.cp = 4", "data.seq_len = 124", cuda=True,
+    )  # fmt: skip
+
+
+def test_deepspeed_axes_and_install(monkeypatch):
+    fails(cfg(parallel__engine="deepspeed", parallel__tp=2), 4, "parallel.tp = 2", "engine = fsdp")
+    fails(
+        cfg(parallel__engine="deepspeed", parallel__dp_replicate=2, parallel__dp_shard=1), 2,
+        "no replicate axis",
+    )  # fmt: skip
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else real(name, *a),
+    )
+    fails(cfg(parallel__engine="deepspeed"), 2, "DeepSpeed is not installed", "pip install")
+
+
+def test_trainer_checks_before_building(tmp_path):
+    """The Trainer refuses a bad layout before any model (or process group work) happens."""
+    from eurotrain.train import Trainer
+
+    c = cfg(parallel__tp=2, parallel__dp_shard=1, train__output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="needs 2 ranks but the job has 1"):
+        Trainer(c)
+    assert not any(tmp_path.iterdir())
+
+
+def test_balanced_split():
+    assert balanced_split(4, 2) == [2, 2]
+    assert balanced_split(7, 3) == [3, 2, 2]
