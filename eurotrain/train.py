@@ -237,7 +237,7 @@ class Trainer:
         device = self.dist.device
         x = torch.cat(batch.inputs).to(device)
         y = torch.cat(batch.labels).to(device)
-        with loss_context(self.dims.tp):
+        with loss_context(self.dims.tp), self._autocast():
             return self.pipeline.step(x, y, num_tokens)
 
     # ---- the loop ------------------------------------------------------------------------
@@ -335,7 +335,8 @@ class Trainer:
             for x, y in zip(batch.inputs, batch.labels):
                 x, y = x.to(self.dist.device), y.to(self.dist.device)
                 with self._autocast(), loss_context(self.dims.tp):
-                    totals[0] += plain(self._loss(self.model, x, y)).double()
+                    model = self.deepspeed or self.model
+                    totals[0] += plain(self._loss(model, x, y)).double()
                 totals[1] += int((y != IGNORE_INDEX).sum())
         val_loss = (self._all_reduce(totals, "dp")[0] / totals[1]).item()
         self.metrics.log(self.step, {"val_loss": val_loss})
