@@ -55,6 +55,12 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 "the output are split along different dims); set parallel.tp = 1"
             )
 
+    if p.fsdp_cpu_offload and not cuda:
+        raise ConfigError(
+            "parallel.fsdp_cpu_offload moves FSDP shards from the GPU to pinned CPU memory; on a "
+            "CPU run everything is in CPU memory already: set parallel.fsdp_cpu_offload = false"
+        )
+
     if dims.pp > 1:
         _check_pipeline(cfg, dims)
 

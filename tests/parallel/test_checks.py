@@ -123,3 +123,8 @@ def test_trainer_checks_before_building(tmp_path):
 def test_balanced_split():
     assert balanced_split(4, 2) == [2, 2]
     assert balanced_split(7, 3) == [3, 2, 2]
+
+
+def test_cpu_offload_needs_a_gpu():
+    fails(cfg(parallel__fsdp_cpu_offload=True), 2, "fsdp_cpu_offload = false")
+    check_layout(cfg(parallel__fsdp_cpu_offload=True), 2, cuda=True)

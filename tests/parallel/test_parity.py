@@ -39,6 +39,15 @@ TWO_RANKS = {
     },
     "pp=2 1f1b layers [1,3]": {"parallel.pp": 2, "parallel.pp_layers": "[1,3]"},
     "cp=2 ulysses": {"parallel.cp": 2},
+    # activation checkpointing and FSDP options composed with the other axes
+    "dp_shard=2 no reshard": {"parallel.dp_shard": 2, "parallel.reshard_after_forward": False},
+    "tp=2 sp + selective ac": {"parallel.tp": 2, "parallel.activation_checkpointing": "selective"},
+    "pp=2 zbv + full ac": {
+        "parallel.pp": 2,
+        "parallel.pp_schedule": "zbv",
+        "parallel.activation_checkpointing": "full",
+    },
+    "cp=2 + full ac": {"parallel.cp": 2, "parallel.activation_checkpointing": "full"},
 }
 FOUR_RANKS = {
     "dp_shard=4": {"parallel.dp_shard": 4},
