@@ -112,9 +112,11 @@ class Trainer:
             pipeline_microbatches(cfg, self.dims) if self.dims.pp > 1 else 1,
         )
         # One module per pipeline stage this rank holds; a single one without pipelining.
+        # self.model is the whole model, or under pipelining a view of this rank's stages with
+        # the whole model's parameter names (what checkpoints save and load).
         self.model_parts = built.parts
         self.pipeline = built.pipeline
-        self.model = self.model_parts[0]
+        self.model = built.model
         self.optimizer = build_optimizer(
             torch.nn.ModuleList(self.model_parts), cfg.optim, device_type
         )

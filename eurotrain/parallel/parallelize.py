@@ -17,7 +17,7 @@ from eurotrain.parallel.config import ParallelConfig
 from eurotrain.parallel.cp import apply_ulysses
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.parallel.fsdp import apply_fsdp
-from eurotrain.parallel.pipeline import Pipeline
+from eurotrain.parallel.pipeline import Pipeline, merged_view
 from eurotrain.parallel.tp import apply_tp
 
 
@@ -64,6 +64,8 @@ class ParallelModel:
 
     parts: list[nn.Module]
     pipeline: Pipeline | None
+    model: nn.Module
+    """parts[0], or under pipelining one module over all parts with the whole model's names."""
 
 
 def build_parallel_model(
@@ -94,9 +96,10 @@ def build_parallel_model(
         parallelize(part, dims, mesh, cfg, param_dtype)
         part.to_empty(device=device)
         part.init_weights(seed)
-    if pipeline is not None:
-        pipeline.build_schedule(device)
-    return ParallelModel(parts, pipeline)
+    if pipeline is None:
+        return ParallelModel(parts, None, parts[0])
+    pipeline.build_schedule(device)
+    return ParallelModel(parts, pipeline, merged_view(model_cfg, parts))
 
 
 def check_supported(dims: ParallelDims) -> None:

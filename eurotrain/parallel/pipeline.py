@@ -64,6 +64,18 @@ def build_stage_model(cfg: ModelConfig, stage: int, layers_per_stage: list[int])
     return model
 
 
+def merged_view(model_cfg: ModelConfig, parts: list[nn.Module]) -> Transformer:
+    """One Transformer holding every block and end piece of ``parts`` (the same modules, not
+    copies), so its parameter names are the whole model's: checkpoints and optimizer state of a
+    rank with several (virtual) stages look exactly like those of a rank with one."""
+    view = build_model(model_cfg, "meta")
+    view.layers = nn.ModuleDict({k: m for part in parts for k, m in part.layers.items()})
+    for name in ("tok_embeddings", "norm", "output"):
+        owners = [getattr(part, name) for part in parts if getattr(part, name) is not None]
+        setattr(view, name, owners[0] if owners else None)
+    return view
+
+
 @dataclass
 class PipelineLoss:
     """loss_fn of the last stage: summed CE / global token count (set before each step)."""
