@@ -42,7 +42,8 @@ SCHEDULES = {
 
 
 def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
-    """The pipeline stages this rank holds, in increasing order."""
+    """The pipeline stages this rank holds, in increasing order (PyTorch's warm-up vote walks
+    them in list order; descending order trips an AssertionError in _warmup_forward_vote)."""
     if schedule == "zbv":
         return sorted((pp_rank, 2 * pp - 1 - pp_rank))
     return [pp_rank + k * pp for k in range(per_rank)]
