@@ -261,11 +261,11 @@ class Trainer:
                         cb.on_step_end(self, self.step, metrics)
                     if self.stop_agreed:
                         result.stopped_early = True
+                        here = self.stop_request.signal_name
                         self.metrics.info(
-                            f"eurotrain: stop requested ({self.stop_request.signal_name or 'a signal'}"
-                            f"{'' if self.stop_request.requested else ' on another rank'}): stopping after step {self.step} of "
-                            f"{self.cfg.train.steps} with a final checkpoint; resubmit the same "
-                            f"job to resume"
+                            f"eurotrain: stop requested ({here or 'a signal on another rank'}): "
+                            f"stopping after step {self.step} of {self.cfg.train.steps} with a "
+                            f"final checkpoint; resubmit the same job to resume"
                         )
                         break
             finished = True

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from eurotrain.checkpoint.checkpointer import Checkpointer
-from eurotrain.checkpoint.config import CheckpointConfig
-from eurotrain.checkpoint.layout import CheckpointError
+from typing import TYPE_CHECKING
 
+from eurotrain._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from eurotrain.checkpoint.checkpointer import Checkpointer
+    from eurotrain.checkpoint.config import CheckpointConfig
+    from eurotrain.checkpoint.layout import CheckpointError
+
+_EXPORTS = {
+    "Checkpointer": "eurotrain.checkpoint.checkpointer",
+    "CheckpointConfig": "eurotrain.checkpoint.config",
+    "CheckpointError": "eurotrain.checkpoint.layout",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer"]
