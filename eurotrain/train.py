@@ -7,6 +7,7 @@ model exists), then train() runs the loop; one step is train_step(), which reads
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -388,6 +389,18 @@ def _describe_ops(ops: Any) -> str:
     return ", ".join(f"{op}={impl}" for op, impl in impls.items())
 
 
+def _log_to_stdout() -> None:
+    """Show eurotrain's INFO messages (e.g. which kernel implementation runs) on rank 0."""
+    logger = logging.getLogger("eurotrain")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: not dist.is_initialized() or dist.get_rank() == 0)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -396,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             "       (under torchrun --nproc-per-node N for several ranks)"
         )
         return 0 if argv else 2
+    _log_to_stdout()
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = Trainer(cfg)

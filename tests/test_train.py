@@ -156,3 +156,16 @@ def test_schedules() -> None:
     )
     assert lr_factor(sqrt, 75, 100) == pytest.approx(1 - math.sqrt(0.5))
     assert lr_factor(ScheduleConfig(name="constant", warmup_steps=0), 99, 100) == 1.0
+
+
+def test_run_log_says_which_kernels_run(tmp_path: Path) -> None:
+    """Asked for Triton on a CPU without the interpreter: the log says the references run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "eurotrain.train", str(TINY), "--model.kernels", "triton",
+         "--train.steps", "1", "--train.output_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'triton' kernels requested but" in proc.stdout
+    assert "using the PyTorch references" in proc.stdout

@@ -53,6 +53,12 @@ def _with_fallback(name: str, triton_fn: Callable, reference_fn: Callable) -> Ca
     """
 
     def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if any(_is_dtensor(a) for a in (x, *args)):
+            # Sequence-parallel inputs and replicated norm weights are DTensors: the kernels take
+            # local tensors, and unwrapping them would drop the weight gradient's reduction over
+            # the tensor-parallel ranks. The reference runs through DTensor's own dispatch.
+            log_once(f"eurotrain.kernels: {name} got DTensor inputs; using the PyTorch reference")
+            return reference_fn(x, *args, **kwargs)
         if can_run_triton(x):
             return triton_fn(x, *args, **kwargs)
         log_once(
@@ -63,6 +69,10 @@ def _with_fallback(name: str, triton_fn: Callable, reference_fn: Callable) -> Ca
     op.__name__ = name
     op.__doc__ = triton_fn.__doc__
     return op
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"  # no import of torch.distributed for a plain run
 
 
 class _LazyCompiled:
