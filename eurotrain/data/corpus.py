@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from eurotrain.configtools import ConfigError
@@ -31,23 +31,28 @@ def demo_documents(num_bytes: int) -> Iterator[str]:
             return
 
 
-def file_documents(spec: str) -> Iterator[str]:
-    """One document per file: a file, a directory (recursively, text suffixes) or a glob."""
+def expand_paths(spec: str, keep: Callable[[Path], bool]) -> list[Path]:
+    """A file as given; a directory's files (recursively) and a glob's matches that ``keep``
+    accepts, sorted. Empty when nothing matches: the caller says what it expected."""
     p = Path(spec)
     if p.is_file():
-        paths = [p]
-    elif p.is_dir():
-        paths = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-    else:
-        paths = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-        if not paths:
-            raise ConfigError(
-                f"data.corpus: {spec!r} is not a file, a directory, or a glob that matches "
-                f"files. Give the local path of your text, or 'demo' for the built-in corpus."
-            )
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and keep(f))
+    return sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+
+
+def file_documents(spec: str) -> Iterator[str]:
+    """One document per file: a file, a directory (recursively, text suffixes) or a glob."""
+    paths = expand_paths(spec, lambda f: f.suffix in TEXT_SUFFIXES)
     if not paths:
+        if Path(spec).is_dir():
+            raise ConfigError(
+                f"data.corpus: directory {spec!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+            )
         raise ConfigError(
-            f"data.corpus: directory {spec!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+            f"data.corpus: {spec!r} is not a file, a directory, or a glob that matches "
+            f"files. Give the local path of your text, or 'demo' for the built-in corpus."
         )
     for path in paths:
         yield path.read_text(encoding="utf-8", errors="replace")

@@ -12,7 +12,6 @@ when it uses the same tokenizer.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import itertools
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from eurotrain.configtools import ConfigError
+from eurotrain.data.corpus import expand_paths
 from eurotrain.data.shards import (
     FORMAT,
     VERSION,
@@ -63,13 +63,7 @@ def _is_saved_dataset(p: Path) -> bool:
 
 def resolve_files(spec: str) -> list[Path]:
     """The input files of a path, a directory (recursively) or a glob, sorted."""
-    p = Path(spec)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    else:
-        files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    files = expand_paths(spec, lambda f: not f.name.startswith("."))
     if not files:
         raise ConfigError(
             f"--input: {spec!r} matches no files; give a file, a directory, a glob such as "
