@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-quick check lint format clean
+.PHONY: venv demo test test-quick check lint typecheck format clean
 
 $(BIN)/.installed: pyproject.toml requirements-pinned.txt
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-check: lint test
+typecheck: venv
+	$(BIN)/mypy eurotrain
+
+check: lint typecheck test
 
 format: venv
 	$(BIN)/ruff format .

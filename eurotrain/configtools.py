@@ -12,7 +12,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
@@ -67,11 +67,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+        cls = cast(type, tp)  # an annotation: a dataclass type, never an instance
+        if isinstance(value, cls):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, where)
+            raise ConfigError(
+                f"{where}: expected a mapping of {cls.__name__} fields, got {value!r}"
+            )
+        return from_dict(cls, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -114,7 +117,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.init]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key

@@ -168,6 +168,7 @@ def check_checkpoint_dir(path: str, profile: ClusterProfile | None) -> Check:
         return Check("checkpoint dir", "WARN", msg, f"free space or keep fewer checkpoints "
                      f"(< {MIN_FREE_GIB:.0f} GiB)")  # fmt: skip
     if expected and fstype not in expected and fstype.split(".")[0] not in expected:
+        assert profile is not None  # expected is empty without a profile
         return Check("checkpoint dir", "WARN", f"{msg}; profile {profile.name} lists "
                      f"{', '.join(expected)}", "checkpoints belong on the parallel file system "
                      "every node sees (node-local disks vanish with the job)")  # fmt: skip

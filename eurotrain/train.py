@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from eurotrain.parallel.dims import dp_rank_and_size
 from eurotrain.parallel.grad import clip_grad_norm_
 from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
 from eurotrain.parallel.tp import loss_context, plain, sharded_cross_entropy
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 class Callback(Protocol):
@@ -213,10 +216,12 @@ class Trainer:
         num_micro = len(batch.inputs)
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
             if self.sharded:  # reduce-scatter gradients only after the last micro-batch
-                self.model.set_requires_gradient_sync(i == num_micro - 1)
+                cast("FSDPModule", self.model).set_requires_gradient_sync(i == num_micro - 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            positions, ring = None, contextlib.nullcontext()
+            positions: torch.Tensor | None = None
+            ring: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.dims.cp > 1:  # this rank's slice of every sequence
+                assert self.mesh is not None  # cp > 1 means several ranks
                 cp_mesh = self.mesh["cp"]
                 if self.cfg.parallel.cp_method == "ulysses":
                     x, y, positions = context_parallel.shard_sequence(x, y, cp_mesh)
@@ -291,7 +296,7 @@ class Trainer:
         total, stop = self._all_reduce(counts).unbind()
         num_tokens = total / (self.dist.world_size // self.dims.dp)
         self.stop_agreed = bool(stop.item() > 0)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = cast(float, self.scheduler.get_last_lr()[0])  # a float: optim.lr is no tensor
         if self.pipeline is not None:
             loss_sum = self._pipeline_step(batch, num_tokens)
         else:
@@ -305,7 +310,10 @@ class Trainer:
                 self._skip_nonfinite(loss, grad_norm.item())
         else:
             params = [p for part in self.model_parts for p in part.parameters()]
-            pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+            pp_group = None
+            if self.dims.pp > 1:
+                assert self.mesh is not None  # pp > 1 means several ranks
+                pp_group = self.mesh["pp"].get_group()
             grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group)
             if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
                 self._skip_nonfinite(loss, grad_norm.item())

@@ -122,6 +122,7 @@ class Checkpointer:
             self._inflight.popleft().result()
         start = time.perf_counter()
         staged = self._stager.stage(build_state(trainer, self.rank))
+        assert not isinstance(staged, Future)  # use_async_staging=False: staged synchronously
         info = {
             "step": step,
             "tokens_seen": trainer.tokens_seen,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ OPTIONS = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=T
 
 def rng_state() -> dict[str, Any]:
     version, words, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # legacy=True (the default) gives the tuple form, not the dict numpy's stubs also allow
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     meta = {
         "python": [version, list(words), gauss],
         "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -70,7 +71,9 @@ class GlobalBatchLoader:
         shuffle: bool = True,
         document_positions: bool = False,
     ) -> None:
-        sources = list(data) if isinstance(data, (list, tuple)) else [data]
+        sources: list[SequenceSource] = (
+            list(data) if isinstance(data, (list, tuple)) else [cast(SequenceSource, data)]
+        )
         weights = list(weights) if weights is not None else [1.0] * len(sources)
         if len(weights) != len(sources):
             raise ValueError(f"{len(sources)} sources but {len(weights)} weights")

@@ -8,6 +8,8 @@ data-parallel rank is known.
 
 from __future__ import annotations
 
+from typing import cast
+
 from eurotrain.configtools import ConfigError
 from eurotrain.data.config import DataConfig, SourceConfig
 from eurotrain.data.loader import GlobalBatchLoader, tokenize_corpus
@@ -65,7 +67,7 @@ class DataPipeline:
                         f"data.validation_fraction={cfg.validation_fraction} holds out no "
                         f"sequence of {v.name!r}: raise it or give data.validation_sources"
                     )
-        self.vocab_size = int(self.identity["vocab_size"])
+        self.vocab_size = int(cast(int, self.identity["vocab_size"]))
 
     def _open(
         self, sources: list[SourceConfig], key: str

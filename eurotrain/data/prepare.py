@@ -168,7 +168,7 @@ def prepare(
     import datasets
 
     tokenizer = load_tokenizer(tokenizer_spec)
-    identity = tokenizer_identity(tokenizer_spec, tokenizer)
+    identity: dict[str, Any] = tokenizer_identity(tokenizer_spec, tokenizer)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)

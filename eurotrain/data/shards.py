@@ -70,8 +70,8 @@ def write_shard(
         "index_file": f"{name}.idx",
         "num_tokens": len(tokens),
         "num_documents": len(index),
-        "sha256": _write_atomic(out_dir / f"{name}.bin", memoryview(tokens).cast("B")),
-        "index_sha256": _write_atomic(out_dir / f"{name}.idx", memoryview(index).cast("B")),
+        "sha256": _write_atomic(out_dir / f"{name}.bin", tokens.data.cast("B")),
+        "index_sha256": _write_atomic(out_dir / f"{name}.idx", index.data.cast("B")),
     }
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from eurotrain.configtools import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Tokenizer(Protocol):
@@ -37,6 +40,7 @@ class HFTokenizer:
 
     def __init__(self, path: str) -> None:
         p = Path(path)
+        self.tok: PreTrainedTokenizerBase
         if p.is_file():
             from tokenizers import Tokenizer as RawTokenizer
             from transformers import PreTrainedTokenizerFast
@@ -66,7 +70,9 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+        text = self.tok.decode(ids)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -102,6 +102,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, V] (or, given labels, the summed cross-entropy)."""
 
+    rope_cos: torch.Tensor  # non-persistent buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

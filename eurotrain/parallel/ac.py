@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,10 +43,10 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> Counter:
     counts: Counter = Counter()
     if mode == "none":
         return counts
-    for key, layer in model.layers.items():
+    for key, layer in cast(nn.ModuleDict, model.layers).items():
         if int(key) % every:  # global block index: the same blocks whatever the pipeline split
             continue
-        kwargs = {"use_reentrant": False}
+        kwargs: dict[str, Any] = {"use_reentrant": False}
         if mode == "selective":
             kwargs["context_fn"] = _selective_context
         layer.forward = partial(checkpoint, layer.forward, **kwargs)
@@ -54,6 +55,6 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> Counter:
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    for layer in model.layers.values():
+    for layer in cast(nn.ModuleDict, model.layers).values():
         layer.compile(fullgraph=False)
     return model

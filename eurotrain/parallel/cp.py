@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from eurotrain.models.llama import TransformerBlock
 from eurotrain.models.llama import sdpa as local_sdpa
 
 
@@ -67,8 +69,8 @@ def ulysses_sdpa(
 
 def apply_ulysses(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
     fn = partial(ulysses_sdpa, group=cp_mesh.get_group(), cp=cp_mesh.size())
-    for layer in model.layers.values():
-        layer.attention.sdpa = fn
+    for layer in cast(nn.ModuleDict, model.layers).values():
+        cast(TransformerBlock, layer).attention.sdpa = fn
     return model
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 
 def apply_fsdp(
@@ -21,16 +26,27 @@ def apply_fsdp(
     ``mesh`` is 1-D (FSDP) or 2-D (replicate, shard) for HSDP. Gradients are summed, not
     averaged: the trainer already divides the loss by the global token count."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    kwargs = {"mesh": mesh, "mp_policy": mp}
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    # OffloadPolicy() is fully_shard's default: no offloading.
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     layers = getattr(model, "layers", {})
     blocks = list(layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them.
         last = i == len(blocks) - 1
-        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward and not last,
+            mp_policy=mp,
+            offload_policy=offload,
+        )
+    fully_shard(
+        model,
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=mp,
+        offload_policy=offload,
+    )
     for module in [*blocks, model]:
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM

@@ -5,13 +5,14 @@ parallelism, activation checkpointing, compile, then FSDP2 on top."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from eurotrain.models.config import ModelConfig
-from eurotrain.models.llama import build_model
+from eurotrain.models.llama import Transformer, build_model
 from eurotrain.parallel.ac import apply_ac, apply_compile
 from eurotrain.parallel.config import ParallelConfig
 from eurotrain.parallel.cp import apply_ulysses
@@ -95,7 +96,7 @@ def build_parallel_model(
     for part in parts:
         parallelize(part, dims, mesh, cfg, param_dtype)
         part.to_empty(device=device)
-        part.init_weights(seed)
+        cast(Transformer, part).init_weights(seed)
     if pipeline is None:
         return ParallelModel(parts, None, parts[0])
     pipeline.build_schedule(device)

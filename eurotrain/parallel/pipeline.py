@@ -14,6 +14,7 @@ step), and schedules run with scale_grads=False, so the gradients equal a single
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -70,7 +71,9 @@ def merged_view(model_cfg: ModelConfig, parts: list[nn.Module]) -> Transformer:
     copies), so its parameter names are the whole model's: checkpoints and optimizer state of a
     rank with several (virtual) stages look exactly like those of a rank with one."""
     view = build_model(model_cfg, "meta")
-    view.layers = nn.ModuleDict({k: m for part in parts for k, m in part.layers.items()})
+    view.layers = nn.ModuleDict(
+        {k: m for part in parts for k, m in cast(nn.ModuleDict, part.layers).items()}
+    )
     for name in ("tok_embeddings", "norm", "output"):
         owners = [getattr(part, name) for part in parts if getattr(part, name) is not None]
         setattr(view, name, owners[0] if owners else None)

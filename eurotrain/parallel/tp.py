@@ -4,6 +4,7 @@ vocabulary-sharded logits (loss parallel)."""
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     top, block = llama_tp_plan(sequence_parallel)
     present = {k: v for k, v in top.items() if getattr(model, k, None) is not None}
     parallelize_module(model, tp_mesh, present)
-    for layer in model.layers.values():
+    for layer in cast(nn.ModuleDict, model.layers).values():
         parallelize_module(layer, tp_mesh, block)
     return model
 
