@@ -114,7 +114,7 @@ def plan(req: LaunchRequest) -> Plan:
             f"`sacctmgr show assoc user=$USER` or the centre's portal lists yours"
         )
     world = req.nodes * gpus
-    layout = _check_config(req, world)
+    layout = _check_config(req, world, cuda=profile.accelerator.vendor != "cpu")
     train_args = [req.config]
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
@@ -131,24 +131,17 @@ def _model_name(req: LaunchRequest) -> str:
     return load_config(req.config, req.overrides).model.name
 
 
-def _check_config(req: LaunchRequest, world: int) -> str:
-    """The config loads, its layout fills `world` ranks and its batch splits over them."""
+def _check_config(req: LaunchRequest, world: int, cuda: bool) -> str:
+    """The config loads and its layout and batch fit `world` ranks: the same check_layout the
+    trainer runs first on every rank, so a job is refused here rather than after it queued."""
     from eurotrain.config import load_config
-    from eurotrain.parallel import ParallelDims
+    from eurotrain.parallel.checks import check_layout
 
     try:
         cfg = load_config(req.config, req.overrides)
-        dims = ParallelDims.from_config(cfg.parallel, world)
+        dims = check_layout(cfg, world, cuda=cuda)
     except ConfigError as e:
         raise ConfigError(f"{req.config} on {req.nodes} node(s) ({world} ranks): {e}") from None
-    per_step = cfg.train.micro_batch_size * dims.dp
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"{req.config} on {world} ranks: train.global_batch_size "
-            f"({cfg.train.global_batch_size}) is not a multiple of train.micro_batch_size "
-            f"({cfg.train.micro_batch_size}) x {dims.dp} data-parallel ranks = {per_step}; "
-            f"change the batch or the node count"
-        )
     return dims.describe()
 
 

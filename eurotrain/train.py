@@ -70,8 +70,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         # Everything that can be wrong with the input is checked before the model exists.
-        self.dims = check_layout(cfg, self.dist.world_size)
-        self._check_batch()
+        self.dims = check_layout(cfg, self.dist.world_size)  # layout and batch split
         self.data = DataPipeline(cfg.data)  # prepared sources, or the raw-text corpus
         self.tokenizer = self.data.tokenizer
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -154,17 +153,6 @@ class Trainer:
         self.callbacks.append(self.checkpointer)
 
     # ---- set-up helpers ------------------------------------------------------------------
-    def _check_batch(self) -> None:
-        t = self.cfg.train
-        per_step = t.micro_batch_size * self.dims.dp
-        if t.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel ranks "
-                f"({self.dims.dp}) = {per_step}; for example set train.global_batch_size to "
-                f"{per_step * max(1, round(t.global_batch_size / per_step))}"
-            )
-
     def _make_run_dir(self) -> Path:
         name = self.cfg.train.run_name
         if not name and os.environ.get("SLURM_JOB_ID"):

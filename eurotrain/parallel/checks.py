@@ -55,6 +55,16 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 "the output are split along different dims); set parallel.tp = 1"
             )
 
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel ranks ({dims.dp}) = "
+            f"{per_step}; for example set train.global_batch_size to "
+            f"{per_step * max(1, round(t.global_batch_size / per_step))}, or change the number "
+            f"of ranks"
+        )
+
     if p.fsdp_cpu_offload and not cuda:
         raise ConfigError(
             "parallel.fsdp_cpu_offload moves FSDP shards from the GPU to pinned CPU memory; on a "

@@ -132,6 +132,23 @@ def test_layout_that_does_not_fit(capsys, monkeypatch):
     assert "8 ranks" in err and "parallel" in err
 
 
+def test_layout_the_trainer_would_refuse_is_refused_before_submitting(capsys, monkeypatch):
+    # tp=8 fills 2 nodes x 4 GPUs, but the tiny model's 4 heads cannot be split 8 ways.
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG, "--parallel.tp", "8",
+    )  # fmt: skip
+    assert "parallel.tp = 8 does not divide model.num_heads = 4" in err
+
+
+def test_batch_that_does_not_split_over_the_ranks(capsys, monkeypatch):
+    # 8 ranks with tp=2 leave 4 data-parallel ranks: 6 sequences do not split over them.
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG,
+        "--train.global_batch_size", "6",
+    )  # fmt: skip
+    assert "8 ranks" in err and "train.global_batch_size (6) must be a multiple of" in err
+
+
 def test_unknown_partition_lists_queues(capsys, monkeypatch):
     err = _refused(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--partition", "acc", CONFIG)
     assert "unknown partition 'acc'" in err and "acc_debug" in err
