@@ -18,8 +18,8 @@ if TYPE_CHECKING:
         config_from_dict,
         load_config,
     )
-    from eurotrain.configtools import ConfigError
     from eurotrain.data import DataConfig, load_tokenizer
+    from eurotrain.errors import CheckpointError, ConfigError, EurotrainError, NonFiniteLossError
     from eurotrain.metrics import LoggingConfig
     from eurotrain.models import ModelConfig, Transformer, build_model
     from eurotrain.optim import OptimConfig, ScheduleConfig
@@ -34,7 +34,10 @@ _EXPORTS = {
     "TrainingConfig": "eurotrain.config",
     "config_from_dict": "eurotrain.config",
     "load_config": "eurotrain.config",
-    "ConfigError": "eurotrain.configtools",
+    "CheckpointError": "eurotrain.errors",
+    "ConfigError": "eurotrain.errors",
+    "EurotrainError": "eurotrain.errors",
+    "NonFiniteLossError": "eurotrain.errors",
     "DataConfig": "eurotrain.data",
     "load_tokenizer": "eurotrain.data",
     "LoggingConfig": "eurotrain.metrics",
@@ -53,11 +56,14 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "Callback",
     "CheckpointConfig",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataConfig",
+    "EurotrainError",
     "LoggingConfig",
     "ModelConfig",
+    "NonFiniteLossError",
     "OptimConfig",
     "ParallelConfig",
     "ParallelDims",

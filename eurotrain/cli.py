@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eurotrain: unknown command {name!r}.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    from eurotrain.errors import run_command
+
+    command = getattr(importlib.import_module(module), func)
+    return run_command(f"eurotrain {name}", lambda: int(command(rest) or 0))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
+from eurotrain.errors import ConfigError
+
+__all__ = ["ConfigError", "from_dict", "merge", "parse_overrides", "read_yaml", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value, key or file is wrong; the message says how to fix it."""
 
 
 def _type_name(tp: Any) -> str:

@@ -25,6 +25,7 @@ from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
+from eurotrain.errors import NonFiniteLossError, run_command
 from eurotrain.fault import StopRequest
 from eurotrain.metrics import MetricsLogger, device_peak_tflops
 from eurotrain.models import IGNORE_INDEX
@@ -54,10 +55,6 @@ class TrainResult:
     run_dir: Path | None = None
     stopped_early: bool = False
     """True when a signal (SLURM's walltime warning, SIGTERM) stopped the run before train.steps."""
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -406,19 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv else 2
     _log_to_stdout()
-    try:
-        cfg = load_config(argv[0], argv[1:])
-        trainer = Trainer(cfg)
-    except ConfigError as e:
-        print(f"eurotrain: configuration error: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
-    finally:
+
+    def run() -> int:
         from eurotrain.distributed import shutdown
 
-        shutdown()
-    return 0
+        try:
+            Trainer(load_config(argv[0], argv[1:])).train()
+        finally:
+            shutdown()
+        return 0
+
+    return run_command("eurotrain", run)
 
 
 if __name__ == "__main__":

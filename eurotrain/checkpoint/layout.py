@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from eurotrain.checkpoint.storage import fsync_path
+from eurotrain.errors import CheckpointError
+
+__all__ = ["MARKER", "CheckpointError", "Found", "latest", "read_marker", "scan", "step_dir"]
 
 MARKER = "COMMITTED.json"
 FORMAT = "eurotrain-checkpoint/1"
 _NAME = re.compile(r"^step-(\d+)(\.tmp)?$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
 
 
 def step_dir(root: Path, step: int, tmp: bool = False) -> Path:

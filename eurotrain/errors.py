@@ -1,0 +1,93 @@
+"""eurotrain's error types, and how the command line reports them.
+
+Every error a user can fix (a bad config, a corrupt checkpoint or data file, a full disk, a run
+that diverged) derives from ``EurotrainError``; its message says what was wrong and how to fix
+it. The command line prints such an error as one line, once per job (rank 0), and exits non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+
+
+class EurotrainError(Exception):
+    """Bad input or a failed operation that the message explains; never a bug."""
+
+    exit_code = 1
+    label = "error"
+    """What the command line prints before the message."""
+    every_rank = True
+    """Whether every rank raises the same error (config, layout, agreed checkpoint checks): then
+    rank 0 alone reports it. False for an error only this rank saw; it reports it itself."""
+
+
+class ConfigError(EurotrainError, ValueError):
+    """A configuration value, key or file is wrong; the message says how to fix it."""
+
+    exit_code = 2
+    label = "configuration error"
+
+
+class CheckpointError(EurotrainError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or could not be written; names the file."""
+
+    label = "checkpoint error"
+
+
+class NonFiniteLossError(EurotrainError, RuntimeError):
+    """The loss or gradient norm stayed non-finite for more steps than allowed."""
+
+    label = "training stopped"
+
+
+# OS errors that are a fact of the machine (a full disk, a read-only or forbidden path), not a bug.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
+
+
+def this_rank() -> int:
+    """This process's rank, before or after the process group exists (0 when alone)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def describe(error: BaseException) -> str | None:
+    """The one line to print for an error a user can fix, or None for a bug."""
+    if isinstance(error, EurotrainError):
+        return f"{error.label}: {error}"
+    if isinstance(error, OSError) and error.errno in _USER_OS_ERRORS:
+        return f"error: {error}"
+    return None
+
+
+def run_command(name: str, main: Callable[[], int]) -> int:
+    """Run a command's body: a fixable error becomes one line on stderr (rank 0, or the rank
+    that alone saw it) and a non-zero exit code; a bug keeps its traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        line = describe(e)
+        if line is None:
+            raise
+        rank = this_rank()
+        every = getattr(e, "every_rank", True)
+        if rank == 0 or not every:
+            prefix = f"{name}: " + (f"rank {rank}: " if rank and not every else "")
+            print(f"{prefix}{line}", file=sys.stderr, flush=True)
+        return getattr(e, "exit_code", 1)
