@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import assert_close, assert_within_bound, linear_ce_exact
 
 from eurotrain.kernels import reference
 from eurotrain.kernels._runtime import triton_importable
@@ -61,7 +61,18 @@ def test_32k_vocab_in_chunks_matches_reference(
     want = _run(reference.linear_cross_entropy, hidden, weight, labels, **options)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
-        assert_close(g, w, dtype)
+    if dtype == torch.bfloat16:
+        for g, w in zip(got, want):
+            assert_close(g, w, dtype)
+        return
+    # fp32: the kernel must lie within the rounding-error bound of the exact (fp64) result,
+    # whatever order a CPU or GPU adds the 32000 terms in. Not compared elementwise with the
+    # eager reference: with label smoothing, PyTorch's log-softmax backward sums the smoothed
+    # target (32000 equal terms) in fp32, a systematic error of up to ~1e-4 relative that
+    # depends on the CPU's vector width (seen: 2.7e-3 on near-zero elements of one machine).
+    exact = linear_ce_exact(hidden.cpu(), weight.cpu(), labels.cpu(), grad_scale=2.5, **options)
+    for g, (value, bound) in zip(got, exact):
+        assert_within_bound(g.cpu(), value, bound)
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
