@@ -10,11 +10,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from eurotrain.callbacks import Callback, StepMetrics
 from eurotrain.configtools import ConfigError
+
+if TYPE_CHECKING:
+    from eurotrain.train import Trainer, TrainResult
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets), matched by substring of the device
 # name; the first match wins, so more specific names come first. MN5's "H100 64GB HBM2" part has
@@ -144,6 +148,47 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+class LogMetrics(Callback):
+    """Writes every log step's metrics (and evaluations) through a MetricsLogger."""
+
+    def __init__(self, logger: MetricsLogger) -> None:
+        self.logger = logger
+        self.last_logged = -1
+
+    def _log(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
+        trainer.sync_metrics()  # a no-op when the loop has synced this step already
+        self.logger.log(step, dict(metrics))
+        self.last_logged = step
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
+        if trainer.is_log_step(step):
+            self._log(trainer, step, metrics)
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self.logger.log(step, metrics)
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        last = trainer.last_metrics
+        if last is not None and trainer.state.step != self.last_logged:
+            self._log(trainer, trainer.state.step, last)
+        self.logger.close()
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self.logger.close()
+
+
+class Evaluate(Callback):
+    """The validation loss every ``interval`` steps (train.eval_interval)."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
+        if step % self.interval == 0:
+            result = {"val_loss": trainer.evaluate()}
+            trainer.callbacks.call("on_eval_end", trainer, step, result)
 
 
 _SHOWN = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "memory_gib")

@@ -25,7 +25,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices; norms and biases are never decayed."""
     fused: bool | None = None
-    """Use the fused AdamW kernel; null means fused on GPU, foreach on CPU."""
+    """Use the fused AdamW kernel (null: yes). Fused AdamW skips the update of a non-finite
+    step on the device; the foreach implementation (false) needs a host sync every step."""
 
     def __post_init__(self) -> None:
         if self.betas is None:
@@ -88,21 +89,25 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     return floor + (1 - floor) * shape
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay on matrices only. Parameters are
+    grouped by how they are laid out (plain, or DTensors of one mesh) as well: fused and
+    foreach kernels cannot mix plain tensors and DTensors (tensor parallelism without sequence
+    parallelism has both)."""
+    groups: dict[tuple[bool, object], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        decay = p.ndim >= 2 and "norm" not in name
+        groups.setdefault((decay, getattr(p, "device_mesh", None)), []).append(p)
+    fused = cfg.fused if cfg.fused is not None else True
+    param_groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (decay, _), params in groups.items()
     ]
     assert cfg.betas is not None
     return torch.optim.AdamW(
-        groups,
+        param_groups,
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,

@@ -1,51 +1,50 @@
 """The training loop, and ``python -m eurotrain.train CONFIG [--section.key value ...]``.
 
 Trainer builds every component from the config (checking everything that can be wrong before a
-model exists), then train() runs the loop; one step is train_step(), which reads top to bottom.
+model exists); ``train()`` resumes, then runs the loop, and each step is ``train_step()``. Side
+concerns (metrics, evaluation, checkpoints, the stop signal, user code) are callbacks on the
+named life cycle of eurotrain/callbacks.py; the model runs through an engine
+(eurotrain/parallel/engine.py), so the loop has no branch per parallelism or library.
+
+The host waits for the device only at log steps (every ``logging.log_interval`` steps), at
+evaluation and at checkpoints: loss, gradient norm and the non-finite flag stay on the device in
+between, the token count and the stop flag are agreed on the host (a CPU process group), and
+step times come from device events.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from eurotrain.checkpoint import Checkpointer
+from eurotrain.callbacks import CallbackList, StepMetrics
+from eurotrain.checkpoint.callback import SaveCheckpoints
+from eurotrain.checkpoint.checkpointer import Checkpointer, Resumed
 from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
 from eurotrain.errors import NonFiniteLossError, run_command
-from eurotrain.fault import StopRequest
-from eurotrain.metrics import MetricsLogger, device_peak_tflops
-from eurotrain.models import IGNORE_INDEX
-from eurotrain.optim import build_optimizer, build_scheduler
-from eurotrain.parallel import cp as context_parallel
-from eurotrain.parallel.checks import check_layout, pipeline_microbatches
-from eurotrain.parallel.deepspeed import build_deepspeed
+from eurotrain.fault import StopOnSignal
+from eurotrain.metrics import Evaluate, LogMetrics, MetricsLogger, device_peak_tflops
+from eurotrain.optim import build_scheduler
+from eurotrain.parallel.checks import check_layout
 from eurotrain.parallel.dims import dp_rank_and_size
-from eurotrain.parallel.grad import clip_grad_norm_
-from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
-from eurotrain.parallel.tp import loss_context, plain, sharded_cross_entropy
+from eurotrain.parallel.engine import Engine, build_engine
+from eurotrain.state import RNGState, Stateful, TrainState
 
-if TYPE_CHECKING:
-    from torch.distributed.fsdp import FSDPModule
-
-
-class Callback(Protocol):
-    """Side concerns (checkpoints, profiling, custom logging) hook in here, not in the loop."""
-
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None: ...
+Callback = Any
+"""Any object with some of the hooks of eurotrain.callbacks (subclassing Callback is optional)."""
 
 
 @dataclass
@@ -57,10 +56,41 @@ class TrainResult:
     """True when a signal (SLURM's walltime warning, SIGTERM) stopped the run before train.steps."""
 
 
+class StepTimer:
+    """Step durations from device events on GPUs (no host sync until they are read) or the host
+    clock on CPUs, read in bulk at log steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks.append(self._mark())
+
+    def stop(self) -> None:
+        self.marks.append(self._mark())
+
+    def read(self) -> list[float]:
+        """Seconds of each step timed since the last read (waits for the last one on a GPU)."""
+        pairs = list(zip(self.marks[::2], self.marks[1::2]))
+        self.marks = []
+        if not self.cuda:
+            return [end - start for start, end in pairs]
+        if pairs:
+            pairs[-1][1].synchronize()
+        return [start.elapsed_time(end) / 1000 for start, end in pairs]
+
+
 class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
-        self.callbacks = list(callbacks or [])
         self.dist: DistInfo = init_distributed(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
@@ -84,8 +114,13 @@ class Trainer:
                 f"data.validation_fraction (e.g. 0.01) or data.validation_sources"
             )
 
-        device_type = self.dist.device.type
-        self.mesh = self.dims.build_mesh(device_type) if self.dist.world_size > 1 else None
+        device = self.dist.device
+        world = self.dist.world_size
+        self.mesh = self.dims.build_mesh(device.type) if world > 1 else None
+        # Host-side agreement (token counts, the stop flag) on the CPU, never through the device.
+        self.host_group = None
+        if world > 1 and dist.get_backend() != "gloo":
+            self.host_group = dist.new_group(backend="gloo")
         dp_rank, dp_size = dp_rank_and_size(self.dims, self.mesh)
         t = cfg.train
         self.loader = self.data.train_loader(
@@ -96,58 +131,215 @@ class Trainer:
         )
 
         self.run_dir = self._make_run_dir()
-        bf16 = cfg.train.mixed_precision == "bf16" or (
-            cfg.train.mixed_precision == "auto" and device_type == "cuda"
-        )
-        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.sharded = uses_fsdp(self.dims, self.mesh, cfg.parallel)
-        built = build_parallel_model(
-            cfg.model,
-            cfg.parallel,
-            self.dims,
-            self.mesh,
-            self.dist.device,
-            self.compute_dtype,
-            cfg.train.seed,
-            pipeline_microbatches(cfg, self.dims) if self.dims.pp > 1 else 1,
-        )
-        # One module per pipeline stage this rank holds; a single one without pipelining.
-        # self.model is the whole model, or under pipelining a view of this rank's stages with
-        # the whole model's parameter names (what checkpoints save and load).
-        self.model_parts = built.parts
-        self.pipeline = built.pipeline
-        self.model = built.model
-        self.optimizer = build_optimizer(
-            torch.nn.ModuleList(self.model_parts), cfg.optim, device_type
-        )
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps)
-        self.deepspeed = None
-        if cfg.parallel.engine == "deepspeed":
-            self.deepspeed = build_deepspeed(cfg, self.model, self.optimizer, dp_size, bf16)
-        model = self.model
-        self.step = 0
-        self.stop_request = StopRequest()
-        self.stop_agreed = False
-        self.nonfinite_steps = 0
-        self.tokens_seen = 0
-        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.dist.device)
+        self.engine: Engine = build_engine(cfg, self.dims, self.mesh, device)
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg.schedule, cfg.train.steps)
+        self.state = TrainState()
+        self.rng = RNGState()
+        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(device)
         self.metrics = MetricsLogger(
-            cfg.logging,
-            self.run_dir,
-            cfg.train.steps,
-            cfg.to_dict(),
-            enabled=self.dist.is_main,
+            cfg.logging, self.run_dir, cfg.train.steps, cfg.to_dict(), enabled=self.dist.is_main
         )
         self.metrics.info(
             f"eurotrain: {cfg.model.name} ({cfg.model.num_params() / 1e6:.2f}M params) on "
-            f"{self.dist.world_size} x {self.dist.device.type} [{self.dims.describe()}], "
-            f"{self.compute_dtype}, kernels {_describe_ops(model.ops)}, run dir {self.run_dir}"
+            f"{world} x {device.type} [{self.dims.describe()}], "
+            f"{self.engine.precision.compute_dtype}, kernels {_describe_ops(self.model.ops)}, "
+            f"run dir {self.run_dir}"
         )
-        # Resume (or init_from) once model, optimizer, schedule and loader exist; saves are a
-        # callback, the final one happens in train().
-        self.checkpointer = Checkpointer(cfg.checkpoint, self)
-        self.checkpointer.maybe_resume(self)
-        self.callbacks.append(self.checkpointer)
+        root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, root, self.dist.rank, world, cuda=device.type == "cuda",
+            log=self.metrics.info,
+        )  # fmt: skip
+        builtin: list[Callback] = [StopOnSignal(self.host_group), LogMetrics(self.metrics)]
+        if cfg.train.eval_interval:
+            builtin.append(Evaluate(cfg.train.eval_interval))
+        builtin.append(SaveCheckpoints(self.checkpointer))
+        self.callbacks = CallbackList([*builtin, *(callbacks or [])])
+
+        self.stop_reason: str | None = None
+        self.result = TrainResult(run_dir=self.run_dir)
+        self.last_metrics: StepMetrics | None = None
+        self._timer = StepTimer(device)
+        self._unsynced: list[tuple[int, StepMetrics, torch.Tensor, float]] = []
+        self._resumed = False
+
+    # ---- the components, as their owners expose them -------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
+    @property
+    def model_parts(self) -> list[torch.nn.Module]:
+        return self.engine.model_parts
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """Everything a checkpoint keeps, by name (the state contract of eurotrain/state.py)."""
+        parts: dict[str, Stateful] = {
+            **self.engine.state(),
+            "train": self.state,
+            "loader": self.loader,
+            "scheduler": self.scheduler,
+            "rng": self.rng,
+        }
+        for name, cb in self.callbacks.stateful().items():
+            parts[f"callbacks.{name}"] = cb
+        return parts
+
+    def run_info(self) -> dict[str, Any]:
+        """What a checkpoint's commit marker records besides the state."""
+        return {
+            "tokens_seen": self.state.tokens_seen,
+            "layout": self.dims.degrees(),
+            "config_yaml": self.cfg.to_yaml(),
+        }
+
+    # ---- the loop ------------------------------------------------------------------------
+    def resume(self) -> Resumed | None:
+        """Load the checkpoint that checkpoint.resume / init_from name (once)."""
+        if self._resumed:
+            return None
+        self._resumed = True
+        found = self.checkpointer.resume(self.checkpoint_parts())
+        if found is not None:
+            self.metrics.info(found.describe())
+        return found
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.cfg.train.steps or self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (callbacks call this; every rank must agree)."""
+        self.stop_reason = reason
+
+    def is_log_step(self, step: int) -> bool:
+        return (
+            step % self.cfg.logging.log_interval == 0
+            or step == self.cfg.train.steps
+            or self.stop_reason is not None
+        )
+
+    def train(self) -> TrainResult:
+        self.resume()
+        self.callbacks.call("on_train_start", self)
+        try:
+            while not self.finished:
+                self.callbacks.call("on_step_start", self, self.state.step + 1)
+                metrics = self.train_step(next(self.loader))
+                if self.is_log_step(self.state.step):
+                    self.sync_metrics()
+                self.callbacks.call("on_step_end", self, self.state.step, metrics)
+            self.sync_metrics()
+        except BaseException as e:
+            self.callbacks.call("on_error", self, e)
+            raise
+        self.result.stopped_early = self.state.step < self.cfg.train.steps
+        self.callbacks.call("on_train_end", self, self.result)
+        return self.result
+
+    def train_step(self, batch: Batch) -> StepMetrics:
+        """One optimizer step over one global batch. The loss is a sum over tokens divided by
+        the token count of the whole global batch, so every rank and micro-batch weighs each
+        token equally, as one big batch would."""
+        self._timer.start()
+        step = self.state.step + 1
+        num_tokens = self.global_tokens(batch)
+        lr = float(self.scheduler.get_last_lr()[0])
+        loss_sum = self.engine.forward_backward(batch, num_tokens)
+        loss = self.engine.reduce_loss(loss_sum) / num_tokens
+        self.callbacks.call("on_before_optimizer_step", self, step)
+        grad_norm, skipped = self.engine.step(self.cfg.train.grad_clip, loss)
+        self.scheduler.step()
+        self.state.step = step
+        self.state.tokens_seen += int(num_tokens)
+        self._timer.stop()
+        metrics = StepMetrics(
+            {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.state.tokens_seen}
+        )
+        self._unsynced.append((step, metrics, skipped, num_tokens))
+        return metrics
+
+    def global_tokens(self, batch: Batch) -> float:
+        """Tokens with a label in the whole global batch, counted on the host. Ranks holding the
+        same data (tp, cp, pp) each count it: divide by their number."""
+        return self._host_sum(float(batch.num_tokens)) / (self.dist.world_size // self.dims.dp)
+
+    def _host_sum(self, value: float) -> float:
+        if self.dist.world_size == 1:
+            return value
+        box = np.array([value], dtype=np.float64)
+        dist.all_reduce(torch.from_numpy(box), group=self.host_group)
+        return float(box[0])
+
+    def sync_metrics(self) -> None:
+        """Bring the steps run since the last sync to the host (one copy): their metrics, the
+        result lists, and the non-finite steps, whose updates the engine already skipped."""
+        if not self._unsynced:
+            return
+        rows = torch.stack(
+            [torch.stack([m.raw("loss").float(), m.raw("grad_norm").float(), s.float()])
+             for _, m, s, _ in self._unsynced]
+        ).tolist()  # fmt: skip
+        times = self._timer.read()
+        for (step, metrics, _, tokens), (loss, grad_norm, skipped), step_time in zip(
+            self._unsynced, rows, times
+        ):
+            metrics.update(loss=loss, grad_norm=grad_norm, **self._throughput(tokens, step_time))
+            self.result.losses.append(loss)
+            self.result.grad_norms.append(grad_norm)
+            if skipped:
+                self._nonfinite(step, loss, grad_norm)
+        self.last_metrics = self._unsynced[-1][1]
+        self._unsynced.clear()
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+        self.state.nonfinite_steps += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        message = (
+            f"step {step}: loss {loss} / grad norm {grad_norm} is not finite "
+            f"({self.state.nonfinite_steps} such steps so far, train.max_nonfinite_steps = "
+            f"{limit})"
+        )
+        if self.state.nonfinite_steps > limit:
+            raise NonFiniteLossError(
+                message + ": stopping. Lower optim.lr, raise schedule.warmup_steps, check the "
+                "data, or resume from the last checkpoint."
+            )
+        self.metrics.info(message + ": the update was skipped")
+
+    def _throughput(self, tokens: float, step_time: float) -> dict[str, float]:
+        per_device = tokens / step_time / self.dist.world_size
+        flops = self.cfg.model.flops_per_token(self.cfg.data.seq_len) * per_device
+        out = {
+            "tokens_per_s": tokens / step_time,
+            "tokens_per_s_per_device": per_device,
+            "step_time_s": step_time,
+            "tflops_per_device": flops / 1e12,
+        }
+        if self.peak_tflops:
+            out["mfu"] = flops / (self.peak_tflops * 1e12)
+        if self.dist.device.type == "cuda":
+            out["memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per token over the first train.eval_batches validation batches (the same
+        batches every time)."""
+        assert self.val_loader is not None
+        self.val_loader.step = 0
+        num_batches = min(self.cfg.train.eval_batches, self.val_loader.batches_per_epoch)
+        loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        tokens = 0.0
+        for _ in range(num_batches):
+            batch = next(self.val_loader)
+            loss += self.engine.eval_loss(batch)
+            tokens += self.global_tokens(batch)
+        return (self.engine.reduce_loss(loss) / tokens).item()
 
     # ---- set-up helpers ------------------------------------------------------------------
     def _make_run_dir(self) -> Path:
@@ -158,220 +350,14 @@ class Trainer:
         if not name:
             name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
             if self.dist.world_size > 1:  # every rank must agree on rank 0's clock
-                box = [name]
-                dist.broadcast_object_list(box, src=0)
-                name = box[0]
+                names = [name]
+                dist.broadcast_object_list(names, src=0)
+                name = names[0]
         run_dir = Path(self.cfg.train.output_dir) / name
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         return run_dir
-
-    def _autocast(self):
-        if (
-            self.dist.device.type == "cuda"
-            and self.compute_dtype != torch.float32
-            and not self.sharded
-        ):
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return contextlib.nullcontext()
-
-    def _all_reduce(self, t: torch.Tensor, *axes: str) -> torch.Tensor:
-        """Sum ``t`` over all ranks, or over the named mesh axes only (ranks on the other axes
-        hold copies, not parts)."""
-        if not axes:
-            if self.dist.world_size > 1:
-                dist.all_reduce(t)
-            return t
-        for axis in axes:
-            if self.mesh is not None and self.mesh[axis].size() > 1:
-                dist.all_reduce(t, group=self.mesh[axis].get_group())
-        return t
-
-    def _loss(self, model, x: torch.Tensor, y: torch.Tensor, positions=None) -> torch.Tensor:
-        """Summed CE of one micro-batch; under tp computed on the vocabulary shards."""
-        if self.dims.tp > 1:
-            return sharded_cross_entropy(model(x, positions=positions), y)
-        return model(x, y, positions=positions)
-
-    def _forward_backward(self, batch: Batch, num_tokens: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of every micro-batch (gradient accumulation); the summed CE."""
-        device = self.dist.device
-        loss_sum = torch.zeros((), device=device)
-        num_micro = len(batch.inputs)
-        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
-            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
-                cast("FSDPModule", self.model).set_requires_gradient_sync(i == num_micro - 1)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            positions: torch.Tensor | None = None
-            ring: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if self.dims.cp > 1:  # this rank's slice of every sequence
-                assert self.mesh is not None  # cp > 1 means several ranks
-                cp_mesh = self.mesh["cp"]
-                if self.cfg.parallel.cp_method == "ulysses":
-                    x, y, positions = context_parallel.shard_sequence(x, y, cp_mesh)
-                else:
-                    positions = torch.arange(x.shape[1], device=device)
-                    ring = context_parallel.ring_context(cp_mesh, x, y, positions)
-            with ring, loss_context(self.dims.tp):
-                with self._autocast():
-                    loss = self._loss(self.deepspeed or self.model, x, y, positions)
-                if self.deepspeed is not None:
-                    self.deepspeed.backward_and_step(loss / num_tokens)
-                else:
-                    (loss / num_tokens).backward()
-            loss_sum += plain(loss.detach()).float()
-        return loss_sum
-
-    def _pipeline_step(self, batch: Batch, num_tokens: torch.Tensor) -> torch.Tensor:
-        """The schedule runs forward and backward of all micro-batches over the stages; the
-        summed CE of the last stage (zero on the other pipeline ranks)."""
-        assert self.pipeline is not None
-        device = self.dist.device
-        x = torch.cat(batch.inputs).to(device)
-        y = torch.cat(batch.labels).to(device)
-        with loss_context(self.dims.tp), self._autocast():
-            return self.pipeline.step(x, y, num_tokens)
-
-    # ---- the loop ------------------------------------------------------------------------
-    def train(self) -> TrainResult:
-        result = TrainResult(run_dir=self.run_dir)
-        finished = False
-        try:
-            with self.stop_request:
-                while self.step < self.cfg.train.steps:
-                    metrics = self.train_step(next(self.loader))
-                    result.losses.append(metrics["loss"])
-                    result.grad_norms.append(metrics["grad_norm"])
-                    if (
-                        self.cfg.train.eval_interval
-                        and self.step % self.cfg.train.eval_interval == 0
-                    ):
-                        metrics["val_loss"] = self.evaluate()
-                    for cb in self.callbacks:
-                        cb.on_step_end(self, self.step, metrics)
-                    if self.stop_agreed:
-                        result.stopped_early = True
-                        here = self.stop_request.signal_name
-                        self.metrics.info(
-                            f"eurotrain: stop requested ({here or 'a signal on another rank'}): "
-                            f"stopping after step {self.step} of {self.cfg.train.steps} with a "
-                            f"final checkpoint; resubmit the same job to resume"
-                        )
-                        break
-            finished = True
-        finally:
-            self.checkpointer.close(self, final_save=finished)
-            self.metrics.close()
-        return result
-
-    def train_step(self, batch: Batch) -> dict[str, Any]:
-        start = time.perf_counter()
-        for part in self.model_parts:
-            part.train()
-        device = self.dist.device
-        # The loss is a sum over tokens divided by the token count of the whole global batch,
-        # so every rank and micro-batch weighs each token equally, as one big batch would.
-        local_tokens = sum(int((y != IGNORE_INDEX).sum()) for y in batch.labels)
-        # One collective carries the token count and whether any rank was asked to stop. Ranks
-        # with the same data (tp, cp, pp) each count it once: divide by their number.
-        counts = torch.tensor(
-            [float(local_tokens), float(self.stop_request.requested)], device=device
-        )
-        total, stop = self._all_reduce(counts).unbind()
-        num_tokens = total / (self.dist.world_size // self.dims.dp)
-        self.stop_agreed = bool(stop.item() > 0)
-        lr = cast(float, self.scheduler.get_last_lr()[0])  # a float: optim.lr is no tensor
-        if self.pipeline is not None:
-            loss_sum = self._pipeline_step(batch, num_tokens)
-        else:
-            loss_sum = self._forward_backward(batch, num_tokens)
-        # Each token's loss lives on one (data, context) rank of the last pipeline stage.
-        loss = (self._all_reduce(loss_sum, "dp_cp", "pp") / num_tokens).item()
-
-        if self.deepspeed is not None:  # DeepSpeed has clipped and stepped already
-            grad_norm = torch.tensor(self.deepspeed.grad_norm())
-            if not math.isfinite(loss):
-                self._skip_nonfinite(loss, grad_norm.item())
-        else:
-            params = [p for part in self.model_parts for p in part.parameters()]
-            pp_group = None
-            if self.dims.pp > 1:
-                assert self.mesh is not None  # pp > 1 means several ranks
-                pp_group = self.mesh["pp"].get_group()
-            grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
-                self._skip_nonfinite(loss, grad_norm.item())
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        self.tokens_seen += int(num_tokens.item())
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time = time.perf_counter() - start
-        metrics = self._step_metrics(loss, lr, grad_norm.item(), num_tokens.item(), step_time)
-        if self.step % self.cfg.logging.log_interval == 0 or self.step == self.cfg.train.steps:
-            self.metrics.log(self.step, metrics)
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per token over the first train.eval_batches validation batches (the same
-        batches every time), logged as val_loss."""
-        assert self.val_loader is not None
-        self.model.eval()
-        self.val_loader.step = 0
-        num_batches = min(self.cfg.train.eval_batches, self.val_loader.batches_per_epoch)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
-        for _ in range(num_batches):
-            batch = next(self.val_loader)
-            for x, y in zip(batch.inputs, batch.labels):
-                x, y = x.to(self.dist.device), y.to(self.dist.device)
-                with self._autocast(), loss_context(self.dims.tp):
-                    model = self.deepspeed or self.model
-                    totals[0] += plain(self._loss(model, x, y)).double()
-                totals[1] += int((y != IGNORE_INDEX).sum())
-        val_loss = (self._all_reduce(totals, "dp")[0] / totals[1]).item()
-        self.metrics.log(self.step, {"val_loss": val_loss})
-        return val_loss
-
-    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
-        self.nonfinite_steps += 1
-        message = (
-            f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
-            f"({self.nonfinite_steps} such steps so far, train.max_nonfinite_steps = "
-            f"{self.cfg.train.max_nonfinite_steps})"
-        )
-        if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                message + ": stopping. Lower optim.lr, raise schedule.warmup_steps, check the "
-                "data, or resume from the last checkpoint."
-            )
-        self.metrics.info(message + ": the update is skipped")
-
-    def _step_metrics(
-        self, loss: float, lr: float, grad_norm: float, tokens: float, step_time: float
-    ) -> dict[str, Any]:
-        per_device = tokens / step_time / self.dist.world_size
-        metrics: dict[str, Any] = {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / step_time,
-            "tokens_per_s_per_device": per_device,
-            "step_time_s": step_time,
-            "tokens_seen": self.tokens_seen,
-        }
-        flops = self.cfg.model.flops_per_token(self.cfg.data.seq_len) * per_device
-        metrics["tflops_per_device"] = flops / 1e12
-        if self.peak_tflops:
-            metrics["mfu"] = flops / (self.peak_tflops * 1e12)
-        if self.dist.device.type == "cuda":
-            metrics["memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        return metrics
 
 
 def _describe_ops(ops: Any) -> str:

@@ -24,7 +24,9 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,25 @@ from eurotrain.checkpoint.storage import (
     make_dir,
     write_durable,
 )
+from eurotrain.state import Stateful
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a resume (or init_from) loaded."""
+
+    path: Path
+    step: int
+    weights_only: bool
+    marker: dict[str, Any]
+
+    def describe(self) -> str:
+        what = "model weights from" if self.weights_only else "resumed from"
+        return (
+            f"checkpoint: {what} {self.path} (step {self.step}, saved by "
+            f"{self.marker['world_size']} ranks {self.marker.get('layout')})"
+        )
+
 
 KILL_HOOK = "EUROTRAIN_TEST_CKPT_KILL"
 """Test hook "RANK:STEP": that rank truncates its shard to half and SIGKILLs itself mid-save."""
@@ -78,18 +99,28 @@ class _Writer(FileSystemWriter):
 
 class Checkpointer:
     """One per rank; every rank must create it (it creates a process group) and call
-    maybe_resume/save/close at the same points."""
+    resume/save/close at the same points. It saves and loads the parts it is given
+    (eurotrain/state.py): it never reaches into the trainer."""
 
-    def __init__(self, cfg: CheckpointConfig, trainer: Any) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        root: Path,
+        rank: int,
+        world_size: int,
+        *,
+        cuda: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.cfg = cfg
-        self.rank = trainer.dist.rank
-        self.world_size = trainer.dist.world_size
-        self.root = Path(cfg.dir) if cfg.dir else Path(trainer.run_dir) / "checkpoints"
-        self._log = trainer.metrics.info
+        self.rank = rank
+        self.world_size = world_size
+        self.root = root
+        self._log = log
         self.last_saved_step = -1
         self._inflight: deque[Future] = deque()
+        self._committed: deque[tuple[int, Path]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eurotrain-ckpt")
-        cuda = trainer.dist.device.type == "cuda"
         self._stager = DefaultStager(StagingOptions(cuda, False, False, False))
         # A group of its own, used only from the worker thread (and for loading, when idle).
         self.pg = dist.new_group(backend="gloo") if self.world_size > 1 else None
@@ -107,47 +138,50 @@ class Checkpointer:
         self._log(f"checkpoints: {self.root} on {info.describe()}{extra}")
 
     # ---- saving --------------------------------------------------------------------------
-    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
-        interval = self.cfg.interval
-        if interval and step % interval == 0 and step < trainer.cfg.train.steps:
-            self.save(trainer, sync=not self.cfg.async_save)
-
-    def save(self, trainer: Any, sync: bool = False) -> None:
-        """Save the trainer's state at its current step; async unless sync (then committed on
-        return). Raises the error of an earlier async save that failed."""
-        step = trainer.step
+    def save(
+        self, step: int, parts: Mapping[str, Stateful], info: dict[str, Any], sync: bool = False
+    ) -> None:
+        """Save the parts' state as step ``step``; async unless sync (then committed on
+        return). ``info``: tokens_seen, layout (dict) and config_yaml for the commit marker.
+        Raises the error of an earlier async save that failed."""
         if step == self.last_saved_step:
             return
         while len(self._inflight) >= (1 if sync else self.cfg.max_in_flight):
             self._inflight.popleft().result()
         start = time.perf_counter()
-        staged = self._stager.stage(build_state(trainer, self.rank))
+        staged = self._stager.stage(build_state(parts, self.rank))
         assert not isinstance(staged, Future)  # use_async_staging=False: staged synchronously
-        info = {
+        marker_info = {
             "step": step,
-            "tokens_seen": trainer.tokens_seen,
+            "tokens_seen": info["tokens_seen"],
             "kind": "full",
-            "layout": trainer.dims.degrees(),
-            "config_yaml": trainer.cfg.to_yaml(),
+            "layout": info["layout"],
+            "config_yaml": info["config_yaml"],
             "stage_s": time.perf_counter() - start,
         }
-        fut = self._executor.submit(self._write_and_commit, staged, info)
+        fut = self._executor.submit(self._write_and_commit, staged, marker_info)
         self.last_saved_step = step
         if sync:
             fut.result()
         else:
             self._inflight.append(fut)
 
+    def committed(self) -> list[tuple[int, Path]]:
+        """(step, path) of the saves committed since the last call, in order (never blocks)."""
+        while self._inflight and self._inflight[0].done():
+            self._inflight.popleft().result()
+        out = list(self._committed)
+        self._committed.clear()
+        return out
+
     def wait(self) -> None:
         """Block until every save in flight is committed (raising the first failure)."""
         while self._inflight:
             self._inflight.popleft().result()
 
-    def close(self, trainer: Any | None = None, final_save: bool = True) -> None:
-        """End of training: a final synchronous save (when saving is on), then wait for all."""
+    def close(self) -> None:
+        """Wait for every save in flight, then release the worker and the process group."""
         try:
-            if trainer is not None and final_save and self.cfg.interval > 0:
-                self.save(trainer, sync=True)
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
@@ -176,6 +210,7 @@ class Checkpointer:
             )
             files = self._seal_local_files(tmp, info)
             self._commit(tmp, final, files, info, time.perf_counter() - start)
+            self._committed.append((step, final))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
             error = save_error(step, tmp, e)
             print(f"eurotrain: rank {self.rank}: {error}", file=sys.stderr, flush=True)
@@ -253,25 +288,22 @@ class Checkpointer:
             dist.broadcast_object_list(choice, src=0)
         return (Path(choice[0]) if choice[0] else None), bool(choice[1])
 
-    def maybe_resume(self, trainer: Any) -> bool:
+    def resume(self, parts: Mapping[str, Stateful]) -> Resumed | None:
+        """Load the checkpoint that checkpoint.resume / init_from name into the parts (all of
+        them, or the model's weights only); None when there is nothing to load."""
         path, weights_only = self.find_resume()
         if path is None:
-            return False
+            return None
         marker = self._verify_everywhere(path)
         if marker.get("kind") == "weights":
             weights_only = True
         keys = {"model"} if weights_only else {"model", "optim"}
-        state = load_target(trainer, self.rank, marker["world_size"], keys)
+        state = load_target(parts, self.rank, marker["world_size"], keys)
         dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=self.world_size == 1)
-        apply_state(trainer, state, self.rank)
+        apply_state(parts, state, self.rank)
         if not weights_only:
-            self.last_saved_step = trainer.step
-        what = "model weights from" if weights_only else "resumed from"
-        self._log(
-            f"checkpoint: {what} {path} (step {marker['step']}, saved by "
-            f"{marker['world_size']} ranks {marker.get('layout')}, verify {self.cfg.verify})"
-        )
-        return True
+            self.last_saved_step = int(marker["step"])
+        return Resumed(path, int(marker["step"]), weights_only, marker)
 
     def _verify_everywhere(self, path: Path) -> dict[str, Any]:
         error = ""

@@ -50,6 +50,9 @@ class Batch:
 
     inputs: list[torch.Tensor]
     labels: list[torch.Tensor]
+    num_tokens: int = 0
+    """Labels the loss counts (ignored labels are negative), known on the host when the batch
+    is made, so counting them never waits for a device."""
     positions: list[torch.Tensor] | None = None
     cu_seqlens: list[list[torch.Tensor]] | None = None
     source_ids: np.ndarray | None = None
@@ -147,6 +150,7 @@ class GlobalBatchLoader:
         batch = Batch(
             inputs=list(t[:, :-1].split(self.micro_batch)),
             labels=list(t[:, 1:].split(self.micro_batch)),
+            num_tokens=int(np.count_nonzero(tokens[:, 1:] >= 0)),
             source_ids=src,
         )
         if self.document_positions:

@@ -99,6 +99,21 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class LinearCrossEntropy:
+    """The model's loss: the summed token cross-entropy of output(h) against the labels (fp32),
+    through the kernel set's fused, chunked linear + cross-entropy (the [tokens, vocab] logits
+    are not materialised with the Triton kernels). Parallelisms that split the output projection
+    replace ``Transformer.loss_fn`` with their own version of the same call."""
+
+    def __init__(self, ops: Ops) -> None:
+        self.ops = ops
+
+    def __call__(self, h: torch.Tensor, output: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear_cross_entropy(
+            h.flatten(0, 1), output.weight, labels.flatten(), IGNORE_INDEX, 0.0, "sum"
+        )
+
+
 class Transformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, V] (or, given labels, the summed cross-entropy)."""
 
@@ -117,6 +132,7 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.loss_fn = LinearCrossEntropy(self.ops)
         cos, sin = self._rope()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -158,8 +174,9 @@ class Transformer(nn.Module):
         """tokens: [B, S] ids (or [B, S, D] hidden states on a later pipeline stage).
 
         positions ([S], optional) index the RoPE tables, for a context-parallel shard of a
-        longer sequence. With labels, returns the summed token cross-entropy (fp32) so the
-        trainer can normalise by the global token count."""
+        longer sequence. With labels, returns the summed token cross-entropy (fp32, from
+        ``self.loss_fn``) so the trainer can normalise by the global token count; a pipeline
+        stage without the output projection returns its hidden states either way."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:  # attention takes the first rows it needs
             cos, sin = self.rope_cos, self.rope_sin
@@ -172,9 +189,7 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         if labels is not None:
-            return self.ops.linear_cross_entropy(
-                h.flatten(0, 1), self.output.weight, labels.flatten(), IGNORE_INDEX, 0.0, "sum"
-            )
+            return self.loss_fn(h, self.output, labels)
         return self.output(h)
 
 

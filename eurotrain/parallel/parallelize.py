@@ -101,9 +101,3 @@ def build_parallel_model(
         return ParallelModel(parts, None, parts[0])
     pipeline.build_schedule(device)
     return ParallelModel(parts, pipeline, merged_view(model_cfg, parts))
-
-
-def check_supported(dims: ParallelDims) -> None:
-    """Every axis is available now; kept so callers that probed for support keep working.
-    Whether a layout fits a model and a batch is check_layout()'s job (parallel/checks.py)."""
-    del dims

@@ -31,7 +31,6 @@ from torch.distributed.pipelining import (
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.llama import Transformer, build_model
 from eurotrain.parallel.checks import balanced_split
-from eurotrain.parallel.tp import plain, sharded_cross_entropy
 
 SCHEDULES = {
     "1f1b": Schedule1F1B,
@@ -82,15 +81,17 @@ def merged_view(model_cfg: ModelConfig, parts: list[nn.Module]) -> Transformer:
 
 @dataclass
 class PipelineLoss:
-    """loss_fn of the last stage: summed CE / global token count (set before each step)."""
+    """loss_fn of the schedule: the last stage's output is already its summed CE (the model
+    computes it, given the labels as a keyword argument); divide by the global token count
+    (set before each step)."""
 
     num_tokens: torch.Tensor | float = 1.0
     summed: list[torch.Tensor] = field(default_factory=list)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = sharded_cross_entropy(logits, labels)
-        self.summed.append(plain(ce.detach()))
-        return ce / self.num_tokens
+    def __call__(self, summed_ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        del labels  # consumed by the last stage's forward
+        self.summed.append(summed_ce.detach())
+        return summed_ce / self.num_tokens
 
 
 class Pipeline:
@@ -136,15 +137,16 @@ class Pipeline:
             scale_grads=False,  # the loss is already normalised by the global token count
         )
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, num_tokens: float) -> torch.Tensor:
         """Forward and backward of one local batch; returns this rank's summed CE (0 if it
         holds no last stage)."""
         assert self.schedule is not None, "call build_schedule() first"
         self.loss_fn.num_tokens = num_tokens
         self.loss_fn.summed.clear()
         args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": []} if self.has_last else {}
-        self.schedule.step(*args, **kwargs)
+        kwargs = {"target": y, "losses": [], "labels": y} if self.has_last else {}
+        # The last stage's outputs are per-micro-batch losses, kept by loss_fn: nothing to merge.
+        self.schedule.step(*args, return_outputs=False, **kwargs)
         if not self.loss_fn.summed:
             return torch.zeros((), device=x.device)
         # The first step may also run the loss during shape inference: count the last ones.

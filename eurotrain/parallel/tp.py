@@ -26,7 +26,17 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     parallelize_module(model, tp_mesh, present)
     for layer in cast(nn.ModuleDict, model.layers).values():
         parallelize_module(layer, tp_mesh, block)
+    if getattr(model, "output", None) is not None:
+        model.loss_fn = loss_parallel_cross_entropy  # type: ignore[assignment]
     return model
+
+
+def loss_parallel_cross_entropy(
+    h: torch.Tensor, output: nn.Module, labels: torch.Tensor
+) -> torch.Tensor:
+    """The model's loss under tensor parallelism: the vocabulary-sharded logits of the output
+    projection and PyTorch's loss_parallel (run forward and backward inside loss_context())."""
+    return plain(sharded_cross_entropy(output(h), labels))
 
 
 def loss_context(tp: int) -> contextlib.AbstractContextManager:

@@ -8,10 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from eurotrain.config import Config, config_from_dict
-from eurotrain.configtools import ConfigError
-from eurotrain.parallel import ParallelDims
-from eurotrain.parallel.config import ParallelConfig
-from eurotrain.parallel.parallelize import check_supported
 
 
 def tiny_config(out: Path, run: str, steps: int, **sections: dict[str, Any]) -> Config:
@@ -33,14 +29,6 @@ def tiny_config(out: Path, run: str, steps: int, **sections: dict[str, Any]) -> 
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return config_from_dict(data)
-
-
-def layout_available(world_size: int, **degrees: int) -> bool:
-    try:
-        check_supported(ParallelDims.from_config(ParallelConfig(**degrees), world_size))
-    except ConfigError:
-        return False
-    return True
 
 
 def train_run(rank: int, world: int, out: str, run: str, steps: int, sections: dict) -> list:

@@ -41,11 +41,11 @@ def test_hf_round_trip_keeps_logits(tmp_path, tie):
         tmp_path, "run", 1, model=model, checkpoint={**run_cfg["checkpoint"], "interval": 1}
     )
     trainer = Trainer(cfg)
-    assert trainer.step == 0
+    assert trainer.resume() is not None and trainer.state.step == 0
     with torch.no_grad():
         ours = trainer.model(tokens)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
-    trainer.checkpointer.save(trainer, sync=True)
+    trainer.checkpointer.save(0, trainer.checkpoint_parts(), trainer.run_info(), sync=True)
     trainer.checkpointer.close()
     ckpt = tmp_path / "run" / "checkpoints"
     assert convert(["eurotrain-to-hf", str(ckpt), str(tmp_path / "back")]) == 0

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from ckpt_common import layout_available, resume_run, save_dp4_then_hsdp
+from ckpt_common import resume_run, save_dp4_then_hsdp
 from distributed import run_distributed
 
 REL = 1e-5  # fp32; the reduction order differs between layouts
-
-NEEDS_PARALLEL_CORE = (
-    "tensor/pipeline parallelism is not on main yet (parallel.tp/pp > 1 raise 'not available'); "
-    "enabled once the parallel core (branch 'parallel') is merged"
-)
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +35,12 @@ def test_dp_shard4_to_one_process(dp4):
     _same_next_loss(dp4, resume_run(0, 1, str(dp4[0]), "single", {}))
 
 
-@pytest.mark.xfail(not layout_available(4, tp=2, dp_shard=2), reason=NEEDS_PARALLEL_CORE, run=False)
 def test_dp_shard4_to_tp2_dp_shard2(dp4):
     out = str(dp4[0])
     losses = run_distributed(resume_run, 4, out, "tp2", {"tp": 2, "dp_shard": 2})[0]
     _same_next_loss(dp4, losses)
 
 
-@pytest.mark.xfail(not layout_available(2, pp=2, dp_shard=1), reason=NEEDS_PARALLEL_CORE, run=False)
 def test_dp_shard4_to_pp2(dp4):
     out = str(dp4[0])
     losses = run_distributed(resume_run, 2, out, "pp2", {"pp": 2, "dp_shard": 1})

@@ -43,12 +43,7 @@ def measure_bytes(trainer) -> dict[str, int]:
     """Bytes this rank holds: parameters, gradients (after one more backward), Adam state."""
     params = [p for part in trainer.model_parts for p in part.parameters()]
     batch = next(trainer.loader)
-    num_tokens = torch.tensor(float(sum(int((y >= 0).sum()) for y in batch.labels)))
-    num_tokens = trainer._all_reduce(num_tokens, "dp")
-    if trainer.pipeline is not None:
-        trainer._pipeline_step(batch, num_tokens)
-    else:
-        trainer._forward_backward(batch, num_tokens)
+    trainer.engine.forward_backward(batch, trainer.global_tokens(batch))
     state = [
         v
         for s in trainer.optimizer.state.values()

@@ -1,0 +1,51 @@
+"""Checkpointing as a callback: periodic (async) saves, the final save, on_checkpoint_saved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from eurotrain.callbacks import Callback, StepMetrics
+from eurotrain.checkpoint.checkpointer import Checkpointer
+
+if TYPE_CHECKING:
+    from eurotrain.train import Trainer, TrainResult
+
+
+class SaveCheckpoints(Callback):
+    """Saves every ``checkpoint.interval`` steps and at the end of training (also after a stop
+    signal), when saving is on; tells the other callbacks when a save is committed."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+        self.interval = checkpointer.cfg.interval
+        self.async_save = checkpointer.cfg.async_save
+
+    def _save(self, trainer: Trainer, sync: bool) -> None:
+        trainer.sync_metrics()  # the counters saved must include every finished step
+        self.checkpointer.save(
+            trainer.state.step, trainer.checkpoint_parts(), trainer.run_info(), sync
+        )
+        self._announce(trainer)
+
+    def _announce(self, trainer: Trainer) -> None:
+        for step, path in self.checkpointer.committed():
+            trainer.callbacks.call("on_checkpoint_saved", trainer, step, str(path))
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
+        if self.interval and step % self.interval == 0 and not trainer.finished:
+            self._save(trainer, sync=not self.async_save)
+        else:
+            self._announce(trainer)
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        try:
+            if self.interval:
+                self._save(trainer, sync=True)
+            self.checkpointer.wait()
+            self._announce(trainer)
+        finally:
+            self.checkpointer.close()
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        # No final save of a failed step; saves already started still commit.
+        self.checkpointer.close()

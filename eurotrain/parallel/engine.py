@@ -1,0 +1,252 @@
+"""The engine: how this rank runs the model, behind one interface, so the training loop has no
+branch per parallelism or per library.
+
+    forward_backward(batch, num_tokens) -> this rank's summed token cross-entropy (on the device)
+    reduce_loss(loss_sum)               -> the global sum over the ranks that hold different tokens
+    step(max_norm, loss)                -> (grad norm, skipped): clip, then the optimizer update,
+                                           skipped on the device when loss or norm is not finite
+    eval_loss(batch)                    -> summed cross-entropy without gradients
+    state()                             -> {"model": Stateful, "optim": Stateful} for checkpoints
+
+TorchEngine is PyTorch's own stack (one process, FSDP2/HSDP, TP + SP, pipelining, context
+parallelism). DeepSpeedEngine (eurotrain/parallel/deepspeed.py) runs ZeRO stages 1-3 behind the
+same calls. ``build_engine`` picks one from ``parallel.engine``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+
+from eurotrain.optim import build_optimizer
+from eurotrain.parallel import cp as context_parallel
+from eurotrain.parallel.checks import pipeline_microbatches
+from eurotrain.parallel.dims import ParallelDims
+from eurotrain.parallel.grad import clip_grad_norm_
+from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
+from eurotrain.parallel.tp import loss_context, plain
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    from eurotrain.config import Config
+    from eurotrain.data import Batch
+    from eurotrain.state import Stateful
+
+# Sharded (no gather) and with the optimizer's param_groups flattened per parameter name, so
+# pipeline stages holding different parameters never collide on one key, and a checkpoint loads
+# into any other layout.
+STATE_OPTIONS = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The one place the run's numerics are decided."""
+
+    compute_dtype: torch.dtype
+    """Matmul dtype: bf16 on GPUs (auto), fp32 on CPUs; master weights are always fp32."""
+    autocast: bool
+    """Autocast around the forward; FSDP2 (and DeepSpeed) cast parameters themselves."""
+    device_type: str
+
+    @classmethod
+    def resolve(cls, mixed_precision: str, device: torch.device, casts_itself: bool) -> Precision:
+        bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        autocast = device.type == "cuda" and bf16 and not casts_itself
+        return cls(dtype, autocast, device.type)
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast:
+            return torch.autocast(self.device_type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+
+class Engine(Protocol):
+    model: nn.Module
+    """The whole model, or under pipelining one module over this rank's stages with the whole
+    model's parameter names."""
+    model_parts: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+
+    def forward_backward(self, batch: Batch, num_tokens: float) -> torch.Tensor: ...
+    def reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor: ...
+    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def eval_loss(self, batch: Batch) -> torch.Tensor: ...
+    def state(self) -> dict[str, Stateful]: ...
+
+
+class ModelState:
+    """The model's parameters as a sharded, layout-independent state dict."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model, options=STATE_OPTIONS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state, options=STATE_OPTIONS)
+
+
+class OptimizerState:
+    """The optimizer's moments and hyper-parameters, keyed by parameter name."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=STATE_OPTIONS)
+
+
+def apply_update(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """The optimizer step, skipped when ``nonfinite`` (a device flag) is set, without a host sync
+    where the optimizer can skip on the device (fused AdamW reads ``found_inf``)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]
+        optimizer.step()
+    elif not nonfinite.item():  # foreach/for-loop AdamW cannot skip on the device
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class TorchEngine:
+    """One process, FSDP2/HSDP, tensor + sequence, pipeline and context parallelism."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dims: ParallelDims,
+        mesh: DeviceMesh | None,
+        device: torch.device,
+        precision: Precision,
+    ) -> None:
+        self.dims, self.mesh, self.device, self.precision = dims, mesh, device, precision
+        self.cp_method = cfg.parallel.cp_method
+        self.sharded = uses_fsdp(dims, mesh, cfg.parallel)
+        built = build_parallel_model(
+            cfg.model,
+            cfg.parallel,
+            dims,
+            mesh,
+            device,
+            precision.compute_dtype,
+            cfg.train.seed,
+            pipeline_microbatches(cfg, dims) if dims.pp > 1 else 1,
+        )
+        self.model_parts = built.parts
+        self.pipeline = built.pipeline
+        self.model = built.model
+        self.optimizer: torch.optim.Optimizer = build_optimizer(
+            nn.ModuleList(self.model_parts), cfg.optim
+        )
+        self._pp_group = mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None
+        # Each token's loss lives on one (data, context) rank of the last pipeline stage.
+        self._loss_groups = [
+            mesh[axis].get_group()
+            for axis in ("dp_cp", "pp")
+            if mesh is not None and mesh[axis].size() > 1
+        ]
+
+    def state(self) -> dict[str, Stateful]:
+        return {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optimizer),
+        }
+
+    def _train_mode(self, on: bool) -> None:
+        for part in self.model_parts:
+            part.train(on)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def _sequence_shard(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
+        """Under context parallelism: this rank's slice of every sequence (Ulysses), or the
+        ring-attention context that shards them in place."""
+        if self.dims.cp == 1:
+            return x, y, None, contextlib.nullcontext()
+        assert self.mesh is not None  # cp > 1 means several ranks
+        cp_mesh = self.mesh["cp"]
+        if self.cp_method == "ulysses":
+            x, y, positions = context_parallel.shard_sequence(x, y, cp_mesh)
+            return x, y, positions, contextlib.nullcontext()
+        positions = torch.arange(x.shape[1], device=x.device)
+        return x, y, positions, context_parallel.ring_context(cp_mesh, x, y, positions)
+
+    def forward_backward(self, batch: Batch, num_tokens: float) -> torch.Tensor:
+        """Forward and backward of every micro-batch (gradient accumulation, or the pipeline
+        schedule); each token's loss is divided by the global token count."""
+        self._train_mode(True)
+        if self.pipeline is not None:
+            x = self._to_device(torch.cat(batch.inputs))
+            y = self._to_device(torch.cat(batch.labels))
+            with loss_context(self.dims.tp), self.precision.context():
+                return self.pipeline.step(x, y, num_tokens)
+        loss_sum = torch.zeros((), device=self.device)
+        last = len(batch.inputs) - 1
+        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
+            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+                cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
+            x, y, positions, ring = self._sequence_shard(self._to_device(x), self._to_device(y))
+            with ring, loss_context(self.dims.tp):
+                with self.precision.context():
+                    loss = self.model(x, y, positions=positions)
+                (loss / num_tokens).backward()
+            loss_sum += plain(loss.detach()).float()
+        return loss_sum
+
+    def reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        for group in self._loss_groups:
+            dist.all_reduce(loss_sum, group=group)
+        return loss_sum
+
+    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for part in self.model_parts for p in part.parameters()]
+        grad_norm = clip_grad_norm_(params, max_norm, self._pp_group)
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        apply_update(self.optimizer, nonfinite)
+        return grad_norm, nonfinite
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
+        self._train_mode(False)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y in zip(batch.inputs, batch.labels):
+            x, y = self._to_device(x), self._to_device(y)
+            with self.precision.context(), loss_context(self.dims.tp):
+                total += plain(self.model(x, y)).double()
+        return total
+
+
+def build_engine(
+    cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+) -> Engine:
+    """The engine ``parallel.engine`` names, with the run's precision policy."""
+    if cfg.parallel.engine == "deepspeed":
+        from eurotrain.parallel.deepspeed import DeepSpeedEngine
+
+        precision = Precision.resolve(cfg.train.mixed_precision, device, casts_itself=False)
+        return DeepSpeedEngine(cfg, dims, device, precision)
+    casts_itself = uses_fsdp(dims, mesh, cfg.parallel)
+    precision = Precision.resolve(cfg.train.mixed_precision, device, casts_itself)
+    return TorchEngine(cfg, dims, mesh, device, precision)
