@@ -3,6 +3,11 @@
 A profile is data (one YAML file per machine, each fact with its public source in a comment);
 this module gives it a typed, validated shape so a typo in a profile fails as loudly as a typo
 in a training config, and answers the questions the launcher and the doctor ask of it.
+
+Profile text ends up in job scripts, so it is checked here with the rules the launcher applies
+to a user's values (``control_character``, ``sbatch_problem``); only a profile's ``env`` values
+and container binds may ask the job's shell to expand variables, and then only plain ``$NAME``
+or ``${NAME}`` references (``expansion_problem``): a profile can say $SCRATCH, never $(cmd).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +24,70 @@ from eurotrain.configtools import ConfigError, from_dict, read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "launch" / "clusters"
 """Where the profiles live in a source checkout; EUROTRAIN_CLUSTERS overrides it."""
+
+
+# ---- text that may go into a job script -------------------------------------------------
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte", "\t": "a tab"}
+_SBATCH_SPECIAL = {"'": "a quote (')", '"': 'a quote (")', "\\": "a backslash", "#": "'#'"}
+_VARIABLE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def control_character(text: str) -> str | None:
+    """The first C0 control character (or DEL) in `text`, described; None if there is none.
+    A newline would start a new line of the script, and no value we render needs one."""
+    for ch in text:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return _CONTROL_NAMES.get(ch, f"the control character {ch!r}")
+    return None
+
+
+def sbatch_problem(text: str) -> str | None:
+    """Why `text` cannot be (part of) an #SBATCH value, or None. sbatch splits #SBATCH lines at
+    whitespace, strips quotes, takes backslashes as escapes and '#' as the start of a comment;
+    no value eurotrain writes there needs any of them, so they are refused, not quoted."""
+    if text == "":
+        return "it is empty"
+    control = control_character(text)
+    if control:
+        return f"contains {control}; #SBATCH values must be one line"
+    for ch in text:
+        if ch.isspace():
+            special = "a space" if ch == " " else f"whitespace {ch!r}"
+        elif ch in _SBATCH_SPECIAL:
+            special = _SBATCH_SPECIAL[ch]
+        else:
+            continue
+        return (
+            f"contains {special}, which sbatch does not take literally in an #SBATCH line "
+            f"(whitespace splits it, quotes and backslashes are removed, '#' ends it)"
+        )
+    return None
+
+
+def expansion_problem(text: str) -> str | None:
+    """Why profile value `text` may not be written inside double quotes, or None: variable
+    references ($NAME, ${NAME}) are its only shell syntax; no command substitution, no backquotes,
+    no other $-forms."""
+    control = control_character(text)
+    if control:
+        return f"contains {control}"
+    if "`" in text:
+        return "contains a backquote; profile values may only reference variables ($NAME)"
+    if "$" in _VARIABLE.sub("", text):
+        return "has a '$' that is not a plain $NAME or ${NAME} variable reference"
+    return None
+
+
+def _check(where: str, text: str, problem: Callable[[str], str | None]) -> None:
+    issue = problem(text)
+    if issue:
+        raise ConfigError(f"{where} {text!r}: {issue}")
+
+
+def _one_line(text: str) -> str | None:
+    control = control_character(text)
+    return f"contains {control}" if control else None
 
 
 @dataclass
@@ -52,8 +122,30 @@ class Queue:
     """debug: short test jobs; production: real runs."""
 
     def __post_init__(self) -> None:
+        _check("partition", self.partition, sbatch_problem)
+        if self.qos:
+            _check("qos", self.qos, sbatch_problem)
         if self.max_time:
-            parse_walltime(self.max_time)
+            try:
+                seconds = parse_walltime(self.max_time)
+            except ConfigError as e:
+                raise ConfigError(f"max_time {self.max_time!r}: {e}") from None
+            if seconds == 0:
+                raise ConfigError(f'max_time {self.max_time!r}: write "" for an unknown limit')
+        if self.min_nodes < 1:
+            raise ConfigError(f"min_nodes = {self.min_nodes} must be >= 1")
+        if self.max_nodes < 0:
+            raise ConfigError(f"max_nodes = {self.max_nodes} must be >= 0 (0: unknown)")
+        if self.max_nodes and self.min_nodes > self.max_nodes:
+            raise ConfigError(f"min_nodes = {self.min_nodes} is above max_nodes = {self.max_nodes}")
+
+    def admits(self, nodes: int, seconds: int) -> bool:
+        """Whether the limits this queue knows admit a job; an unknown limit admits anything."""
+        return (
+            (not self.max_time or seconds <= parse_walltime(self.max_time))
+            and self.min_nodes <= nodes
+            and (not self.max_nodes or nodes <= self.max_nodes)
+        )
 
 
 @dataclass
@@ -69,6 +161,15 @@ class Container:
     setup: list[str] = field(default_factory=list)
     """Shell lines run only when a container is used (module loads of the runtime, bindings)."""
 
+    def __post_init__(self) -> None:
+        _check("runtime", self.runtime, _one_line)
+        for i, text in enumerate(self.flags):
+            _check(f"flags[{i}]", text, _one_line)
+        for i, text in enumerate(self.binds):
+            _check(f"binds[{i}]", text, expansion_problem)  # may say $SCRATCH
+        for i, text in enumerate(self.setup):
+            _check(f"setup[{i}]", text, _one_line)
+
 
 @dataclass
 class Comm:
@@ -80,7 +181,17 @@ class Comm:
     """Variables exported before the ranks start; the doctor checks they are set."""
 
     def __post_init__(self) -> None:
-        self.env = {str(k): str(v) for k, v in self.env.items()}
+        self.env = _checked_env(self.env)
+
+
+def _checked_env(env: dict) -> dict[str, str]:
+    """Variables to export: shell names, values that reference other variables at most."""
+    out = {str(k): str(v) for k, v in env.items()}
+    for name, value in out.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"env {name!r}: not a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        _check(f"env.{name}", value, expansion_problem)
+    return out
 
 
 @dataclass
@@ -143,7 +254,15 @@ class ClusterProfile:
     filesystems: list[FileSystem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.env = {str(k): str(v) for k, v in self.env.items()}
+        self.env = _checked_env(self.env)
+        for key in ("name", "description", "cpu_bind"):
+            _check(key, getattr(self, key), _one_line)
+        for i, text in enumerate(self.modules):
+            _check(f"modules[{i}]", text, _one_line)
+        for i, text in enumerate(self.setup):
+            _check(f"setup[{i}]", text, _one_line)
+        for i, text in enumerate(self.sbatch_extra):
+            _check(f"sbatch_extra[{i}]", text, sbatch_problem)
         # configtools converts a mapping's values only when they are plain data: do it here.
         self.queues = {
             str(k): v if isinstance(v, Queue) else from_dict(Queue, v, f"queues.{k}")
@@ -160,10 +279,6 @@ class ClusterProfile:
                 f"{sorted(self.queues)}"
             )
 
-    @property
-    def comm_env(self) -> dict[str, str]:
-        return dict(self.comm.env)
-
     def queue(self, name: str | None) -> tuple[str, Queue]:
         """The queue called ``name`` (the default when None), with an error naming the others."""
         key = name or self.default_queue
@@ -171,7 +286,7 @@ class ClusterProfile:
             return key, self.queues[key]
         by_partition = [q for q, v in self.queues.items() if v.partition == key]
         hint = f" (partition {key!r} is behind queue {by_partition[0]!r})" if by_partition else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown partition {key!r} for cluster {self.name}{hint}; --partition takes one of "
             + ", ".join(
                 f"{q} (partition {v.partition}{', qos ' + v.qos if v.qos else ''})"
@@ -195,7 +310,7 @@ def load_profile(name: str) -> ClusterProfile:
         known = known_clusters()
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown cluster {name!r}.{hint} Known clusters: {', '.join(known) or 'none'} "
             f"(profiles in {profile_dir()}; add NAME.yaml there for a new machine)"
         )
@@ -209,14 +324,15 @@ def load_profile(name: str) -> ClusterProfile:
     return profile
 
 
-_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+_WALLTIME = re.compile(r"(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)")
 
 
 def parse_walltime(text: str) -> int:
-    """Seconds in a SLURM walltime written [D-]HH:MM:SS."""
-    m = _WALLTIME.match(text.strip())
+    """Seconds in a SLURM walltime written [D-]HH:MM:SS (nothing around it: the text goes into
+    an #SBATCH line as it is)."""
+    m = _WALLTIME.fullmatch(text)
     if not m:
-        raise ValueError(
+        raise ConfigError(
             f"walltime {text!r} is not [D-]HH:MM:SS (for example 02:00:00 or 1-12:00:00)"
         )
     days, hours, minutes, seconds = (int(g or 0) for g in m.groups())

@@ -149,9 +149,16 @@ def first_host(nodelist: str) -> str:
     return prefix + first + (suffix or "")
 
 
+PORT_BASE = 20000
+"""MASTER_PORT = PORT_BASE + job id % PORT_SPAN: two jobs sharing a node rarely collide, and every
+rank of one job computes the same port without talking. `eurotrain launch` renders the same
+formula into its scripts from these two constants."""
+PORT_SPAN = 20000
+
+
 def slurm_master_port(job_id: int) -> int:
     """The port every rank of job `job_id` agrees on (the same formula as the sbatch script)."""
-    return 20000 + job_id % 20000
+    return PORT_BASE + job_id % PORT_SPAN
 
 
 def _rendezvous(source: str, rank: int) -> None:

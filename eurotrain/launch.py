@@ -9,24 +9,54 @@ and compared against golden files.
 Two ways to start the ranks, both inside one sbatch allocation:
   srun      one task per GPU, CPU binding from the profile; ranks read SLURM_PROCID etc.
   torchrun  one task per node running torchrun with a c10d rendezvous on the first node.
+
+A user's text is data in the script, never shell: every word of the ranks' command that comes
+from the user (python, container, config path, overrides) is single-quoted (shlex.quote), and
+the only words the job's shell expands are eurotrain's own (the rendezvous words below) and
+profile values that clusters.py has checked to reference plain variables. #SBATCH values are
+not shell at all but sbatch's own syntax, so there the characters sbatch reads specially are
+refused; control characters are refused everywhere. docs/launch.md lists what and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eurotrain.clusters import ClusterProfile, Queue, load_profile, parse_walltime
-from eurotrain.configtools import ConfigError
+from eurotrain.clusters import (
+    ClusterProfile,
+    Queue,
+    control_character,
+    load_profile,
+    parse_walltime,
+    sbatch_problem,
+)
+from eurotrain.distributed import PORT_BASE, PORT_SPAN
+from eurotrain.errors import ConfigError, EurotrainError
 
-PORT_BASE = 20000
-"""MASTER_PORT = PORT_BASE + job id % PORT_SPAN: two jobs sharing a node rarely collide, and
-every rank of one job computes the same port without talking (also in eurotrain.distributed)."""
-PORT_SPAN = 20000
+SIGNAL_MAX_SECONDS = 65535
+"""The latest warning `sbatch --signal=...@SECONDS` accepts."""
+
+
+class LaunchError(EurotrainError, ValueError):
+    """A launch option that cannot make a working job; the message names it and the fix."""
+
+    exit_code = 2
+    label = "error"
+    every_rank = False  # `eurotrain launch` is one process: it always reports its own error
+
+
+class JobFailedError(EurotrainError, RuntimeError):
+    """`--wait`: the submitted job ended unsuccessfully (its log says why)."""
+
+    label = "job failed"
+    every_rank = False
 
 
 @dataclass
@@ -62,78 +92,149 @@ class Plan:
     train_args: list[str]
 
 
-def _fail(message: str) -> None:
-    raise ValueError(message)
-
-
 def plan(req: LaunchRequest) -> Plan:
-    """Check a request against its cluster profile and its config; raise ValueError if wrong."""
+    """Check a request against its cluster profile and its config; raise LaunchError (or the
+    config's ConfigError) if it could not make a working job."""
+    _check_text(req)
     profile = load_profile(req.cluster)
     if req.nodes < 1:
-        _fail(f"--nodes {req.nodes}: must be >= 1")
-    gpus = req.gpus_per_node or profile.gpus_per_node
+        raise LaunchError(f"--nodes {req.nodes}: must be >= 1")
+    gpus = profile.gpus_per_node if req.gpus_per_node is None else req.gpus_per_node
     if not 1 <= gpus <= profile.gpus_per_node:
-        _fail(
+        raise LaunchError(
             f"--gpus-per-node {gpus}: {profile.name} nodes have {profile.gpus_per_node} "
             f"{'GPUs' if profile.accelerator.vendor != 'cpu' else 'rank slots'} "
             f"({profile.accelerator.model}); choose 1..{profile.gpus_per_node}"
         )
     if req.launcher not in ("srun", "torchrun"):
-        _fail(f"--launcher {req.launcher!r}: choose srun or torchrun")
+        raise LaunchError(f"--launcher {req.launcher!r}: choose srun or torchrun")
     queue_name, queue = profile.queue(req.partition)
-    seconds = parse_walltime(req.time)
-    if queue.max_time and seconds > parse_walltime(queue.max_time):
-        longer = [
-            q
-            for q, v in profile.queues.items()
-            if v.max_time and parse_walltime(v.max_time) >= seconds
-        ]
-        hint = f", or use --partition {longer[0]}" if longer else ""
-        _fail(
-            f"--time {req.time} exceeds the {queue.max_time} limit of {profile.name} queue "
-            f"{queue_name!r} (partition {queue.partition}{', qos ' + queue.qos if queue.qos else ''})"
-            f": shorten the job and resume from a checkpoint{hint}"
-        )
-    if req.nodes < queue.min_nodes or (queue.max_nodes and req.nodes > queue.max_nodes):
-        fits = [
-            q
-            for q, v in profile.queues.items()
-            if v.max_nodes and v.min_nodes <= req.nodes <= v.max_nodes  # known limits only
-        ]
-        limit = f"{queue.min_nodes}..{queue.max_nodes or 'any'}"
-        hint = f"; --partition {fits[0]} takes {req.nodes} nodes" if fits else ""
-        _fail(f"--nodes {req.nodes}: {profile.name} queue {queue_name!r} takes {limit} nodes{hint}")
-    if profile.account_required and not req.account:
+    seconds = _walltime_seconds(req)
+    _check_queue_limits(profile, queue_name, queue, req.nodes, seconds, req.time)
+    if profile.account_required and req.account is None:
         example = (
             f" (accounts here look like {profile.account_example})"
             if profile.account_example
             else ""
         )
-        _fail(
+        raise LaunchError(
             f"{profile.name} needs a project account: pass --account ACCOUNT{example}; "
             f"`sacctmgr show assoc user=$USER` or the centre's portal lists yours"
         )
     world = req.nodes * gpus
-    layout = _check_config(req, world, cuda=profile.accelerator.vendor != "cpu")
+    layout, model_name = _check_config(req, world, cuda=profile.accelerator.vendor != "cpu")
     train_args = [req.config]
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
     if profile.accelerator.peak_bf16_tflops:
         train_args += ["--train.peak_tflops", f"{profile.accelerator.peak_bf16_tflops:g}"]
     train_args += req.overrides
-    job_name = req.job_name or f"eurotrain-{_model_name(req)}"
+    job_name = req.job_name if req.job_name is not None else _default_job_name(model_name)
     return Plan(profile, req, queue_name, queue, gpus, world, layout, job_name, train_args)
 
 
-def _model_name(req: LaunchRequest) -> str:
-    from eurotrain.config import load_config
+def _check_text(req: LaunchRequest) -> None:
+    """Refuse what a user's text could do to the script: control characters anywhere; in an
+    #SBATCH value also what sbatch reads specially (see clusters.sbatch_problem)."""
+    sbatch_values = {"--account": req.account, "--partition": req.partition,
+                     "--job-name": req.job_name, "--log-dir": req.log_dir}  # fmt: skip
+    for option, value in sbatch_values.items():
+        problem = None if value is None else sbatch_problem(value)
+        if problem:
+            raise LaunchError(f"{option} {value!r}: {problem}; choose another value")
+    if req.job_name and "/" in req.job_name:
+        raise LaunchError(
+            f"--job-name {req.job_name!r}: contains '/'; the log is LOG_DIR/%x-%j.out, where %x "
+            f"is the job name, so the name must not hold a directory: choose one without '/'"
+        )
+    words = {"--cluster": req.cluster, "--time": req.time, "--python": req.python,
+             "--container": req.container, "config": req.config}  # fmt: skip
+    for what, word in [*words.items(), *(("config override", w) for w in req.overrides)]:
+        if word is None:
+            continue
+        if word == "" and what in ("--python", "--container", "config"):
+            raise LaunchError(f"{what} '': empty; give a value or leave the option out")
+        control = control_character(word)
+        if control:
+            raise LaunchError(
+                f"{what} {word!r}: contains {control}; control characters are refused in "
+                f"everything that goes into a job script"
+            )
 
-    return load_config(req.config, req.overrides).model.name
+
+def _walltime_seconds(req: LaunchRequest) -> int:
+    """--time in seconds, checked together with --signal-seconds, the warning inside it."""
+    try:
+        seconds = parse_walltime(req.time)  # digits, '-' and ':' only: safe in #SBATCH
+    except ConfigError:
+        raise LaunchError(
+            f"--time {req.time!r}: not a SLURM walltime [D-]HH:MM:SS (for example 02:00:00 or "
+            f"1-12:00:00)"
+        ) from None
+    if seconds == 0:
+        raise LaunchError(
+            f"--time {req.time}: a job needs a walltime above zero (SLURM reads a zero time as "
+            f"no time limit); give the time the job needs"
+        )
+    warn = req.signal_seconds
+    if not 1 <= warn <= SIGNAL_MAX_SECONDS:
+        raise LaunchError(
+            f"--signal-seconds {warn}: must be at least 1 (the ranks need the warning to save a "
+            f"final checkpoint)" if warn < 1 else
+            f"--signal-seconds {warn}: SLURM takes at most {SIGNAL_MAX_SECONDS}; choose fewer"
+        )  # fmt: skip
+    if warn >= seconds:
+        raise LaunchError(
+            f"--signal-seconds {warn} is not shorter than --time {req.time} ({seconds} s): the "
+            f"warning would come before the job starts; choose fewer seconds or a longer --time"
+        )
+    return seconds
 
 
-def _check_config(req: LaunchRequest, world: int, cuda: bool) -> str:
+def _check_queue_limits(
+    profile: ClusterProfile, name: str, queue: Queue, nodes: int, seconds: int, time: str
+) -> None:
+    """Every limit the profile knows for the queue; a limit it does not know is not checked.
+    A suggested other queue is one whose known limits admit both nodes and time."""
+    qos = f", qos {queue.qos}" if queue.qos else ""
+    if queue.max_time and seconds > parse_walltime(queue.max_time):
+        other = _queue_that_admits(profile, nodes, seconds, lambda q: bool(q.max_time))
+        raise LaunchError(
+            f"--time {time} exceeds the {queue.max_time} limit of {profile.name} queue {name!r} "
+            f"(partition {queue.partition}{qos}): shorten the job and resume from a checkpoint"
+            + (f", or use --partition {other}" if other else "")
+        )
+    if nodes < queue.min_nodes or (queue.max_nodes and nodes > queue.max_nodes):
+        above = bool(queue.max_nodes) and nodes > queue.max_nodes
+        other = _queue_that_admits(
+            profile, nodes, seconds, (lambda q: bool(q.max_nodes)) if above else (lambda q: True)
+        )
+        limit = (
+            f"{queue.min_nodes}..{queue.max_nodes}"
+            if queue.max_nodes
+            else f"at least {queue.min_nodes} (its largest size is unknown)"
+        )
+        raise LaunchError(
+            f"--nodes {nodes}: {profile.name} queue {name!r} takes {limit} nodes"
+            + (f"; --partition {other} takes {nodes} nodes" if other else "")
+        )
+
+
+def _queue_that_admits(
+    profile: ClusterProfile, nodes: int, seconds: int, knows: Callable[[Queue], bool]
+) -> str | None:
+    """The first queue whose limits admit the job, among those that `knows` the limit in
+    question (a queue is never suggested on the strength of a limit nobody wrote down)."""
+    for name, q in profile.queues.items():
+        if knows(q) and q.admits(nodes, seconds):
+            return name
+    return None
+
+
+def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, str]:
     """The config loads and its layout and batch fit `world` ranks: the same check_layout the
-    trainer runs first on every rank, so a job is refused here rather than after it queued."""
+    trainer runs first on every rank, so a job is refused here rather than after it queued.
+    Returns the layout and the model's name."""
     from eurotrain.config import load_config
     from eurotrain.parallel.checks import check_layout
 
@@ -142,12 +243,49 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> str:
         dims = check_layout(cfg, world, cuda=cuda)
     except ConfigError as e:
         raise ConfigError(f"{req.config} on {req.nodes} node(s) ({world} ranks): {e}") from None
-    return dims.describe()
+    return dims.describe(), cfg.model.name
+
+
+def _default_job_name(model_name: str) -> str:
+    """eurotrain-<model.name>, with what may not stand in a job name (see _check_text) made '-'."""
+    control = control_character(model_name)
+    if control:
+        raise LaunchError(
+            f"model.name {model_name!r}: contains {control}, and it names the job; fix the "
+            f"config or pass --job-name"
+        )
+    return "eurotrain-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
 
 
 # ---- rendering ---------------------------------------------------------------------------
-def _q(words: list[str]) -> str:
-    return " ".join(shlex.quote(w) for w in words)
+@dataclass(frozen=True)
+class _Expanded:
+    """A word the job's shell expands, written in double quotes. Only eurotrain's own constants
+    below and profile values that clusters.py checked (plain $NAME references) become one; a
+    user's word is always a plain str, which is single-quoted."""
+
+    text: str
+
+
+RDZV_ENDPOINT = _Expanded("$MASTER_ADDR:$MASTER_PORT")
+RDZV_ID = _Expanded("$SLURM_JOB_ID")
+
+Word = str | _Expanded
+
+
+def _profile_word(value: str) -> Word:
+    return _Expanded(value) if "$" in value else value
+
+
+def _shell_word(word: Word) -> str:
+    if isinstance(word, _Expanded):
+        escaped = word.text.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+        return f'"{escaped}"'
+    return shlex.quote(word)
+
+
+def _shell_words(words: list[Word]) -> str:
+    return " ".join(_shell_word(w) for w in words)
 
 
 def _sbatch_header(p: Plan) -> list[str]:
@@ -155,7 +293,7 @@ def _sbatch_header(p: Plan) -> list[str]:
     per_node = 1 if req.launcher == "torchrun" else p.gpus_per_node
     cpus = prof.cpus_per_task * (p.gpus_per_node if req.launcher == "torchrun" else 1)
     opts = [f"--job-name={p.job_name}"]
-    if req.account:
+    if req.account is not None:
         opts.append(f"--account={req.account}")
     opts.append(f"--partition={p.queue.partition}")
     if p.queue.qos:
@@ -171,49 +309,42 @@ def _sbatch_header(p: Plan) -> list[str]:
         opts.append(f"--gpus-per-node={p.gpus_per_node}")
     opts += [
         f"--time={req.time}",
-        f"--output={req.log_dir}/%x-%j.out",
+        # SLURM expands %-patterns in --output: %% keeps a '%' of the directory's name literal.
+        f"--output={req.log_dir.replace('%', '%%')}/%x-%j.out",
         # SLURM warns this shell before the walltime; the trap below passes it to the ranks,
         # which checkpoint and stop (eurotrain's fault handling).
         f"--signal=B:USR1@{req.signal_seconds}",
     ]
     opts += prof.sbatch_extra
+    # plan() and the profile's own checks let no value through that sbatch would misread.
+    assert all(sbatch_problem(o) is None for o in opts), opts
     return [f"#SBATCH {o}" for o in opts]
 
 
-def _rank_command(p: Plan) -> list[str]:
+def _rank_command(p: Plan) -> list[Word]:
     """The command every rank (srun) or every node (torchrun) runs, container included."""
     req = p.request
+    cmd: list[Word]
     if req.launcher == "torchrun":
         cmd = [
             req.python, "-m", "torch.distributed.run",
             "--nnodes", str(req.nodes), "--nproc-per-node", str(p.gpus_per_node),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT",
-            "--rdzv-id", "$SLURM_JOB_ID", "--max-restarts", "0",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", RDZV_ENDPOINT,
+            "--rdzv-id", RDZV_ID, "--max-restarts", "0",
             "-m", "eurotrain.train", *p.train_args,
         ]  # fmt: skip
     else:
         cmd = [req.python, "-m", "eurotrain.train", *p.train_args]
-    if req.container:
+    if req.container is not None:
         c = p.profile.container
-        binds = ["--bind", ",".join(c.binds)] if c.binds else []
+        binds = ["--bind", _profile_word(",".join(c.binds))] if c.binds else []
         cmd = [c.runtime, "exec", *c.flags, *binds, req.container, *cmd]
     return cmd
 
 
 def _export(name: str, value: str) -> str:
-    """export NAME=VALUE; a value with $VARIABLES stays expandable (double quotes)."""
-    if "$" in value:
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
-        return f'export {name}="{escaped}"'
-    return f"export {name}={shlex.quote(value)}"
-
-
-def _shell_words(words: list[str]) -> str:
-    """Quote words for bash, leaving the $VARIABLES the torchrun line needs expandable."""
-    out = []
-    for w in words:
-        out.append(f'"{w}"' if w.startswith("$") or "$MASTER" in w else shlex.quote(w))
-    return " ".join(out)
+    """export NAME=VALUE from a profile; its $VARIABLES stay expandable (double quotes)."""
+    return f"export {name}={_shell_word(_profile_word(value))}"
 
 
 def render(p: Plan) -> str:
@@ -232,7 +363,7 @@ def render(p: Plan) -> str:
         lines += ["# Software environment", *(f"module load {m}" for m in prof.modules), ""]
     if prof.setup:
         lines += ["# Machine set-up (see the profile's comments)", *prof.setup, ""]
-    if req.container and prof.container.setup:
+    if req.container is not None and prof.container.setup:
         lines += [f"# Container runtime ({prof.container.runtime})", *prof.container.setup, ""]
     if prof.comm.env:
         lines.append(f"# Communication: {prof.comm.library.upper()} on this network")
@@ -244,7 +375,9 @@ def render(p: Plan) -> str:
     lines += [
         "",
         "# Rendezvous: the allocation's first node, a port derived from the job id",
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # sed reads the whole list: `head -n 1` would exit early, and on a long node list
+        # scontrol would then die of SIGPIPE and fail the job (set -o pipefail).
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
     ]
     if prof.master_addr == "nodeaddr":
         lines.append(
@@ -274,7 +407,7 @@ def render(p: Plan) -> str:
             srun.append(f"--cpu-bind={prof.cpu_bind}")
         lines.append("# One task per GPU; each rank takes GPU number SLURM_LOCALID.")
         prefix = []
-    command = _q(srun + prefix) + " \\\n    " + _shell_words(_rank_command(p)) + " &"
+    command = _shell_words([*srun, *prefix]) + " \\\n    " + _shell_words(_rank_command(p)) + " &"
     lines += [
         command,
         "ranks=$!",
@@ -298,13 +431,19 @@ def submit(p: Plan, script: str, wait: bool = False) -> str:
     try:
         out = subprocess.run(cmd, input=script, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise ValueError("sbatch not found: run `eurotrain launch` on a SLURM login node") from None
+        raise LaunchError(
+            "sbatch not found: run `eurotrain launch` on a SLURM login node"
+        ) from None
     job_id = out.stdout.strip().split(";")[0]
     if out.returncode != 0 and not (wait and job_id):
-        raise ValueError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
+        said = "; ".join(line.strip() for line in out.stderr.splitlines() if line.strip())
+        raise LaunchError(f"sbatch failed ({out.returncode}): {said}")
     (Path(p.request.log_dir) / f"{p.job_name}-{job_id}.sbatch").write_text(script)
     if wait and out.returncode != 0:
-        raise RuntimeError(f"job {job_id} failed (sbatch --wait exit {out.returncode})")
+        raise JobFailedError(
+            f"job {job_id} failed (sbatch --wait exit {out.returncode}); see "
+            f"{p.request.log_dir}/{p.job_name}-{job_id}.out"
+        )
     return job_id
 
 
@@ -337,7 +476,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    python = args.python or ("python3" if args.container else sys.executable)
+    if args.python is not None:
+        python = args.python
+    else:
+        python = "python3" if args.container is not None else sys.executable
     req = LaunchRequest(
         cluster=args.cluster, nodes=args.nodes, time=args.time, config=args.config,
         overrides=list(args.overrides), account=args.account, partition=args.partition,
@@ -345,16 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         python=python, job_name=args.job_name, log_dir=args.log_dir,
         signal_seconds=args.signal_seconds,
     )  # fmt: skip
-    try:
-        p = plan(req)
-        script = render(p)
-        if args.dry_run:
-            print(script, end="")
-            return 0
-        job_id = submit(p, script, wait=args.wait)
-    except (ValueError, RuntimeError) as e:
-        print(f"eurotrain launch: {e}", file=sys.stderr)
-        return 2
+    # A bad request raises LaunchError or ConfigError: the command line prints it as one line
+    # and exits 2 (eurotrain.errors.run_command).
+    p = plan(req)
+    script = render(p)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job_id = submit(p, script, wait=args.wait)
     print(f"submitted job {job_id}: {p.world_size} ranks on {req.nodes} x {p.profile.name}; "
           f"log {req.log_dir}/{p.job_name}-{job_id}.out")  # fmt: skip
     return 0

@@ -5,13 +5,15 @@ diff: they are what users get)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from eurotrain.cli import main as cli_main
 from eurotrain.clusters import known_clusters, load_profile
-from eurotrain.launch import main
+from eurotrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -26,7 +28,7 @@ UPDATE = os.environ.get("EUROTRAIN_UPDATE_GOLDEN") == "1"
 def _render(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("SBATCH_ACCOUNT", raising=False)
-    rc = main([*args])
+    rc = cli_main(["launch", *args])  # as the command line runs it: errors print one line
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -152,3 +154,104 @@ def test_batch_that_does_not_split_over_the_ranks(capsys, monkeypatch):
 def test_unknown_partition_lists_queues(capsys, monkeypatch):
     err = _refused(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--partition", "acc", CONFIG)
     assert "unknown partition 'acc'" in err and "acc_debug" in err
+
+
+# ---- launch arguments that SLURM would misread or that cannot work --------------------------
+def test_zero_gpus_per_node_is_refused_not_the_default(capsys, monkeypatch):
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--gpus-per-node", "0", CONFIG
+    )
+    assert "--gpus-per-node 0:" in err and "choose 1..4" in err
+
+
+@pytest.mark.parametrize(
+    "seconds, time, says",
+    [
+        ("-1", "01:00:00", "--signal-seconds -1: must be at least 1"),
+        ("0", "01:00:00", "--signal-seconds 0: must be at least 1"),
+        ("3600", "01:00:00", "--signal-seconds 3600 is not shorter than --time 01:00:00"),
+        ("7200", "01:00:00", "--signal-seconds 7200 is not shorter than --time 01:00:00"),
+        ("70000", "2-00:00:00", "--signal-seconds 70000: SLURM takes at most 65535"),
+    ],
+)
+def test_signal_seconds_outside_the_walltime(seconds, time, says, capsys, monkeypatch):
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", "--nodes", "2", "--time", time,
+        "--account", "p", "--signal-seconds", seconds, CONFIG,
+    )  # fmt: skip
+    assert says in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("time", ["00:00:00", "0-00:00:00"])
+def test_zero_walltime(time, capsys, monkeypatch):
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", "--nodes", "2", "--time", time,
+        "--account", "p", CONFIG,
+    )  # fmt: skip
+    assert f"--time {time}: " in err and "no time limit" in err
+
+
+def _known_node_limits() -> list[tuple[str, str, int]]:
+    """(cluster, queue, a node count just outside a limit the profile knows)."""
+    cases = []
+    for name in known_clusters():
+        for qname, q in load_profile(name).queues.items():
+            if q.max_nodes:
+                cases.append((name, qname, q.max_nodes + 1))
+            if q.min_nodes > 1:
+                cases.append((name, qname, q.min_nodes - 1))
+    return cases
+
+
+@pytest.mark.parametrize("cluster, queue, nodes", _known_node_limits())
+def test_every_known_node_limit_is_enforced(cluster, queue, nodes, capsys, monkeypatch):
+    err = _refused(
+        capsys, monkeypatch, "--cluster", cluster, "--nodes", str(nodes), "--time", "00:10:00",
+        "--account", "p", "--partition", queue, CONFIG,
+    )  # fmt: skip
+    assert f"--nodes {nodes}: {cluster} queue {queue!r} takes " in err
+
+
+def test_an_unknown_limit_is_not_a_limit(capsys, monkeypatch):
+    # MN5's production queue publishes no node limit; MeluXina's queues no walltime limit.
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "mn5-acc", "--nodes", "256", "--time", "01:00:00",
+        "--account", "p", "--python", "python3", "--dry-run", CONFIG,
+    )  # fmt: skip
+    assert rc == 0 and "#SBATCH --nodes=256" in out, err
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "meluxina-gpu", "--nodes", "2", "--time", "9-00:00:00",
+        "--account", "p", "--python", "python3", "--dry-run", CONFIG,
+    )  # fmt: skip
+    assert rc == 0 and "#SBATCH --time=9-00:00:00" in out, err
+
+
+def test_a_longer_queue_is_suggested_only_if_it_takes_the_nodes(capsys, monkeypatch):
+    # Leonardo's lprod allows 4 days but (as the profile has it) at most 3 nodes.
+    args = ("--cluster", "leonardo-booster", "--time", "2-00:00:00", "--account", "p")
+    err = _refused(capsys, monkeypatch, *args, "--nodes", "2", CONFIG)
+    assert "--time 2-00:00:00 exceeds the 1-00:00:00 limit" in err and "--partition lprod" in err
+    err = _refused(capsys, monkeypatch, *args, "--nodes", "8", CONFIG)
+    assert "--time 2-00:00:00 exceeds" in err and "lprod" not in err
+
+
+@pytest.mark.parametrize(
+    "old, new, says",
+    [
+        (
+            "max_nodes: 2 ",
+            "max_nodes: 2\n    min_nodes: 3 ",
+            "min_nodes = 3 is above max_nodes = 2",
+        ),
+        ("max_nodes: 2 ", "max_nodes: -1 ", "max_nodes = -1 must be >= 0"),
+        ("max_nodes: 2 ", "min_nodes: 0 ", "min_nodes = 0 must be >= 1"),
+        ('max_time: "01:00:00"', 'max_time: "00:00:00"', "max_time '00:00:00'"),
+    ],
+)
+def test_queue_limits_in_a_profile_are_checked(old, new, says, tmp_path, monkeypatch):
+    text = (REPO / "launch" / "clusters" / "local.yaml").read_text()
+    assert old in text
+    (tmp_path / "local.yaml").write_text(text.replace(old, new))
+    monkeypatch.setenv("EUROTRAIN_CLUSTERS", str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(f"queues.debug.{says}")):
+        load_profile("local")
