@@ -147,9 +147,9 @@ def _check_sliding_window(d: dict[str, Any], model_type: str) -> None:
         layers = d.get("layer_types")
         if layers is None:  # HF's rule: layers from max_window_layers on slide
             start = d.get("max_window_layers", 28)
-            sliding = isinstance(start, int) and start < _count(
-                d.get("num_hidden_layers"), "num_hidden_layers"
-            )
+            if isinstance(start, bool) or not isinstance(start, int):
+                raise ConfigError(f"HF config: max_window_layers {_show(start)} is not an integer")
+            sliding = start < _count(d.get("num_hidden_layers"), "num_hidden_layers")
         elif not isinstance(layers, list) or any(
             t not in ("full_attention", "sliding_attention") for t in layers
         ):
@@ -187,8 +187,8 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
             raise _refuse("rope_parameters", params, "eurotrain uses one RoPE for all layers")
         params = distinct[0]
     theta = _positive(params.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta")
-    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
         raise _refuse(
             "partial_rotary_factor", partial, "eurotrain rotates the whole head dimension"
         )
