@@ -1,10 +1,13 @@
 """``eurotrain convert``: HF transformers safetensors <-> eurotrain (DCP) checkpoints.
 
     eurotrain convert hf-to-eurotrain HF_DIR OUT_DIR
-        config.json + *.safetensors of a Llama-family model -> OUT_DIR/step-000000 (a committed,
-        weights-only checkpoint) + OUT_DIR/config.yaml (the model section and
-        checkpoint.init_from) to continue pretraining from.
+        config.json + *.safetensors of a Llama, Qwen2 or Mistral causal LM -> OUT_DIR/step-000000
+        (a committed, weights-only checkpoint) + OUT_DIR/config.yaml (the model section and
+        checkpoint.init_from) to continue pretraining from. A model eurotrain would compute
+        differently (another architecture, activation, bias, sliding window, RoPE type, or
+        tensors it has no place for) is refused with one line naming what differs.
     eurotrain convert eurotrain-to-hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
+                                      [--untie]
         any eurotrain checkpoint, saved under any layout (or a checkpoints directory: its newest
         committed one) -> config.json + model.safetensors (sharded with an index when large).
 
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -38,17 +41,27 @@ from eurotrain.checkpoint.layout import CheckpointError
 from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, load_metadata, verify
 from eurotrain.checkpoint.storage import FILE_MODE, checksum, make_dir, write_durable
 from eurotrain.configtools import from_dict, to_dict
+from eurotrain.errors import ConfigError, EurotrainError
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from eurotrain.models.hf_config import hf_config_notes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- HF -> eurotrain -----------------------------------------------------------------------
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of HF_DIR's safetensors files (those its index names, or all); a name in two
+    files, or an index naming a file outside HF_DIR, is an error, never a silent choice."""
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
+        files = sorted({str(v) for v in weight_map.values()})
+        outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+        if outside:
+            raise CheckpointError(f"{index}: names files outside {hf_dir}: {outside[:3]}")
     else:
         files = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
     if not files:
@@ -58,20 +71,37 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(str(hf_dir / name), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(hf_dir / name), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key in state:
+                        raise CheckpointError(f"{hf_dir / name}: tensor {key} is in two files")
+                    state[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{hf_dir / name}: not a readable safetensors file ({e})") from e
     return state
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
+    """Refuses (ConfigError / CheckpointError) any model eurotrain would compute differently,
+    before anything is written."""
     config_json = hf_dir / "config.json"
     if not config_json.exists():
         raise FileNotFoundError(f"{config_json}: missing; HF_DIR must hold config.json")
-    model_cfg = from_hf_config(json.loads(config_json.read_text()))
+    hf_cfg = _read_json(config_json)
+    model_cfg = from_hf_config(hf_cfg)
+    for note in hf_config_notes(hf_cfg):
+        print(f"eurotrain convert: note: {note}", file=sys.stderr)
     hf_state = read_hf_weights(hf_dir)
     # Master weights are fp32 in eurotrain, whatever the HF files hold.
-    weights = from_hf_state_dict(hf_state, model_cfg.tie_embeddings)
+    weights = from_hf_state_dict(hf_state, model_cfg)
     weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
 
     make_dir(out_dir)
@@ -149,12 +179,20 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes:
 
 
 def eurotrain_to_hf(
-    ckpt_dir: Path, out_dir: Path, dtype: str = "float32", max_shard_gb: float = 5.0
+    ckpt_dir: Path,
+    out_dir: Path,
+    dtype: str = "float32",
+    max_shard_gb: float = 5.0,
+    untie: bool = False,
 ) -> list[str]:
+    """``untie``: export a tied model with its own lm_head (for checkpoints whose two matrices
+    came apart in training)."""
     ckpt = resolve_checkpoint(ckpt_dir)
     verify(ckpt, "full")
     run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
     model_cfg = from_dict(ModelConfig, run_cfg["model"], "model")
+    if untie:
+        model_cfg.tie_embeddings = False
     weights = read_model_weights(ckpt)
     hf_state = to_hf_state_dict(weights, model_cfg.tie_embeddings)
     hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
@@ -177,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out_dir", type=Path)
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument(
+        "--untie",
+        action="store_true",
+        help="write lm_head separately (tie_word_embeddings false) for a tied model",
+    )
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-eurotrain":
@@ -186,9 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"a config that includes its model section and checkpoint.init_from {final}"
             )
         else:
-            files = eurotrain_to_hf(args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_gb)
+            files = eurotrain_to_hf(
+                args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_gb, args.untie
+            )
             print(f"wrote {args.out_dir}: config.json, {', '.join(files)}")
-    except (OSError, ValueError, KeyError, CheckpointError) as e:
+    except EurotrainError as e:
+        print(f"eurotrain convert: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (OSError, ValueError, KeyError) as e:
         print(f"eurotrain convert: {e}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,19 @@ from typing import Any
 
 import torch
 
-from eurotrain.models.config import ModelConfig, RopeScaling
+from eurotrain.errors import CheckpointError
+from eurotrain.models.config import ModelConfig
+from eurotrain.models.hf_config import from_hf_config
+from eurotrain.models.llama import build_model
+
+__all__ = [
+    "from_hf_config",
+    "from_hf_name",
+    "from_hf_state_dict",
+    "to_hf_config",
+    "to_hf_name",
+    "to_hf_state_dict",
+]
 
 _LAYER_MAP = {
     "attention.wq": "self_attn.q_proj",
@@ -54,21 +66,88 @@ def from_hf_name(name: str) -> str:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], tie: bool) -> dict[str, torch.Tensor]:
+    """HF names for eurotrain weights; a tied model stores the embedding once (no lm_head)."""
+    unknown = [k for k in state if not _has_hf_name(k)]
+    if unknown:
+        raise CheckpointError(
+            f"model weights {_some(unknown)} have no HF name: not a eurotrain Llama-family model"
+        )
+    if tie and "output.weight" in state and "tok_embeddings.weight" in state:
+        out_w, emb = state["output.weight"], state["tok_embeddings.weight"]
+        if out_w.shape != emb.shape or not torch.equal(out_w, emb):
+            raise CheckpointError(
+                "model.tie_embeddings is true but output.weight differs from "
+                "tok_embeddings.weight (saved by a run whose tie came apart): exporting it "
+                "tied would drop the trained output matrix; export it untied (--untie)"
+            )
     out = {to_hf_name(k): v for k, v in state.items()}
     if tie:
         out.pop("lm_head.weight", None)
     return out
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], tie: bool) -> dict[str, torch.Tensor]:
-    out = {}
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """eurotrain weights from HF's, strictly: every HF tensor is used and every parameter of the
+    model ``cfg`` describes is filled, with its shape; anything else is a CheckpointError
+    naming the tensors."""
+    expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
     for k, v in state.items():
         if k.endswith("rotary_emb.inv_freq"):
             continue  # a buffer in old HF checkpoints; we recompute it
-        out[from_hf_name(k)] = v
-    if tie:
-        out["output.weight"] = out["tok_embeddings.weight"]
+        name = _from_hf_name_or_none(k)
+        if name is None or name not in expected:
+            unknown.append(k)
+        else:
+            out[name] = v
+    if unknown:
+        raise CheckpointError(
+            f"HF weights: {len(unknown)} tensor(s) a {cfg.name!r} eurotrain model has no place "
+            f"for: {_some(unknown)}; the weights are not those of a plain Llama/Qwen2/Mistral "
+            f"causal LM as config.json describes it"
+        )
+    if cfg.tie_embeddings and "tok_embeddings.weight" in out:
+        lm_head = out.pop("output.weight", None)  # some tied exports store it anyway
+        emb = out["tok_embeddings.weight"]
+        if lm_head is not None and (lm_head.shape != emb.shape or not torch.equal(lm_head, emb)):
+            raise CheckpointError(
+                "HF weights: tie_word_embeddings is true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings false in config.json to "
+                "import both matrices"
+            )
+        out["output.weight"] = emb
+    missing = [to_hf_name(k) for k in expected if k not in out]
+    if missing:
+        raise CheckpointError(f"HF weights: missing {len(missing)} tensor(s): {_some(missing)}")
+    for k in sorted(out):
+        v = out[k]
+        if tuple(v.shape) != expected[k] or not v.is_floating_point():
+            raise CheckpointError(
+                f"HF weights: {to_hf_name(k)} is {v.dtype} {list(v.shape)}, config.json asks "
+                f"for a float tensor of shape {list(expected[k])}"
+            )
     return out
+
+
+def _has_hf_name(name: str) -> bool:
+    try:
+        to_hf_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _from_hf_name_or_none(name: str) -> str | None:
+    try:
+        return from_hf_name(name)
+    except KeyError:
+        return None
+
+
+def _some(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -111,35 +190,3 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "original_max_position_embeddings": rs.original_max_position_embeddings,
         }
     return d
-
-
-def from_hf_config(d: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a HF config.json dict of a Llama-family model."""
-    rs = d.get("rope_scaling") or (d.get("rope_parameters") or {})
-    scaling = RopeScaling()
-    if rs.get("rope_type", rs.get("type")) == "llama3":
-        scaling = RopeScaling(
-            factor=float(rs["factor"]),
-            low_freq_factor=float(rs["low_freq_factor"]),
-            high_freq_factor=float(rs["high_freq_factor"]),
-            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-        )
-    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-        raise ValueError(f"unsupported HF rope_scaling {rs!r}: only 'llama3' and none are")
-    theta = d.get("rope_theta", rs.get("rope_theta", 10000.0))
-    return ModelConfig(
-        name=d.get("_name_or_path") or d.get("model_type", "llama"),
-        vocab_size=d["vocab_size"],
-        dim=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        num_kv_heads=d.get("num_key_value_heads"),
-        head_dim=d.get("head_dim"),
-        ffn_dim=d["intermediate_size"],
-        norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
-    )

@@ -130,12 +130,27 @@ class Transformer(nn.Module):
         )
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.loss_fn = LinearCrossEntropy(self.ops)
         cos, sin = self._rope()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the output projection use the embedding's parameter.
+
+        Call again after anything that replaces parameters module by module: Module.to_empty()
+        and tensor parallelism's distribute_module give each module its own new tensor, which
+        silently unties the two (two matrices trained apart, one dropped on export)."""
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def is_tied(self) -> bool:
+        """Whether the tie the config asks for holds (True for an untied config, or a pipeline
+        stage without both ends)."""
+        if not self.cfg.tie_embeddings or self.tok_embeddings is None or self.output is None:
+            return True
+        return self.output.weight is self.tok_embeddings.weight
 
     def _rope(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg

@@ -49,11 +49,6 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                     f"parallelism splits it across the tp ranks. Use parallel.tp in "
                     f"{{{_fits(value, _divisors(world_size))}}} (the rest to parallel.dp_shard)"
                 )
-        if m.tie_embeddings:
-            raise ConfigError(
-                "model.tie_embeddings with parallel.tp > 1 is not supported (the embedding and "
-                "the output are split along different dims); set parallel.tp = 1"
-            )
 
     per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size % per_step:
@@ -117,9 +112,14 @@ def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.train
     num_stages = dims.pp * p.stages_per_rank()
     if m.tie_embeddings:
+        # Even ZBV, which puts the first and the last stage on pp rank 0, runs them as two
+        # stage modules that FSDP shards and the schedule differentiates separately.
         raise ConfigError(
-            "model.tie_embeddings with parallel.pp > 1 is not supported (the embedding and "
-            "output live on different stages); set parallel.pp = 1 or untie them"
+            f"model.tie_embeddings with parallel.pp = {dims.pp} is not supported: the embedding "
+            f"(first pipeline stage) and the output projection (last stage) are separate stage "
+            f"modules, and nothing keeps one weight shared between them. Use parallel.pp = 1 "
+            f"(tied embeddings work with dp_shard, dp_replicate, tp, cp and DeepSpeed), or set "
+            f"model.tie_embeddings = false to train the two matrices apart"
         )
     if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and p.pp_virtual_stages < 2:
         raise ConfigError(

@@ -38,6 +38,10 @@ def parallelize(
     if mesh is not None and dims.tp > 1:
         sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else True
         apply_tp(model, mesh["tp"], sequence_parallel=sp)
+        # Each module got its own DTensor. The embedding (RowwiseParallel) and the output
+        # (ColwiseParallel) both shard the [vocab, dim] weight on dim 0, so one DTensor serves
+        # both; FSDP below then registers it once and sets it on both modules.
+        cast(Transformer, model).tie_weights()
     if mesh is not None and dims.cp > 1 and cfg.cp_method == "ulysses":
         apply_ulysses(model, mesh["cp"])
     apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
@@ -95,9 +99,23 @@ def build_parallel_model(
         parts = [build_model(model_cfg, "meta")]
     for part in parts:
         parallelize(part, dims, mesh, cfg, param_dtype)
+        # to_empty() gives each module a new plain tensor (a tied weight becomes two), while
+        # DTensors (FSDP, TP) are swapped in place and stay shared: re-tie either way.
         part.to_empty(device=device)
+        cast(Transformer, part).tie_weights()
         cast(Transformer, part).init_weights(seed)
     if pipeline is None:
+        _check_param_count(parts[0], model_cfg)
         return ParallelModel(parts, None, parts[0])
     pipeline.build_schedule(device)
     return ParallelModel(parts, pipeline, merged_view(model_cfg, parts))
+
+
+def _check_param_count(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """Each parameter counted once at its full size (a DTensor's numel is the global one): a
+    tie that came apart would show up as vocab_size x dim parameters too many."""
+    assert cast(Transformer, model).is_tied(), "output.weight is not tok_embeddings.weight"
+    count = sum(p.numel() for p in model.parameters())
+    assert count == model_cfg.num_params(), (
+        f"{count} parameters, {model_cfg.num_params()} configured"
+    )

@@ -66,3 +66,37 @@ def test_pickled_weights_are_refused_with_a_clear_error(tmp_path, capsys):
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle: never read
     assert convert(["hf-to-eurotrain", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "no *.safetensors files (pytorch_model.bin is not read" in capsys.readouterr().err
+
+
+def test_export_refuses_a_tied_checkpoint_whose_matrices_differ(tmp_path, monkeypatch, capsys):
+    """A checkpoint saved while the tie had come apart (eurotrain before it re-tied the weights
+    after materialising them) holds two trained matrices: a tied export would drop one."""
+    import eurotrain.checkpoint.convert as convert_module
+
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 tie_word_embeddings=True)
+    )  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    real = convert_module.from_hf_state_dict
+
+    def came_apart(state, cfg):
+        weights = dict(real(state, cfg))
+        weights["output.weight"] = weights["tok_embeddings.weight"] + 1
+        return weights
+
+    monkeypatch.setattr(convert_module, "from_hf_state_dict", came_apart)
+    assert convert(["hf-to-eurotrain", str(tmp_path / "hf"), str(tmp_path / "et")]) == 0
+    capsys.readouterr()
+    assert convert(["eurotrain-to-hf", str(tmp_path / "et"), str(tmp_path / "back")]) == 1
+    err = capsys.readouterr().err
+    assert "output.weight differs from tok_embeddings.weight" in err and "--untie" in err
+
+    untied = tmp_path / "untied"
+    assert convert(["eurotrain-to-hf", str(tmp_path / "et"), str(untied), "--untie"]) == 0
+    assert json.loads((untied / "config.json").read_text())["tie_word_embeddings"] is False
+    back = transformers.AutoModelForCausalLM.from_pretrained(untied)
+    emb = hf.model.embed_tokens.weight
+    assert torch.equal(back.lm_head.weight, emb + 1)
+    assert torch.equal(back.model.embed_tokens.weight, emb)

@@ -66,7 +66,7 @@ def test_hf_mapping_round_trips(variant: str) -> None:
         cfg.tie_embeddings,
         cfg.qkv_bias,
     )
-    state = from_hf_state_dict(hf.state_dict(), cfg.tie_embeddings)
+    state = from_hf_state_dict(hf.state_dict(), cfg)
     for name, p in ours.state_dict().items():
         assert torch.equal(state[name], p), name
 

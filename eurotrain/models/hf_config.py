@@ -1,0 +1,263 @@
+"""Reading a HF transformers config.json: which models eurotrain can represent, and refusing the rest.
+
+eurotrain's decoder is HF's LlamaForCausalLM math (RMSNorm, rotate-half RoPE with optional
+Llama-3.1 scaling, grouped-query causal attention, SwiGLU), plus Qwen2's q/k/v biases. A config
+that asks for anything else would import to a *different* model without a word (Gemma's (1 + w)
+norm, a Mistral sliding window, GELU, o_proj or MLP biases, YaRN RoPE...), so every field HF's
+Llama, Qwen2 or Mistral code reads is checked here, and each refusal is one line naming the field,
+its value and what is supported. The config is treated as untrusted input: wrong types are errors,
+not tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from eurotrain.errors import ConfigError
+from eurotrain.models.config import ModelConfig, RopeScaling
+
+CAUSAL_LM = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+SUPPORTED = "supported model types: llama, qwen2, mistral (without sliding window)"
+
+# Why the common relatives differ; any other model_type gets the general reason.
+_OTHER_TYPES = {
+    "gemma": "Gemma's RMSNorm scales by (1 + weight) and it multiplies embeddings by sqrt(dim)",
+    "gemma2": "Gemma 2 adds (1 + weight) norms after each sublayer and logit soft-capping",
+    "gemma3": "Gemma 3 adds (1 + weight) norms, q/k norms and local attention layers",
+    "qwen3": "Qwen3 normalises queries and keys per head (q_norm, k_norm)",
+    "phi": "Phi uses LayerNorm, a GELU MLP, biases and partial rotary embeddings",
+    "phi3": "Phi-3 fuses q/k/v and gate/up projections and may use LongRoPE",
+    "olmo2": "OLMo 2 normalises after each sublayer and normalises queries and keys",
+}
+
+# HF's defaults for keys a config.json may leave out (the class defaults of transformers 4/5).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "mistral": {
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+    },
+}
+
+# Settings that none of HF's Llama, Qwen2 or Mistral code applies; a config that sets them was
+# written for other modelling code (or trust_remote_code), which eurotrain cannot reproduce.
+_FOREIGN = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+    "qk_norm": "query/key normalisation",
+    "use_qk_norm": "query/key normalisation",
+    "qk_layernorm": "query/key normalisation",
+    "use_bidirectional_attention": "bidirectional attention",
+    "quantization_config": "quantized weights (import the unquantized float model)",
+    "auto_map": "custom modelling code (trust_remote_code); remove auto_map from config.json "
+    "only if the model is plain Llama/Qwen2/Mistral",
+}
+
+
+def _refuse(field: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"HF config: {field} {_show(value)} is not supported: {why}; {SUPPORTED}")
+
+
+def _show(value: Any) -> str:
+    """Strings quoted as in Python, everything else as config.json writes it (true, null)."""
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        shown = "is missing" if value is None else f"{_show(value)} is not a positive integer"
+        raise ConfigError(f"HF config: {field} {shown}")
+    return value
+
+
+def _positive(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"HF config: {field} {_show(value)} is not a positive number")
+    return float(value)
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"HF config: {key} {_show(value)} is not true or false")
+    return value
+
+
+def check_model_type(d: dict[str, Any]) -> str:
+    model_type = d.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(
+            f"HF config: model_type {_show(model_type)} is missing or not a string; {SUPPORTED}"
+        )
+    if model_type not in CAUSAL_LM:
+        why = _OTHER_TYPES.get(model_type, "eurotrain's decoder is the Llama architecture")
+        raise _refuse("model_type", model_type, why)
+    archs = d.get("architectures")
+    if archs is not None and archs != [CAUSAL_LM[model_type]]:
+        raise _refuse(
+            "architectures",
+            archs,
+            f"eurotrain imports the causal LM ({CAUSAL_LM[model_type]} for model_type "
+            f"{model_type}), not heads for other tasks",
+        )
+    return model_type
+
+
+def _check_math(d: dict[str, Any], model_type: str) -> None:
+    """Fields of the three supported types that would change the computed function."""
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise _refuse("hidden_act", act, "eurotrain's MLP is SwiGLU (silu)")
+    if model_type == "llama":  # only HF's Llama reads these; Qwen2/Mistral fix their biases
+        if _flag(d, "attention_bias"):
+            raise _refuse(
+                "attention_bias",
+                True,
+                "eurotrain's attention has no o_proj bias (q/k/v biases only, as in qwen2)",
+            )
+        if _flag(d, "mlp_bias"):
+            raise _refuse("mlp_bias", True, "eurotrain's MLP has no biases")
+    for key, what in _FOREIGN.items():
+        value = d.get(key)
+        if value not in (None, False):
+            if key == "quantization_config" and isinstance(value, dict):
+                value = value.get("quant_method", "?")
+            elif key == "auto_map" and isinstance(value, dict):
+                value = sorted(value)
+            raise _refuse(key, value, f"eurotrain does not implement {what}")
+    _check_sliding_window(d, model_type)
+
+
+def _check_sliding_window(d: dict[str, Any], model_type: str) -> None:
+    """A window at least as long as the context never masks anything: accepted."""
+    context = _context(d, model_type)
+    if model_type == "llama":
+        return  # HF's Llama has no sliding window
+    window = d.get("sliding_window", _DEFAULTS[model_type].get("sliding_window"))
+    if model_type == "qwen2":
+        if not _flag(d, "use_sliding_window"):
+            return  # HF's Qwen2Config drops the window when use_sliding_window is false
+        layers = d.get("layer_types")
+        if layers is None:  # HF's rule: layers from max_window_layers on slide
+            start = d.get("max_window_layers", 28)
+            if isinstance(start, bool) or not isinstance(start, int):
+                raise ConfigError(f"HF config: max_window_layers {_show(start)} is not an integer")
+            sliding = start < _count(d.get("num_hidden_layers"), "num_hidden_layers")
+        elif not isinstance(layers, list) or any(
+            t not in ("full_attention", "sliding_attention") for t in layers
+        ):
+            raise _refuse("layer_types", layers, "eurotrain's layers are full causal attention")
+        else:
+            sliding = "sliding_attention" in layers
+        if not sliding:
+            return
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise ConfigError(f"HF config: sliding_window {_show(window)} is not an integer or null")
+    if window < context:
+        raise _refuse(
+            "sliding_window",
+            window,
+            f"eurotrain's attention is full causal attention; a window shorter than "
+            f"max_position_embeddings ({context}) masks distant tokens",
+        )
+
+
+def _context(d: dict[str, Any], model_type: str) -> int:
+    default = _DEFAULTS[model_type]["max_position_embeddings"]
+    return _count(d.get("max_position_embeddings", default), "max_position_embeddings")
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """(theta, scaling) from v4's rope_theta / rope_scaling or v5's rope_parameters."""
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"HF config: rope_parameters {_show(params)} is not a mapping")
+    if params and all(isinstance(v, dict) for v in params.values()):  # one per layer type
+        distinct = [v for i, v in enumerate(params.values()) if v not in list(params.values())[:i]]
+        if len(distinct) > 1:
+            raise _refuse("rope_parameters", params, "eurotrain uses one RoPE for all layers")
+        params = distinct[0]
+    theta = _positive(params.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
+        raise _refuse(
+            "partial_rotary_factor", partial, "eurotrain rotates the whole head dimension"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, RopeScaling()
+    if rope_type != "llama3":
+        raise _refuse(
+            "rope_type",
+            rope_type,
+            "eurotrain implements default RoPE and Llama-3.1 scaling (llama3)",
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    values = [_positive(params.get(key), f"rope_scaling (llama3) {key}") for key in keys]
+    try:
+        return theta, RopeScaling(
+            factor=values[0],
+            low_freq_factor=values[1],
+            high_freq_factor=values[2],
+            original_max_position_embeddings=int(values[3]),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"HF config: rope_scaling (llama3): {e}") from None
+
+
+def from_hf_config(d: Any) -> ModelConfig:
+    """ModelConfig from a HF config.json dict of a Llama, Qwen2 or Mistral causal LM; a
+    ConfigError naming the field for anything eurotrain would compute differently."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"HF config: expected a JSON object, got {type(d).__name__}")
+    model_type = check_model_type(d)
+    _check_math(d, model_type)
+    theta, scaling = _rope(d)
+    kv_heads = d.get("num_key_value_heads", _DEFAULTS[model_type].get("num_key_value_heads"))
+    head_dim = d.get("head_dim")
+    name = d.get("_name_or_path")
+    try:
+        return ModelConfig(
+            name=name if isinstance(name, str) and name else model_type,
+            vocab_size=_count(d.get("vocab_size"), "vocab_size"),
+            dim=_count(d.get("hidden_size"), "hidden_size"),
+            num_layers=_count(d.get("num_hidden_layers"), "num_hidden_layers"),
+            num_heads=_count(d.get("num_attention_heads"), "num_attention_heads"),
+            num_kv_heads=None if kv_heads is None else _count(kv_heads, "num_key_value_heads"),
+            head_dim=None if head_dim is None else _count(head_dim, "head_dim"),
+            ffn_dim=_count(d.get("intermediate_size"), "intermediate_size"),
+            norm_eps=_positive(d.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=_context(d, model_type),
+            tie_embeddings=_flag(d, "tie_word_embeddings"),
+            qkv_bias=model_type == "qwen2",
+        )
+    except ConfigError as e:
+        raise ConfigError(f"HF config: does not make a valid eurotrain model: {e}") from None
+
+
+def hf_config_notes(d: dict[str, Any]) -> list[str]:
+    """Settings that do not change the weights' function but that eurotrain does not apply."""
+    notes = []
+    dropout = d.get("attention_dropout", 0.0)
+    if isinstance(dropout, (int, float)) and dropout > 0:
+        notes.append(
+            f"attention_dropout {dropout} is not applied: eurotrain trains without dropout"
+        )
+    tp = d.get("pretraining_tp", 1)
+    if isinstance(tp, int) and tp > 1:
+        notes.append(
+            f"pretraining_tp {tp} only split HF's matmuls into slices (the same function up to "
+            f"rounding); eurotrain computes them whole"
+        )
+    return notes
