@@ -163,6 +163,45 @@ def _split_backward_equal(mesh, kind: str) -> bool:
     )
 
 
+def _other_checks(mesh) -> dict:
+    """bf16 against the single-process fused CE, no_grad (eval) against the grad path, and the
+    inputs that are refused."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from eurotrain.kernels.cross_entropy import linear_cross_entropy
+    from eurotrain.parallel.loss import vocab_parallel_linear_cross_entropy as vp_ce
+
+    hidden, weight, labels = _inputs(512, seed=4)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    options = {"label_smoothing": 0.1, "chunk_size": CHUNK, "use_triton": False}
+    h, w = _distributed_leaves("sequence", hidden, weight, mesh)
+    loss = vp_ce(h, w, labels, mesh, **options)
+    loss.backward()
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = linear_cross_entropy(h_ref, w_ref, labels, **options)
+    ref.backward()
+    rows = w.to_local().shape[0]
+    start = mesh.get_local_rank() * rows
+    assert_close(loss, ref, torch.bfloat16)
+    assert_close(h.grad.full_tensor(), h_ref.grad, torch.bfloat16)
+    assert_close(w.grad.to_local(), w_ref.grad[start : start + rows], torch.bfloat16)
+
+    with torch.no_grad():
+        eval_loss = vp_ce(h, w, labels, mesh, **options)
+    refused = []
+    for bad in (
+        lambda: vp_ce(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels, mesh),
+        lambda: vp_ce(distribute_tensor(hidden, mesh, [Shard(2)]), w, labels, mesh),
+        lambda: vp_ce(hidden, w, distribute_tensor(labels, mesh, [Shard(1)]), mesh),
+    ):
+        try:
+            bad()
+            refused.append("")
+        except ValueError as exc:
+            refused.append(str(exc))
+    return {"no_grad_equal": bool(torch.equal(eval_loss, loss.detach())), "refused": refused}
+
+
 # ---- memory ----------------------------------------------------------------------------------
 MEM_TOKENS, MEM_DIM, MEM_VOCAB, MEM_CHUNK = 256, 16, 32000, 32
 
@@ -309,6 +348,7 @@ def _tp_worker(rank: int, world_size: int, cases: list[dict], with_extras: bool)
     results: dict = {"cases": {_case_id(c): _check_case(c, mesh, exact_cache) for c in cases}}
     results["split"] = {kind: _split_backward_equal(mesh, kind) for kind in HIDDENS}
     if with_extras:
+        results["other"] = _other_checks(mesh)
         results["memory"] = _memory(mesh)
         results["zbv_single_device"] = _zbv_matches_one_process(mesh, None)
     else:  # four ranks: pp=2 x tp=2, the vocabulary-parallel loss in a ZBV schedule
@@ -357,6 +397,19 @@ def test_tp4_matches_single_process_within_fp32_rounding(tp4, case):
 def test_split_backward_input_then_weight_equals_one_backward(tp2, tp4, kind):
     for per_rank in (tp2, tp4):
         assert all(r["split"][kind] for r in per_rank)
+
+
+def test_bf16_matches_single_process_and_eval_equals_train(tp2):
+    # bf16 compared in the workers (raises there); eval (no_grad) gives the same loss, bit for bit.
+    assert all(r["other"]["no_grad_equal"] for r in tp2)
+
+
+def test_bad_inputs_are_refused_with_a_message(tp2):
+    for rank_result in tp2:
+        weight_replicated, hidden_dim_sharded, labels_dtensor = rank_result["other"]["refused"]
+        assert "Shard(0)" in weight_replicated
+        assert "token dim" in hidden_dim_sharded
+        assert "labels must be a plain tensor" in labels_dtensor
 
 
 def test_logits_memory_is_bounded_by_the_chunk(tp2):
