@@ -1,16 +1,19 @@
-"""Cross-entropy loss and logit gradient for one chunk of rows, in Triton.
+"""Cross-entropy statistics and logit gradient for one chunk of rows, in Triton.
 
-Used by ``cross_entropy.py`` on each [chunk, vocab] block of logits. Why a kernel: per row it
-makes one pass for the online max / sum-exp (and the sum of logits label smoothing needs) and a
-second pass that overwrites the logits with their gradient, so the chunk's logits buffer is
-reused for the gradient and no softmax, log-softmax or one-hot tensor is allocated.
+Used by ``cross_entropy.py`` on each [chunk, vocab] block of logits, in two kernels so that the
+vocabulary may be split over tensor-parallel ranks: the first reduces each row to three numbers
+(one pass, online max / sum-exp), the ranks combine those numbers, and the second overwrites the
+logits with their gradient given the row's log-sum-exp over the whole vocabulary. Without a
+split the second kernel follows the first directly. No softmax, log-softmax or one-hot tensor is
+allocated; the chunk's logits buffer is reused for the gradient.
 
-Per row, with lse = logsumexp(x), eps = label_smoothing, V = vocab size, y = label:
-    loss   = lse - (1 - eps) * x[y] - eps * sum(x) / V
-    dloss/dx[j] = softmax(x)[j] - eps / V - (1 - eps) * [j == y]
+The logits held here are columns [vocab_start, vocab_start + n_cols) of a vocabulary of
+vocab_size (vocab_start = 0 and n_cols = vocab_size without a split). Per row, with
+lse = logsumexp over the whole vocabulary, eps = label_smoothing, V = vocab_size, y = label:
+    loss        = lse - (1 - eps) * x[y] - eps * sum(x) / V
+    dloss/dx[j] = exp(x[j] - lse) - eps / V - (1 - eps) * [j == y]
 and both are zero for rows whose label is ignore_index. This is PyTorch's
-``cross_entropy(..., label_smoothing=eps, reduction="sum")`` row by row; "mean" is applied
-by the caller.
+``cross_entropy(..., label_smoothing=eps, reduction="sum")`` row by row.
 """
 
 from __future__ import annotations
@@ -23,33 +26,30 @@ from eurotrain.kernels._runtime import interpret_mode, next_power_of_2
 
 
 @triton.jit
-def _ce_chunk_kernel(
+def _ce_stats_kernel(
     LOGITS,
     LABELS,
-    LOSS,
+    STATS,
     stride_row,
+    n_rows,
     n_cols,
+    vocab_start,
     ignore_index,
-    label_smoothing,
-    COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """STATS[:, row] = (logsumexp of the row, x[label] if the label is held here else 0,
+    sum of the row); zeros for an ignored row."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     label = tl.load(LABELS + row)
     offsets = tl.arange(0, BLOCK)
-    if label == ignore_index:
-        tl.store(LOSS + row, 0.0)
-        if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offsets
-                zeros = tl.zeros([BLOCK], dtype=tl.float32)
-                tl.store(row_ptr + cols, zeros.to(LOGITS.dtype.element_ty), mask=cols < n_cols)
-    else:
-        # Pass 1: online max and sum of exp (rescaled whenever the max grows), sum of logits.
+    lse = tl.zeros([], dtype=tl.float32)
+    x_label = tl.zeros([], dtype=tl.float32)
+    sum_x = tl.zeros([], dtype=tl.float32)
+    if label != ignore_index:
+        # Online max and sum of exp (rescaled whenever the max grows), and sum of logits.
         run_max = tl.full([], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([], dtype=tl.float32)
-        sum_x = tl.zeros([], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offsets
             mask = cols < n_cols
@@ -59,50 +59,109 @@ def _ce_chunk_kernel(
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
             run_max = new_max
         lse = run_max + tl.log(run_sum)
-        x_label = tl.load(row_ptr + label).to(tl.float32)
-        loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * sum_x / n_cols
-        tl.store(LOSS + row, loss)
-        if COMPUTE_GRAD:
-            # Pass 2: overwrite the logits with d loss / d logits.
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offsets
-                mask = cols < n_cols
-                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                grad = tl.exp(x - lse) - label_smoothing / n_cols
-                grad = tl.where(cols == label, grad - (1.0 - label_smoothing), grad)
-                tl.store(row_ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+        local = label - vocab_start
+        held = (local >= 0) & (local < n_cols)
+        x_label = tl.load(row_ptr + tl.where(held, local, 0), mask=held, other=0.0).to(tl.float32)
+    tl.store(STATS + row, lse)
+    tl.store(STATS + n_rows + row, x_label)
+    tl.store(STATS + 2 * n_rows + row, sum_x)
 
 
-def ce_chunk_triton(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    compute_grad: bool,
+@triton.jit
+def _ce_grad_kernel(
+    LOGITS,
+    LABELS,
+    LSE,
+    stride_row,
+    n_cols,
+    vocab_start,
+    vocab_size,
+    ignore_index,
+    label_smoothing,
+    BLOCK: tl.constexpr,
+):
+    """Overwrite the row's logits with d loss / d logits, given the row's log-sum-exp."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_row
+    label = tl.load(LABELS + row)
+    offsets = tl.arange(0, BLOCK)
+    if label == ignore_index:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offsets
+            zeros = tl.zeros([BLOCK], dtype=tl.float32)
+            tl.store(row_ptr + cols, zeros.to(LOGITS.dtype.element_ty), mask=cols < n_cols)
+    else:
+        lse = tl.load(LSE + row)
+        local = label - vocab_start  # outside [0, n_cols) when another rank holds the label
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offsets
+            mask = cols < n_cols
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - label_smoothing / vocab_size
+            grad = tl.where(cols == local, grad - (1.0 - label_smoothing), grad)
+            tl.store(row_ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _block(n_cols: int) -> int:
+    # Wide blocks on the interpreter (each block is one numpy op); on a GPU a block is held in
+    # registers, 4096 fp32 over 8 warps is 16 per thread. Untuned: no GPU was available.
+    return min(next_power_of_2(n_cols), 32768 if interpret_mode() else 4096)
+
+
+def ce_chunk_stats_triton(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ignore_index: int
 ) -> torch.Tensor:
-    """Per-row losses (fp32) of ``logits`` [rows, V]; overwrites logits with their gradient.
+    """[3, rows] fp32: per row the log-sum-exp of ``logits`` [rows, n_cols], the logit of the
+    label where vocab_start <= label < vocab_start + n_cols (else 0), and the sum of the logits.
 
-    ``logits`` must have unit stride on V. Labels outside [0, V) other than ignore_index are
-    not checked (that would need a host sync per chunk) and read out of bounds.
+    ``logits`` must have unit stride on the vocabulary. Labels are not range-checked (that
+    would need a host sync per chunk); an out-of-range label reads as "held elsewhere".
     """
     n_rows, n_cols = logits.shape
     assert logits.stride(-1) == 1
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(3, n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
-        return loss
-    # Wide blocks on the interpreter (each block is one numpy op); on a GPU a block is held in
-    # registers, 4096 fp32 over 8 warps is 16 per thread. Untuned: no GPU was available.
-    block = min(next_power_of_2(n_cols), 32768 if interpret_mode() else 4096)
-    _ce_chunk_kernel[(n_rows,)](
+        return stats
+    _ce_stats_kernel[(n_rows,)](
         logits,
         labels,
-        loss,
+        stats,
         logits.stride(0),
+        n_rows,
         n_cols,
+        vocab_start,
         ignore_index,
-        float(label_smoothing),
-        COMPUTE_GRAD=compute_grad,
-        BLOCK=block,
+        BLOCK=_block(n_cols),
         num_warps=8,
     )
-    return loss
+    return stats
+
+
+def ce_chunk_grad_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    vocab_start: int,
+    vocab_size: int,
+    ignore_index: int,
+    label_smoothing: float,
+) -> None:
+    """Overwrite ``logits`` [rows, n_cols] with the gradient of the rows' loss, given ``lse``
+    [rows] fp32, each row's log-sum-exp over the whole vocabulary of ``vocab_size``."""
+    n_rows, n_cols = logits.shape
+    assert logits.stride(-1) == 1
+    if n_rows == 0:
+        return
+    _ce_grad_kernel[(n_rows,)](
+        logits,
+        labels,
+        lse,
+        logits.stride(0),
+        n_cols,
+        vocab_start,
+        vocab_size,
+        ignore_index,
+        float(label_smoothing),
+        BLOCK=_block(n_cols),
+        num_warps=8,
+    )

@@ -1,8 +1,12 @@
-"""Shared helpers for the kernel tests: the stated tolerances and the comparison using them."""
+"""Shared helpers for the kernel tests: the stated tolerances and the comparison using them,
+and a measurement of the memory a function allocates."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 # Tolerances, stated once (docs/kernels.md repeats them). Compared per element as
 # |actual - expected| <= atol * max|expected| + rtol * |expected|: atol is relative to the
@@ -90,6 +94,14 @@ def linear_ce_exact(
     return [(loss, e_loss), (gh, e_gh), (gw, e_gw)]
 
 
+def bound_ratio(actual: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> float:
+    """The largest error / bound over the elements (<= 1 when within the bound); an element
+    with a zero bound (an ignored token's gradient) counts 0 when exact, infinity otherwise."""
+    err = (actual.detach().double() - exact).abs()
+    ratio = torch.where(bound > 0, err / bound.clamp_min(1e-300), err * float("inf"))
+    return float(ratio.nan_to_num(0.0).max()) if ratio.numel() else 0.0
+
+
 def assert_within_bound(actual: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
     """Every element of ``actual`` lies within its error bound of the exact (fp64) value."""
     err = (actual.detach().double() - exact).abs()
@@ -100,3 +112,32 @@ def assert_within_bound(actual: torch.Tensor, exact: torch.Tensor, bound: torch.
         f"worst at flat index {worst}: error {err.flatten()[worst]:.3e}, "
         f"bound {bound.flatten()[worst]:.3e}"
     )
+
+
+# ---- memory, measured ----------------------------------------------------------------------
+def _allocation_events(prof) -> list[tuple[int, int]]:
+    """(time, bytes) of every allocation (+) and free (-) the profiler saw, in time order."""
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        device = getattr(node.extra_fields, "device", None)
+        if size is not None and device is not None and device.type == "cpu":
+            events.append((node.start_time_ns, size))
+    events.sort()
+    return events
+
+
+def measure(fn: Callable[[], object]) -> tuple[int, int]:
+    """(largest single allocation, peak live bytes above the start) of CPU tensors while fn
+    runs, from every allocation and free ``torch.profiler`` records (profile_memory=True)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = largest = 0
+    for _, size in _allocation_events(prof):
+        live += size
+        peak = max(peak, live)
+        largest = max(largest, size)
+    return largest, peak

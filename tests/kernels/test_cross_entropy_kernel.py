@@ -119,12 +119,46 @@ def test_all_labels_ignored(device):
     )
 
 
-def test_second_backward_is_refused(device):
+def test_second_backward_with_another_gradient_is_refused(device):
     hidden, weight, labels = _inputs(6, 8, 50, torch.float32, device)
     loss = linear_cross_entropy(hidden.requires_grad_(), weight, labels)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="different incoming gradients"):
+        loss.backward(torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_second_backward_with_the_same_gradient_accumulates_again(use_triton, device):
+    # As for any graph kept with retain_graph: the gradients are added a second time.
+    hidden, weight, labels = _inputs(12, 8, 50, torch.float32, device)
+    _, h_once, w_once = _run(reference.linear_cross_entropy, hidden, weight, labels)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, chunk_size=5, use_triton=use_triton) * 2.5
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward was run twice"):
-        loss.backward()
+    loss.backward()
+    assert_close(h.grad, 2 * h_once, torch.float32)
+    assert_close(w.grad, 2 * w_once, torch.float32)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_split_backward_input_then_weight_equals_one_backward(use_triton, reduction, device):
+    # A zero-bubble pipeline schedule's split: d input first (graph kept), then d weight from
+    # the same graph, which runs the loss's backward a second time with the same gradient.
+    hidden, weight, labels = _inputs(20, 16, 300, torch.float32, device)
+
+    def loss_fn(h, w, y, **kwargs):
+        return linear_cross_entropy(torch.tanh(h), w, y, **kwargs)
+
+    options = {"chunk_size": 8, "use_triton": use_triton, "reduction": reduction}
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = loss_fn(h, w, labels, **options) * 2.5
+    (grad_h,) = torch.autograd.grad(loss, [h], retain_graph=True)
+    (grad_w,) = torch.autograd.grad(loss, [w])
+    _, want_h, want_w = _run(loss_fn, hidden, weight, labels, **options)
+    assert torch.equal(grad_h, want_h) and torch.equal(grad_w, want_w)
 
 
 def test_bad_arguments_are_value_errors(device):

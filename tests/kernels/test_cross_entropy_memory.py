@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from kernel_testing import measure
 
 from eurotrain.kernels import reference
 from eurotrain.kernels._runtime import triton_importable
@@ -27,33 +27,6 @@ PATHS = [
     ),
     pytest.param(False, id="torch-chunked"),
 ]
-
-
-def _allocation_events(prof) -> list[tuple[int, int]]:
-    """(time, bytes) of every allocation (+) and free (-) the profiler saw, in time order."""
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        size = getattr(node.extra_fields, "alloc_size", None)
-        device = getattr(node.extra_fields, "device", None)
-        if size is not None and device is not None and device.type == "cpu":
-            events.append((node.start_time_ns, size))
-    events.sort()
-    return events
-
-
-def measure(fn) -> tuple[int, int]:
-    """(largest single allocation, peak live bytes above the start) while fn runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = largest = 0
-    for _, size in _allocation_events(prof):
-        live += size
-        peak = max(peak, live)
-        largest = max(largest, size)
-    return largest, peak
 
 
 def _step(fn, **kwargs):
