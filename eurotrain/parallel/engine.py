@@ -37,7 +37,6 @@ from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.parallel.grad import clip_grad_norm_
 from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
-from eurotrain.parallel.tp import loss_context, plain
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -200,7 +199,7 @@ class TorchEngine:
         if self.pipeline is not None:
             x = self._to_device(torch.cat(batch.inputs))
             y = self._to_device(torch.cat(batch.labels))
-            with loss_context(self.dims.tp), self.precision.context():
+            with self.precision.context():
                 return self.pipeline.step(x, y, num_tokens)
         loss_sum = torch.zeros((), device=self.device)
         last = len(batch.inputs) - 1
@@ -208,11 +207,11 @@ class TorchEngine:
             if self.sharded:  # reduce-scatter gradients only after the last micro-batch
                 cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
             x, y, positions, ring = self._sequence_shard(self._to_device(x), self._to_device(y))
-            with ring, loss_context(self.dims.tp):
+            with ring:
                 with self.precision.context():
                     loss = self.model(x, y, positions=positions)
                 (loss / num_tokens).backward()
-            loss_sum += plain(loss.detach()).float()
+            loss_sum += loss.detach().float()
         return loss_sum
 
     def reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
@@ -233,8 +232,8 @@ class TorchEngine:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, y in zip(batch.inputs, batch.labels):
             x, y = self._to_device(x), self._to_device(y)
-            with self.precision.context(), loss_context(self.dims.tp):
-                total += plain(self.model(x, y)).double()
+            with self.precision.context():
+                total += self.model(x, y).double()
         return total
 
 

@@ -1,19 +1,18 @@
-"""Tensor parallelism (+ sequence parallelism) from the model's plan, and the loss on the
-vocabulary-sharded logits (loss parallel)."""
+"""Tensor parallelism (+ sequence parallelism) from the model's plan, with the loss computed on
+the vocabulary shards of the output projection (eurotrain/parallel/loss.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 
-from eurotrain.models.llama import IGNORE_INDEX
+from eurotrain.models.llama import IGNORE_INDEX, Transformer
 from eurotrain.models.plans import llama_tp_plan
+from eurotrain.parallel.loss import vocab_parallel_linear_cross_entropy
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
@@ -27,31 +26,24 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     for layer in cast(nn.ModuleDict, model.layers).values():
         parallelize_module(layer, tp_mesh, block)
     if getattr(model, "output", None) is not None:
-        model.loss_fn = loss_parallel_cross_entropy  # type: ignore[assignment]
+        use_triton = cast(Transformer, model).ops.backend == "triton"
+        model.loss_fn = VocabParallelCrossEntropy(tp_mesh, use_triton)  # type: ignore[assignment]
     return model
 
 
-def loss_parallel_cross_entropy(
-    h: torch.Tensor, output: nn.Module, labels: torch.Tensor
-) -> torch.Tensor:
-    """The model's loss under tensor parallelism: the vocabulary-sharded logits of the output
-    projection and PyTorch's loss_parallel (run forward and backward inside loss_context())."""
-    return plain(sharded_cross_entropy(output(h), labels))
+class VocabParallelCrossEntropy:
+    """The model's loss under tensor parallelism: the fused, chunked linear + cross-entropy on
+    this rank's vocabulary shard of the output projection (the logits are never materialised,
+    not even vocabulary-sharded). The chunk math runs in Triton when the model's kernel set is
+    "triton" and Triton can run, else in PyTorch."""
 
+    def __init__(self, tp_mesh: DeviceMesh, use_triton: bool) -> None:
+        self.tp_mesh = tp_mesh
+        self.use_triton = use_triton
 
-def loss_context(tp: int) -> contextlib.AbstractContextManager:
-    """loss_parallel() under tensor parallelism (forward and backward must run inside it)."""
-    return loss_parallel() if tp > 1 else contextlib.nullcontext()
-
-
-def sharded_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy of [B, S, V] logits (a DTensor sharded on V under tp), in
-    fp32; run inside loss_context()."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value as a plain tensor (the replicated loss under tp); else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    def __call__(self, h: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        # h stays [B, S, D]: under sequence parallelism it is a DTensor sharded on S.
+        return vocab_parallel_linear_cross_entropy(
+            h, cast(nn.Linear, output).weight, labels, self.tp_mesh, IGNORE_INDEX,
+            use_triton=None if self.use_triton else False,
+        )  # fmt: skip

@@ -57,6 +57,17 @@ def measure_bytes(trainer) -> dict[str, int]:
     }
 
 
+def describe_loss(part: Any) -> str:
+    """Which loss a model part computes: the fused chunked CE (Triton or torch chunks), the
+    vocabulary-parallel one, or the reference; "" for a stage without the output."""
+    if part.output is None:
+        return ""
+    fn = part.loss_fn
+    if type(fn).__name__ == "VocabParallelCrossEntropy":
+        return "vocab-parallel-" + ("triton" if fn.use_triton else "torch")
+    return "fused-" + fn.ops.impls["linear_cross_entropy"]
+
+
 def train_layouts(
     rank: int, world_size: int, layouts: list[dict[str, Any]], output_dir: str
 ) -> list[dict[str, Any]]:
@@ -71,6 +82,7 @@ def train_layouts(
         trainer = Trainer(cfg)
         out = trainer.train()
         entry: dict[str, Any] = {"losses": out.losses, "grad_norms": out.grad_norms}
+        entry["loss_fns"] = [describe_loss(part) for part in trainer.model_parts]
         if layout.get("parallel.engine") != "deepspeed":
             entry["bytes"] = measure_bytes(trainer)
         results.append(entry)
