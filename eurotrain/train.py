@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from eurotrain.checkpoint import Checkpointer
+from eurotrain.checkpoint.checkpointer import check_sources
 from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
@@ -96,6 +97,7 @@ class Trainer:
         )
 
         self.run_dir = self._make_run_dir()
+        check_sources(cfg.checkpoint, self.run_dir, self.dist.world_size)  # before the model
         bf16 = cfg.train.mixed_precision == "bf16" or (
             cfg.train.mixed_precision == "auto" and device_type == "cuda"
         )
