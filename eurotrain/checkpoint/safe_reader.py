@@ -16,7 +16,9 @@ Where DCP unpickles, and what eurotrain does about it (torch 2.13):
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,8 @@ def read_metadata(ckpt: Path, marker: dict[str, Any], check_sum: bool = True) ->
     if want is None:
         raise CheckpointError(f"{path}: not listed in the commit marker")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would never end
+            raise CheckpointError(f"{path}: not a regular file (the checkpoint may be crafted)")
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (listed in the commit marker)") from None
