@@ -258,7 +258,7 @@ class Checkpointer:
         state = load_target(trainer, self.rank, marker["world_size"], keys)
         strict = tuple(f"{k}." for k in sorted(keys))
         load_state(state, path, metadata, strict, self.pg)
-        apply_state(trainer, state, self.rank)
+        self._apply_everywhere(trainer, state, path)
         if not weights_only:
             self.last_saved_step = trainer.step
         what = "model weights from" if weights_only else "resumed from"
@@ -294,6 +294,21 @@ class Checkpointer:
                 f"explicitly (checkpoint.resume PATH) or start afresh (checkpoint.resume none)"
             )
         return None
+
+    def _apply_everywhere(self, trainer: Any, state: dict[str, Any], path: Path) -> None:
+        """apply_state on every rank; loaded values that do not fit (the train JSON, an RNG
+        state: checked data, but still the checkpoint's) raise the same error everywhere."""
+        problem = ""
+        try:
+            apply_state(trainer, state, self.rank)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            problem = f"{path}: rank {self.rank} cannot use its state ({type(e).__name__}: {e})"
+        if self.pg is not None:
+            problems: list[Any] = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self.pg)
+            problem = next((p for p in problems if p), "")
+        if problem:
+            raise CheckpointError(problem.splitlines()[0])
 
     def _verify_everywhere(self, path: Path) -> tuple[str, dict[str, Any] | None, Any]:
         """(problem or "", marker, metadata): every rank verifies its share; the verdicts are

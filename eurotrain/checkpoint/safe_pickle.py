@@ -29,6 +29,7 @@ import enum
 import io
 import pathlib
 import pickle
+import reprlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -128,7 +129,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if check is None or type(args) is not tuple:
             raise Refused(f"calls {_describe(func)} (REDUCE)")
         if not check(args):
-            raise Refused(f"calls {_describe(func)} with arguments {args!r:.80}")
+            raise Refused(f"calls {_describe(func)} with arguments {reprlib.repr(args)}")
         stack[-1] = func(*args)
 
     def _newobj(self) -> None:

@@ -32,9 +32,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
+    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
+    TensorProperties,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
@@ -94,6 +96,8 @@ def _metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
     for key, value in entries.items():
         if type(key) is not str or type(value) not in (TensorStorageMetadata, BytesStorageMetadata):
             return f"entry {key!r:.80} is not a tensor or bytes entry"
+        if type(value) is TensorStorageMetadata and not _tensor_entry_ok(value):
+            return f"tensor entry {key!r:.80} has a malformed dtype, size or chunk"
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(index.fqn) is not str:
             return f"storage entry {index!r:.80} is malformed"
@@ -111,6 +115,21 @@ def _metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
         if index.fqn not in entries:
             return f"storage entry {index.fqn!r:.80} has no state_dict_metadata entry"
     return ""
+
+
+def _tensor_entry_ok(entry: TensorStorageMetadata) -> bool:
+    properties, size, chunks = entry.properties, entry.size, entry.chunks
+    if type(properties) is not TensorProperties or not isinstance(properties.dtype, torch.dtype):
+        return False
+    if type(size) is not torch.Size or type(chunks) is not list:
+        return False
+    return all(
+        type(c) is ChunkStorageMetadata
+        and type(c.offsets) is torch.Size
+        and type(c.sizes) is torch.Size
+        and len(c.offsets) == len(c.sizes) == len(size)
+        for c in chunks
+    )
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -160,3 +160,13 @@ def test_metadata_in_the_protocols_dcp_writes_is_read(saved, protocol):
             unpickle_metadata(data)
     else:
         assert unpickle_metadata(data) == real
+
+
+def test_loaded_values_that_do_not_fit_are_a_checkpoint_error(saved, tmp_path):
+    ckpt = tmp_path / "ckpts" / "step-000002"
+    shutil.copytree(saved, ckpt)
+    replace_value(ckpt, "train", torch_saved('{"step": "two"}'))  # plain text, wrong content
+    resign(ckpt)
+    cfg = tiny_config(tmp_path, "run", 3, checkpoint={"resume": str(ckpt)})
+    with pytest.raises(CheckpointError, match=r"step-000002: rank 0 cannot use its state"):
+        Trainer(cfg)
