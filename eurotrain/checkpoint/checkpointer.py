@@ -242,9 +242,14 @@ class Checkpointer:
         rank tries the same ones in the same order."""
         box: list[Any] = [([], [])]
         if self.rank == 0:
-            box = [candidates(self.cfg, self.root)]
+            try:
+                box = [candidates(self.cfg, self.root)]
+            except OSError as e:  # e.g. no permission to list it: every rank must hear
+                box = [f"cannot list checkpoints in {self.root}: {e}"]
         if self.pg is not None:
             dist.broadcast_object_list(box, src=0, group=self.pg)
+        if isinstance(box[0], str):
+            raise CheckpointError(box[0])
         return box[0]
 
     def maybe_resume(self, trainer: Any) -> bool:
@@ -333,7 +338,10 @@ def check_sources(cfg: CheckpointConfig, run_dir: Path, world_size: int) -> None
     0 looks and broadcasts, so ranks never disagree."""
     box = [""]
     if world_size == 1 or dist.get_rank() == 0:
-        box = [source_problem(cfg, checkpoint_root(cfg, run_dir))]
+        try:
+            box = [source_problem(cfg, checkpoint_root(cfg, run_dir))]
+        except OSError as e:  # e.g. a directory on the way is not readable
+            box = [f"checkpoint paths of this config cannot be checked: {e}"]
     if world_size > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0]:

@@ -105,7 +105,7 @@ def resolve_checkpoint(path: Path) -> Path:
     """A step-N directory, or the newest committed one under a checkpoints directory."""
     if (path / layout.MARKER).exists():
         return path
-    if not path.is_dir():
+    if not path.exists():
         where = layout.describe_dir(path.parent) if path.parent.is_dir() else "nor its parent"
         raise CheckpointError(f"{path}: does not exist ({where})")
     found, _ = layout.latest(path)

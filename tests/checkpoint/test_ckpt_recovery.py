@@ -174,3 +174,11 @@ def test_candidates_tell_torn_from_damaged(tmp_path):
         str(tmp_path / "step-000040.tmp"),
         str(tmp_path / "step-000030"),
     ]
+
+
+def test_convert_names_a_missing_checkpoint(tmp_path, capsys):
+    from eurotrain.cli import main as cli
+
+    missing = tmp_path / "run" / "step-000001"
+    assert cli(["convert", "eurotrain-to-hf", str(missing), str(tmp_path / "hf")]) == 1
+    assert f"{missing}: does not exist (nor its parent)" in capsys.readouterr().err
