@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from eurotrain.callbacks import CallbackList, StepMetrics
 from eurotrain.checkpoint.callback import SaveCheckpoints
-from eurotrain.checkpoint.checkpointer import Checkpointer, Resumed
+from eurotrain.checkpoint.checkpointer import Checkpointer, Resumed, check_sources
+from eurotrain.checkpoint.resume import checkpoint_root
 from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
@@ -131,6 +132,9 @@ class Trainer:
         )
 
         self.run_dir = self._make_run_dir()
+        check_sources(
+            cfg.checkpoint, self.run_dir, world
+        )  # a missing resume path, before the model
         self.engine: Engine = build_engine(cfg, self.dims, self.mesh, device)
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.schedule, cfg.train.steps)
         self.state = TrainState()
@@ -145,9 +149,9 @@ class Trainer:
             f"{self.engine.precision.compute_dtype}, kernels {_describe_ops(self.model.ops)}, "
             f"run dir {self.run_dir}"
         )
-        root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, root, self.dist.rank, world, cuda=device.type == "cuda",
+            cfg.checkpoint, checkpoint_root(cfg.checkpoint, self.run_dir), self.dist.rank, world,
+            cuda=device.type == "cuda",
             log=self.metrics.info,
         )  # fmt: skip
         builtin: list[Callback] = [StopOnSignal(self.host_group), LogMetrics(self.metrics)]

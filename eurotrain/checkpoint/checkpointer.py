@@ -34,12 +34,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from eurotrain.checkpoint import layout
 from eurotrain.checkpoint.config import CheckpointConfig
 from eurotrain.checkpoint.layout import CheckpointError
-from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, verify
+from eurotrain.checkpoint.resume import Candidate, candidates, checkpoint_root, source_problem
+from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.state import apply_state, build_state, load_target
 from eurotrain.checkpoint.storage import (
     DIR_MODE,
@@ -51,6 +53,7 @@ from eurotrain.checkpoint.storage import (
     make_dir,
     write_durable,
 )
+from eurotrain.checkpoint.verify import verify
 from eurotrain.state import Stateful
 
 
@@ -268,57 +271,115 @@ class Checkpointer:
             raise CheckpointError(f"commit of {tmp} failed on rank 0: {outcome[0]}")
 
     # ---- loading -------------------------------------------------------------------------
-    def find_resume(self) -> tuple[Path | None, bool]:
-        """(checkpoint to load, weights only?) per checkpoint.resume and init_from; decided by
-        rank 0 and broadcast, so every rank loads the same one."""
-        choice: list[Any] = [None, False]
+    def find_resume(self) -> tuple[list[Candidate], list[str]]:
+        """(checkpoints to try, newest first, per checkpoint.resume and init_from; notes on
+        never-committed directories passed over): listed by rank 0 and broadcast, so every
+        rank tries the same ones in the same order."""
+        box: list[Any] = [([], [])]
         if self.rank == 0:
-            resume = self.cfg.resume
-            if resume == "auto":
-                found, bad = layout.latest(self.root)
-                for b in bad:
-                    self._log(f"checkpoint {b.path} ignored: {b.problem}")
-                if found is not None:
-                    choice = [str(found.path), False]
-            elif resume != "none":
-                choice = [resume, False]
-            if choice[0] is None and self.cfg.init_from:
-                choice = [self.cfg.init_from, True]
-        if self.world_size > 1:
-            dist.broadcast_object_list(choice, src=0)
-        return (Path(choice[0]) if choice[0] else None), bool(choice[1])
+            try:
+                box = [candidates(self.cfg, self.root)]
+            except OSError as e:  # e.g. no permission to list it: every rank must hear
+                box = [f"cannot list checkpoints in {self.root}: {e}"]
+        if self.pg is not None:
+            dist.broadcast_object_list(box, src=0, group=self.pg)
+        if isinstance(box[0], str):
+            raise CheckpointError(box[0])
+        return box[0]
 
     def resume(self, parts: Mapping[str, Stateful]) -> Resumed | None:
         """Load the checkpoint that checkpoint.resume / init_from name into the parts (all of
         them, or the model's weights only); None when there is nothing to load."""
-        path, weights_only = self.find_resume()
-        if path is None:
+        chosen = self._choose()
+        if chosen is None:
             return None
-        marker = self._verify_everywhere(path)
+        path, weights_only, marker, metadata = chosen
         if marker.get("kind") == "weights":
             weights_only = True
         keys = {"model"} if weights_only else {"model", "optim"}
         state = load_target(parts, self.rank, marker["world_size"], keys)
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=self.world_size == 1)
-        apply_state(parts, state, self.rank)
+        strict = tuple(f"{k}." for k in sorted(keys))
+        load_state(state, path, metadata, strict, self.pg)
+        self._apply_everywhere(parts, state, path)
         if not weights_only:
             self.last_saved_step = int(marker["step"])
         return Resumed(path, int(marker["step"]), weights_only, marker)
 
-    def _verify_everywhere(self, path: Path) -> dict[str, Any]:
-        error = ""
-        marker: dict[str, Any] = {}
+    def _choose(self) -> tuple[Path, bool, dict[str, Any], Metadata] | None:
+        """The first candidate every rank verified, with its marker and metadata. A damaged
+        checkpoint found by resume auto is skipped with a warning; one named in the config,
+        or every committed one being damaged, is an error."""
+        tried, notes = self.find_resume()
+        for note in notes:
+            self._log(note)
+        skipped: list[str] = []
+        for cand in tried:
+            path = Path(cand.path)
+            problem, marker, metadata = cand.problem, None, None
+            if not problem:
+                problem, marker, metadata = self._verify_everywhere(path)
+            if not problem:
+                assert marker is not None and metadata is not None
+                return path, cand.weights_only, marker, metadata
+            if cand.source != "auto":
+                raise CheckpointError(problem)
+            skipped.append(f"{path.name}: {problem}")
+            self._log(f"warning: checkpoint {path} skipped, damaged: {problem}")
+        if skipped:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.root} ({'; '.join(skipped)}); resume one "
+                f"explicitly (checkpoint.resume PATH) or start afresh (checkpoint.resume none)"
+            )
+        return None
+
+    def _apply_everywhere(
+        self, parts: Mapping[str, Stateful], state: dict[str, Any], path: Path
+    ) -> None:
+        """apply_state on every rank; loaded values that do not fit (the train JSON, an RNG
+        state: checked data, but still the checkpoint's) raise the same error everywhere."""
+        problem = ""
         try:
-            marker = verify(path, self.cfg.verify, self.rank, self.world_size)
-        except CheckpointError as e:
-            error = str(e)
-        if self.world_size > 1:  # every rank raises the same error, none waits forever
-            errors: list[Any] = [None] * self.world_size
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e), "")
-        if error:
-            raise CheckpointError(error)
-        return marker
+            apply_state(parts, state, self.rank)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            problem = f"{path}: rank {self.rank} cannot use its state ({type(e).__name__}: {e})"
+        if self.pg is not None:
+            problems: list[Any] = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self.pg)
+            problem = next((p for p in problems if p), "")
+        if problem:
+            raise CheckpointError(problem.splitlines()[0])
+
+    def _verify_everywhere(self, path: Path) -> tuple[str, dict[str, Any] | None, Any]:
+        """(problem or "", marker, metadata): every rank verifies its share; the verdicts are
+        gathered so that all ranks reach the same decision (the first rank's problem wins)."""
+        problem = ""
+        marker: dict[str, Any] | None = None
+        metadata: Metadata | None = None
+        try:
+            marker, metadata = verify(path, self.cfg.verify, self.rank, self.world_size)
+        except (CheckpointError, OSError) as e:
+            problem = str(e)
+        if self.pg is not None:
+            problems: list[Any] = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self.pg)
+            problem = next((p for p in problems if p), "")
+        return problem, marker, metadata
+
+
+def check_sources(cfg: CheckpointConfig, run_dir: Path, world_size: int) -> None:
+    """Raise on every rank when a checkpoint the config names (resume PATH, init_from) does
+    not exist or is not one; cheap, so the trainer calls it before building the model. Rank
+    0 looks and broadcasts, so ranks never disagree."""
+    box = [""]
+    if world_size == 1 or dist.get_rank() == 0:
+        try:
+            box = [source_problem(cfg, checkpoint_root(cfg, run_dir))]
+        except OSError as e:  # e.g. a directory on the way is not readable
+            box = [f"checkpoint paths of this config cannot be checked: {e}"]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
 
 
 def save_error(step: int, tmp: Path, e: BaseException) -> CheckpointError:

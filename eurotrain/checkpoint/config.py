@@ -25,14 +25,17 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this forever; 0 disables."""
     resume: str = "auto"
-    """auto: the newest committed checkpoint in dir, if any; none: start fresh; or a path to
-    one checkpoint directory (step-N)."""
+    """auto: the newest committed checkpoint in dir that verifies (damaged newer ones are
+    skipped with a warning; none intact is an error); none: start fresh; or a path to one
+    checkpoint directory (step-N), which must verify."""
     init_from: str = ""
     """A checkpoint whose model weights (only) start a fresh run, e.g. one made by
-    'eurotrain convert hf-to-eurotrain'; ignored when a resume checkpoint is found."""
-    verify: Literal["metadata", "full", "none"] = "metadata"
-    """On load, check the commit marker's checksums: of the DCP metadata (metadata), of every
-    file (full: reads everything once more), or nothing (none)."""
+    'eurotrain convert hf-to-eurotrain'; ignored when a resume checkpoint is found. Its model
+    tensors must match this model's exactly."""
+    verify: Literal["full", "metadata", "none"] = "full"
+    """Before loading, check files against the commit marker: size and blake2b of every file,
+    split across ranks (full: reads the checkpoint once more); sizes of all files and blake2b
+    of the DCP metadata only (metadata: misses flipped bits in data files); nothing (none)."""
     lustre_stripe_count: int = 4
     """On Lustre: OSTs each new checkpoint file is striped over (-1 = all)."""
     lustre_stripe_size: str = "16M"
@@ -46,9 +49,9 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")
         if not self.resume:
             raise ConfigError("checkpoint.resume: empty; use auto, none or a checkpoint path")
-        if self.verify not in ("metadata", "full", "none"):
+        if self.verify not in ("full", "metadata", "none"):
             raise ConfigError(
-                f"checkpoint.verify: {self.verify!r} must be one of metadata, full, none"
+                f"checkpoint.verify: {self.verify!r} must be one of full, metadata, none"
             )
         if self.lustre_stripe_count == 0 or self.lustre_stripe_count < -1:
             raise ConfigError(

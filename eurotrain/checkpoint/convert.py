@@ -12,7 +12,8 @@
         committed one) -> config.json + model.safetensors (sharded with an index when large).
 
 Both run in one process on the CPU and hold the whole model in memory once. Nothing is
-unpickled: safetensors in, DCP metadata through the restricted reader, safetensors out.
+unpickled without restriction: safetensors in; a DCP checkpoint is verified fully and read
+through safe_reader.py (restricted metadata and values); safetensors out.
 torch's HuggingFaceStorageReader/Writer would do the file format, but not the renaming, the
 tied-embedding handling or the config, which are most of the work here.
 """
@@ -33,13 +34,14 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from eurotrain.checkpoint import layout
 from eurotrain.checkpoint.checkpointer import write_commit
 from eurotrain.checkpoint.layout import CheckpointError
-from eurotrain.checkpoint.safe_reader import SafeFileSystemReader, load_metadata, verify
+from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.storage import FILE_MODE, checksum, make_dir, write_durable
+from eurotrain.checkpoint.verify import verify
 from eurotrain.configtools import from_dict, to_dict
 from eurotrain.errors import ConfigError, EurotrainError
 from eurotrain.models.config import ModelConfig
@@ -133,24 +135,27 @@ def resolve_checkpoint(path: Path) -> Path:
     """A step-N directory, or the newest committed one under a checkpoints directory."""
     if (path / layout.MARKER).exists():
         return path
+    if not path.exists():
+        where = layout.describe_dir(path.parent) if path.parent.is_dir() else "nor its parent"
+        raise CheckpointError(f"{path}: does not exist ({where})")
     found, _ = layout.latest(path)
     if found is None:
         raise CheckpointError(f"{path}: neither a committed checkpoint nor a directory of them")
     return found.path
 
 
-def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model weights of a checkpoint saved under any layout."""
-    metadata = load_metadata(ckpt / ".metadata")
+def read_model_weights(ckpt: Path, metadata: Metadata | None = None) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of a checkpoint saved under any layout; verified
+    fully first unless its (verified) metadata is given."""
+    if metadata is None:
+        _, metadata = verify(ckpt, "full")
     state: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
             state[key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not state:
         raise CheckpointError(f"{ckpt}: holds no model weights")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(ckpt), no_dist=True)
+    load_state({"model": state}, ckpt, metadata, ("model.",))
     return state
 
 
@@ -188,12 +193,12 @@ def eurotrain_to_hf(
     """``untie``: export a tied model with its own lm_head (for checkpoints whose two matrices
     came apart in training)."""
     ckpt = resolve_checkpoint(ckpt_dir)
-    verify(ckpt, "full")
+    _, metadata = verify(ckpt, "full")  # config.yaml included
     run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
     model_cfg = from_dict(ModelConfig, run_cfg["model"], "model")
     if untie:
         model_cfg.tie_embeddings = False
-    weights = read_model_weights(ckpt)
+    weights = read_model_weights(ckpt, metadata)
     hf_state = to_hf_state_dict(weights, model_cfg.tie_embeddings)
     hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
     make_dir(out_dir)

@@ -29,6 +29,8 @@ __all__ = ["MARKER", "CheckpointError", "Found", "latest", "read_marker", "scan"
 MARKER = "COMMITTED.json"
 FORMAT = "eurotrain-checkpoint/1"
 _NAME = re.compile(r"^step-(\d+)(\.tmp)?$")
+_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$|^\.metadata$")
+"""A file name a marker may list: a plain name inside the checkpoint directory, no path."""
 
 
 def step_dir(root: Path, step: int, tmp: bool = False) -> Path:
@@ -42,6 +44,9 @@ class Found:
     marker: dict[str, Any] | None
     problem: str = ""
     """Why this directory is not a usable checkpoint; empty when it is."""
+    torn: bool = False
+    """Never committed (a .tmp directory, or no marker: a save or a deletion cut short), as
+    opposed to committed but damaged (an unreadable or inconsistent marker)."""
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -58,6 +63,10 @@ def read_marker(path: Path) -> dict[str, Any]:
     for key, kind in (("step", int), ("files", dict), ("world_size", int)):
         if not isinstance(marker.get(key), kind):
             raise CheckpointError(f"{marker_path}: field {key!r} missing or not {kind.__name__}")
+    for name, entry in marker["files"].items():
+        ok = isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+        if not (_FILE.match(name) and ok and isinstance(entry.get("blake2b"), str)):
+            raise CheckpointError(f"{marker_path}: bad file entry {name!r:.80}")
     return marker
 
 
@@ -91,7 +100,10 @@ def scan(root: Path) -> list[Found]:
             continue
         step = int(m.group(1))
         if m.group(2):
-            found.append(Found(child, step, None, "unfinished save (.tmp)"))
+            found.append(Found(child, step, None, "unfinished save (.tmp)", torn=True))
+            continue
+        if not (child / MARKER).exists():
+            found.append(Found(child, step, None, f"no commit marker {MARKER}", torn=True))
             continue
         try:
             marker = read_marker(child)
@@ -111,6 +123,17 @@ def latest(root: Path) -> tuple[Found | None, list[Found]]:
     good = [f for f in entries if not f.problem]
     bad = [f for f in entries if f.problem]
     return (good[-1] if good else None), bad
+
+
+def describe_dir(root: Path, newest: int = 5) -> str:
+    """The newest checkpoint directories under root, for an error message."""
+    entries = scan(root)
+    if not entries:
+        return f"{root} holds no checkpoints"
+    shown = [f.path.name + (" (incomplete)" if f.torn else " (damaged)" if f.problem else "")
+             for f in reversed(entries[-newest:])]  # fmt: skip
+    more = f" and {len(entries) - newest} older" if len(entries) > newest else ""
+    return f"{root} holds {', '.join(shown)}{more}"
 
 
 def to_delete(committed_steps: list[int], keep_last: int, keep_every: int) -> list[int]:

@@ -1,112 +1,297 @@
-"""Reading checkpoints without trusting them: checksums from the commit marker, and DCP's
-pickled ``.metadata`` read through an unpickler that only builds DCP's own metadata classes.
+"""Loading a checkpoint without trusting it: DCP's reader and planner with every unpickling
+path restricted, and the keys checked both ways.
 
-DCP stores its global metadata with plain ``pickle``; ``FileSystemReader.read_metadata`` would
-unpickle whatever is there, so a crafted ``.metadata`` could run code. SafeFileSystemReader
-replaces that one method: only the dataclasses of torch.distributed.checkpoint, torch.Size,
-dtypes and a few builtins may be constructed. Tensor data and non-tensor values go through
-DCP's own torch.load(weights_only=True).
+Where DCP unpickles, and what eurotrain does about it (torch 2.13):
+
+- ``FileSystemReader.read_metadata``: plain ``pickle.load`` of ``.metadata``. Replaced: the
+  metadata is read once by ``read_metadata`` (checksum against the commit marker, then the
+  restricted unpickler of ``safe_pickle.py``, then a check that every storage entry points into
+  a data file the marker lists) and handed to the reader.
+- ``FileSystemReader.read_data``: tensors through ``torch.load(weights_only=True)``. Kept.
+- ``DefaultLoadPlanner.load_bytes``: non-tensor values (the ``train`` JSON, RNG text, the
+  optimizer's hyper-parameters) through ``torch.load(weights_only=False)``: a crafted data file
+  runs code there. Replaced by ``torch.load(weights_only=True)`` and a check for plain data.
 """
 
 from __future__ import annotations
 
 import io
-import pickle
+import os
+import re
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-from eurotrain.checkpoint.layout import CheckpointError, read_marker
-from eurotrain.checkpoint.storage import checksum
-
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
 )
-_BUILTINS = {"set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "str", "bytes"}
-_TORCH = {"Size", "device", "strided", "sparse_coo", "contiguous_format", "preserve_format"}
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+
+from eurotrain.checkpoint.safe_pickle import Refused, unpickle_metadata
+from eurotrain.checkpoint.storage import digest
+from eurotrain.errors import CheckpointError
+
+METADATA = ".metadata"
+_PLAIN = (str, int, float, bool, type(None))
+_SHOWN = 4
+"""Names listed per group in an error about keys before '... (N in all)'."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            module in _DCP_MODULES
-            or (module == "builtins" and name in _BUILTINS)
-            or (module == "collections" and name == "OrderedDict")
-            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath"))
-            or (module == "torch.serialization" and name == "_get_layout")  # name -> layout
-            or (module == "torch" and (name in _TORCH or isinstance(getattr(torch, name, None), torch.dtype)))
-        )  # fmt: skip
-        if not allowed:
-            raise pickle.UnpicklingError(
-                f"DCP metadata refers to {module}.{name}, which a checkpoint's metadata never "
-                f"needs: refusing to load it (the file may be crafted)"
-            )
-        return super().find_class(module, name)
-
-
-def load_metadata(path: Path) -> Metadata:
-    data = path.read_bytes()
+def read_metadata(ckpt: Path, marker: dict[str, Any], check_sum: bool = True) -> Metadata:
+    """The DCP metadata of a checkpoint, checked against its commit marker and read by the
+    restricted unpickler; CheckpointError naming the file and what is wrong."""
+    path = ckpt / METADATA
+    want = marker["files"].get(METADATA)
+    if want is None:
+        raise CheckpointError(f"{path}: not listed in the commit marker")
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read DCP metadata ({e})") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would never end
+            raise CheckpointError(f"{path}: not a regular file (the checkpoint may be crafted)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (listed in the commit marker)") from None
+    if check_sum and (len(data) != want["size"] or digest(data) != want["blake2b"]):
+        raise CheckpointError(
+            f"{path}: {len(data)} bytes whose blake2b differs from the commit marker's "
+            f"({want['size']} bytes): corrupted or replaced; use an older checkpoint"
+        )
+    try:
+        metadata = unpickle_metadata(data)
+    except Refused as e:
+        raise CheckpointError(
+            f"{path}: {e}, which eurotrain's checkpoint metadata never holds: refusing to "
+            f"load it (the file may be crafted); use a checkpoint from a source you trust"
+        ) from None
+    except Exception as e:  # garbage: any error the pickle machine raises on malformed input
+        raise CheckpointError(
+            f"{path}: not readable DCP metadata ({type(e).__name__}: {e})"
+        ) from None
+    problem = _metadata_problem(metadata, marker["files"])
+    if problem:
+        raise CheckpointError(f"{path}: {problem} (the file may be crafted)")
     return metadata
 
 
+def _metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
+    """What in the (already safely built) metadata would make DCP read outside the checkpoint's
+    own data files or misbehave; empty when nothing."""
+    entries = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    if type(entries) is not dict or type(storage) is not dict:
+        return "state_dict_metadata or storage_data is not a dict"
+    for key, value in entries.items():
+        if type(key) is not str or type(value) not in (TensorStorageMetadata, BytesStorageMetadata):
+            return f"entry {key!r:.80} is not a tensor or bytes entry"
+        if type(value) is TensorStorageMetadata and not _tensor_entry_ok(value):
+            return f"tensor entry {key!r:.80} has a malformed dtype, size or chunk"
+    for index, info in storage.items():
+        if type(index) is not MetadataIndex or type(index.fqn) is not str:
+            return f"storage entry {index!r:.80} is malformed"
+        if type(info) is not _StorageInfo:
+            return f"storage entry {index!r:.80} is malformed"
+        name, offset, length = info.relative_path, info.offset, info.length
+        if type(name) is not str or not name.endswith(".distcp") or name not in files:
+            return f"storage entry {index.fqn!r:.80} points to {name!r:.80}, not a data file"
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            return f"storage entry {index.fqn!r:.80} has a bad offset/length"
+        if offset + length > files[name]["size"]:
+            return f"storage entry {index.fqn!r:.80} reaches past the end of {name}"
+        if getattr(info, "transform_descriptors", None):
+            return f"storage entry {index.fqn!r:.80} asks for stream transforms"
+        if index.fqn not in entries:
+            return f"storage entry {index.fqn!r:.80} has no state_dict_metadata entry"
+    return ""
+
+
+def _tensor_entry_ok(entry: TensorStorageMetadata) -> bool:
+    properties, size, chunks = entry.properties, entry.size, entry.chunks
+    if type(properties) is not TensorProperties or not isinstance(properties.dtype, torch.dtype):
+        return False
+    if type(size) is not torch.Size or type(chunks) is not list:
+        return False
+    return all(
+        type(c) is ChunkStorageMetadata
+        and type(c.offsets) is torch.Size
+        and type(c.sizes) is torch.Size
+        and len(c.offsets) == len(c.sizes) == len(size)
+        for c in chunks
+    )
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is read by the restricted unpickler above."""
+    """FileSystemReader that serves metadata read by ``read_metadata`` and reads data only
+    for a SafeLoadPlanner (whose load_bytes is restricted)."""
+
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
             raise CheckpointError("per-rank DCP metadata (use_collectives=False) is not used here")
-        metadata = load_metadata(Path(self.path) / ".metadata")
-        storage_meta = getattr(metadata, "storage_meta", None)
-        if storage_meta is None:
-            storage_meta = metadata.storage_meta = StorageMeta()
-        storage_meta.load_id = self.load_id
-        return metadata
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def read_data(self, plan: LoadPlan, planner: Any) -> Any:
+        if not isinstance(planner, SafeLoadPlanner):
+            raise TypeError("SafeFileSystemReader reads only for a SafeLoadPlanner")
+        return super().read_data(plan, planner)
 
 
-def verify_files(path: Path, names: list[str], marker: dict[str, Any], deep: bool) -> None:
-    """Check the listed files against the marker: size always, blake2b when deep."""
-    for name in names:
-        want = marker["files"].get(name)
-        file = path / name
-        if want is None:
-            raise CheckpointError(f"{file}: not listed in the commit marker")
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner with non-tensor values unpickled by torch.load(weights_only=True)
+    and checked to be plain data, and the keys under ``strict`` prefixes required to match the
+    checkpoint's exactly: none missing (on any rank) and none left over (over all ranks, so
+    that pipeline stages holding different parameters are judged together)."""
+
+    def __init__(self, ckpt: Path, strict: tuple[str, ...]) -> None:
+        super().__init__(allow_partial_load=False)
+        self.ckpt = ckpt
+        self.strict = strict
+
+    def _strict_keys(self, keys: Any) -> list[str]:
+        return sorted(k for k in keys if isinstance(k, str) and k.startswith(self.strict))
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        saved = self.metadata.state_dict_metadata
+        missing = [k for k in self._strict_keys(self.state_dict) if k not in saved]
+        if missing:
+            raise CheckpointError(
+                f"{self.ckpt}: lacks {_names(missing)} that this run's model/optimizer has: "
+                f"the model config differs from the one that saved it (see its config.yaml)"
+            )
+        plan = super().create_local_plan()
+        read = {item.dest_index.fqn for item in plan.items}
+        # Keys held here whose local shard is empty read nothing; the coordinator must still
+        # count them as held.
+        plan.planner_data = [k for k in self._strict_keys(self.state_dict) if k not in read]
+        return plan
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        assert self.metadata is not None
+        held: set[str] = set()
+        for plan in global_plan:
+            held.update(item.dest_index.fqn for item in plan.items)
+            held.update(plan.planner_data or ())
+        extra = [k for k in self._strict_keys(self.metadata.state_dict_metadata) if k not in held]
+        if extra:
+            raise CheckpointError(
+                f"{self.ckpt}: holds {_names(extra)} that this run's model/optimizer does not "
+                f"have: the model config differs from the one that saved it (see its "
+                f"config.yaml); nothing is loaded partially"
+            )
+        return super().create_global_plan(global_plan)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
         try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{file}: missing (listed in the commit marker)") from None
-        if size != want["size"]:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's refusal of a global, or garbage
             raise CheckpointError(
-                f"{file}: {size} bytes, the commit marker says {want['size']} (truncated or "
-                f"overwritten); use an older checkpoint (checkpoint.resume PATH)"
-            )
-        if deep and checksum(file) != want["blake2b"]:
+                f"{self.ckpt}: value {fqn!r} unreadable by torch.load(weights_only=True) "
+                f"({_one_line(e, prefer='GLOBAL')}): the file is damaged or crafted"
+            ) from None
+        if not _plain(obj):
             raise CheckpointError(
-                f"{file}: blake2b checksum differs from the commit marker (corrupted on "
-                f"disk); use an older checkpoint (checkpoint.resume PATH)"
+                f"{self.ckpt}: value {fqn!r} is a {type(obj).__name__}; eurotrain stores only "
+                f"text and numbers there (the file may be crafted)"
             )
+        # DCP's own load_bytes stores the value (where the flattened key maps to); what it
+        # unpickles now is this re-serialised copy of checked plain data.
+        again = io.BytesIO()
+        torch.save(obj, again)
+        again.seek(0)
+        super().load_bytes(read_item, again)
 
 
-def verify(path: Path, mode: str, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Verify a committed checkpoint and return its marker. Every rank checks the marker, the
-    sizes of all files and the checksum of ``.metadata``; with mode "full" the files' checksums
-    are split across ranks."""
-    marker = read_marker(path)
-    if mode == "none":
-        return marker
-    names = sorted(marker["files"])
-    verify_files(path, names, marker, deep=False)
-    verify_files(path, [".metadata"], marker, deep=True)
-    if mode == "full":
-        verify_files(path, names[rank::world_size], marker, deep=True)
-    return marker
+def _plain(obj: Any, depth: int = 0) -> bool:
+    if type(obj) in _PLAIN:
+        return True
+    if depth > 8:
+        return False
+    if type(obj) in (list, tuple):
+        return all(_plain(v, depth + 1) for v in obj)
+    if type(obj) is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in obj.items())
+    return False
+
+
+def _names(keys: list[str]) -> str:
+    """A few names per top-level key (model, optim), with counts: short enough for one line."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".", 1)[0], []).append(key)
+    parts = []
+    for names in groups.values():
+        more = f" ... ({len(names)} in all)" if len(names) > _SHOWN else ""
+        parts.append(", ".join(names[:_SHOWN]) + more)
+    return "; ".join(parts)
+
+
+def load_state(
+    state: dict[str, Any],
+    ckpt: Path,
+    metadata: Metadata,
+    strict: tuple[str, ...],
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """dcp.load ``state`` in place from a verified checkpoint through the safe reader and
+    planner. Every rank raises the same CheckpointError when any rank fails (DCP gathers the
+    failures), naming the checkpoint and the first failure."""
+    no_dist = not dist.is_initialized() or dist.get_world_size(process_group) == 1
+    try:
+        with warnings.catch_warnings():
+            # One process: DCP's "assuming the intent is to load in a single process" is right.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(ckpt, metadata),
+                planner=SafeLoadPlanner(ckpt, strict),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+    except CheckpointException as e:
+        raise _load_error(ckpt, e) from None
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{ckpt}: loading failed: {_one_line(e)}") from e
+
+
+def _load_error(ckpt: Path, e: CheckpointException) -> CheckpointError:
+    failures = sorted(e.failures.items())
+    for _, (exc, _trace) in failures:
+        if isinstance(exc, CheckpointError):
+            return CheckpointError(str(exc))
+    if not failures:
+        return CheckpointError(f"{ckpt}: loading failed ({_one_line(e)})")
+    rank, (exc, _trace) = failures[0]
+    return CheckpointError(
+        f"{ckpt}: loading failed on rank {rank} ({_one_line(exc)}); the files may be damaged: "
+        f"load it with checkpoint.verify full, or resume an older one (checkpoint.resume PATH)"
+    )
+
+
+def _one_line(e: BaseException, prefer: str = "") -> str:
+    """The exception as one short line: its last line, or the first that holds ``prefer``."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    chosen = next((ln for ln in lines if prefer and prefer in ln), lines[-1] if lines else "")
+    chosen = re.sub(r"\s+", " ", chosen)[:300]
+    return f"{type(e).__name__}: {chosen}"

@@ -142,3 +142,8 @@ def checksum(path: Path, chunk: int = 8 << 20) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def digest(data: bytes) -> str:
+    """The same blake2b as ``checksum``, of bytes in memory."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -83,3 +83,28 @@ def resume_run(rank: int, world: int, out: str, run: str, parallel: dict) -> lis
     ckpt = str(Path(out) / "dp4" / "checkpoints" / "step-000002")
     sections = {"parallel": parallel, "checkpoint": {"resume": ckpt, "verify": "full"}}
     return train_run(rank, world, out, run, 3, sections)
+
+
+def attempts(rank: int, world: int, out: str, runs: list[tuple[str, int, dict]]) -> list[dict]:
+    """Build a Trainer for each (run, steps, sections) in turn and train it; per run the step
+    it started from, its losses and rank 0's log, or the CheckpointError this rank raised."""
+    import io
+    from contextlib import redirect_stdout
+
+    from eurotrain.checkpoint import CheckpointError
+    from eurotrain.train import Trainer
+
+    results = []
+    for run, steps, sections in runs:
+        log = io.StringIO()
+        try:
+            with redirect_stdout(log):
+                trainer = Trainer(tiny_config(Path(out), run, steps, **sections))
+                trainer.resume()
+                start = trainer.state.step
+                losses = trainer.train().losses
+        except CheckpointError as e:
+            results.append({"error": str(e), "log": log.getvalue()})
+            continue
+        results.append({"start": start, "losses": losses, "log": log.getvalue()})
+    return results

@@ -63,3 +63,16 @@ def test_config_errors_name_the_field():
         CheckpointConfig(max_in_flight=0)
     with pytest.raises(ConfigError, match=r"checkpoint\.lustre_stripe_size"):
         CheckpointConfig(lustre_stripe_size="big")
+
+
+def test_every_file_is_verified_by_exactly_one_rank_balanced_by_size():
+    from eurotrain.checkpoint.verify import share
+
+    files = {f"__{r}_0.distcp": {"size": 100 + r} for r in range(7)}
+    files |= {".metadata": {"size": 5}, "config.yaml": {"size": 1}}
+    for world in (1, 2, 3, 8):
+        shares = [share(files, rank, world) for rank in range(world)]
+        names = sorted(n for s in shares for n in s)
+        assert names == sorted(n for n in files if n != ".metadata")  # every rank reads that
+        loads = [sum(files[n]["size"] for n in s) for s in shares]
+        assert max(loads) - min(loads) <= 106, (world, loads)  # at most one file apart

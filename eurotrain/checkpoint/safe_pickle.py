@@ -1,0 +1,250 @@
+"""Unpickling DCP's ``.metadata`` without trusting it: only what eurotrain's checkpoints hold.
+
+DCP writes its global metadata with plain ``pickle``, and unpickling calls whatever the file
+names. Restricting ``find_class`` alone is not enough: protocol 4 resolves dotted names through
+attributes (``("torch.distributed.checkpoint.filesystem", "os.system")`` is ``os.system``),
+extension codes (EXT1/2/4) skip ``find_class`` once copyreg's cache holds them, and REDUCE,
+NEWOBJ and BUILD call or change whatever is on the stack. So the file is run on Python's own
+pickle machine (``pickle._Unpickler``) with every opcode that calls or changes an object checked:
+
+- a global is one of the (module, name) pairs of ``_GLOBALS``, answered from that table: never
+  imported, never looked up by attribute, never a dotted name;
+- REDUCE calls torch.Size, torch.serialization._get_layout, DCP's memory-format enum or
+  PosixPath only, each with the argument types it is pickled with;
+- NEWOBJ creates DCP's metadata dataclasses only, without arguments;
+- BUILD sets declared dataclass fields of such an instance (TensorProperties: its own
+  __setstate__ with a 5-tuple); APPEND(S)/SETITEM(S)/ADDITEMS act on list/dict/set only;
+- INST, OBJ, NEWOBJ_EX, EXT1/2/4, PERSID/BINPERSID and out-of-band buffers are refused.
+
+The list was taken from the GLOBAL/STACK_GLOBAL, REDUCE, NEWOBJ and BUILD opcodes of the
+metadata of real checkpoints (one process, FSDP, HSDP, TP, TP x FSDP, pipeline; torch 2.13,
+protocol 4). A torch release that pickles more will be refused with the name to add here.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import dataclasses
+import enum
+import io
+import pathlib
+import pickle
+import reprlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch.distributed.checkpoint import filesystem as dcp_fs
+from torch.distributed.checkpoint import metadata as dcp_meta
+
+_META = "torch.distributed.checkpoint.metadata"
+_DATACLASSES = {
+    (_META, "Metadata"): dcp_meta.Metadata,
+    (_META, "MetadataIndex"): dcp_meta.MetadataIndex,
+    (_META, "TensorStorageMetadata"): dcp_meta.TensorStorageMetadata,
+    (_META, "BytesStorageMetadata"): dcp_meta.BytesStorageMetadata,
+    (_META, "ChunkStorageMetadata"): dcp_meta.ChunkStorageMetadata,
+    (_META, "TensorProperties"): dcp_meta.TensorProperties,
+    (_META, "StorageMeta"): dcp_meta.StorageMeta,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_fs._StorageInfo,
+}
+_MEM_FORMAT: type[enum.Enum] = dcp_meta._MEM_FORMAT_ENCODING  # type: ignore[attr-defined]
+_DTYPE_NAMES = (
+    "float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int64", "int32",
+    "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn",
+    "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+)  # fmt: skip
+
+
+def _is_ints(args: tuple) -> bool:
+    return len(args) == 1 and type(args[0]) is tuple and all(type(i) is int for i in args[0])
+
+
+def _is_one(kind: type) -> Callable[[tuple], bool]:
+    return lambda args: len(args) == 1 and type(args[0]) is kind
+
+
+# What REDUCE may call, with a check of the arguments it is called with.
+_CALLS: dict[Any, Callable[[tuple], bool]] = {
+    torch.Size: _is_ints,
+    torch.serialization._get_layout: _is_one(str),
+    _MEM_FORMAT: _is_one(int),
+    pathlib.PosixPath: lambda args: all(type(a) is str for a in args),
+}
+_GLOBALS: dict[tuple[str, str], Any] = {
+    **_DATACLASSES,
+    (_META, "_MEM_FORMAT_ENCODING"): _MEM_FORMAT,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # how Python >= 3.13 pickles it
+    **{("torch", n): getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)},
+}
+# What BUILD may set on an instance of each class: its dataclass fields, by name.
+_FIELDS = {
+    cls: frozenset(f.name for f in dataclasses.fields(cls))
+    for cls in _DATACLASSES.values()
+    if cls is not dcp_meta.TensorProperties
+}
+_NEWOBJ = {cls: cls for cls in _DATACLASSES.values()}
+_REFUSED_OPS = (
+    "INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEXT_BUFFER",
+    "READONLY_BUFFER",
+)  # fmt: skip
+
+
+class Refused(pickle.UnpicklingError):
+    """The pickle asks for something a checkpoint's metadata never holds."""
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{getattr(obj, '__module__', None) or type(obj).__module__}.{name}"
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Python's pickle machine with every calling or mutating opcode checked (see above)."""
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # the machine's own state, set by load()
+    pop_mark: Callable[[], list[Any]]
+    read: Callable[[int], bytes]
+    readline: Callable[[], bytes]
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "." in name:
+            raise Refused(f"refers to the global {name!r} of {module} (a dotted name)")
+        found = _GLOBALS.get((module, name))
+        if found is None:
+            raise Refused(f"refers to the global {module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise Refused(f"holds a persistent id ({pid!r})")
+
+    def _reduce(self) -> None:
+        stack = self.stack
+        args, func = stack.pop(), stack[-1]
+        check = _lookup(_CALLS, func)
+        if check is None or type(args) is not tuple:
+            raise Refused(f"calls {_describe(func)} (REDUCE)")
+        if not check(args):
+            raise Refused(f"calls {_describe(func)} with arguments {reprlib.repr(args)}")
+        stack[-1] = func(*args)
+
+    def _newobj(self) -> None:
+        stack = self.stack
+        args, cls = stack.pop(), stack.pop()
+        if _lookup(_NEWOBJ, cls) is None or type(args) is not tuple or args:
+            raise Refused(f"creates {_describe(cls)} (NEWOBJ)")
+        stack.append(cls.__new__(cls))
+
+    def _build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        cls = type(inst)
+        if cls is dcp_meta.TensorProperties and type(state) is tuple and len(state) == 5:
+            self.stack.pop()
+            inst.__setstate__(state)  # which checks the memory-format code itself
+            return
+        fields = _FIELDS.get(cls)
+        if fields is None or type(state) is not dict:
+            what = f"the class {_describe(inst)}" if isinstance(inst, type) else _describe(cls)
+            raise Refused(f"sets the state of {what} (BUILD)")
+        odd = [k for k in state if type(k) is not str or k not in fields]
+        if odd:
+            raise Refused(f"sets {odd[0]!r:.60} on {_describe(cls)}, not one of its fields")
+        self.stack.pop()
+        inst.__dict__.update(state)
+
+    def _target(self, kind: type, op: str) -> Any:
+        target = self.stack[-1]
+        if type(target) is not kind:
+            raise Refused(f"applies {op} to a {_describe(type(target))}")
+        return target
+
+    def _append(self) -> None:
+        value = self.stack.pop()
+        self._target(list, "APPEND").append(value)
+
+    def _appends(self) -> None:
+        items = self.pop_mark()
+        self._target(list, "APPENDS").extend(items)
+
+    def _setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        self._target(dict, "SETITEM")[key] = value
+
+    def _setitems(self) -> None:
+        items = self.pop_mark()
+        target = self._target(dict, "SETITEMS")
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def _additems(self) -> None:
+        items = self.pop_mark()
+        self._target(set, "ADDITEMS").update(items)
+
+
+def _lookup(table: dict[Any, Any], obj: Any) -> Any:
+    """table[obj], or None where absent or unhashable (a list on the stack, say)."""
+    try:
+        return table.get(obj)
+    except TypeError:
+        return None
+
+
+def _refuse_inst(self: RestrictedUnpickler) -> None:
+    module = self.readline()[:-1].decode("utf-8", "replace")
+    name = self.readline()[:-1].decode("utf-8", "replace")
+    raise Refused(f"creates {module}.{name} with the opcode INST")
+
+
+def _refuse_ext(size: int) -> Callable[[RestrictedUnpickler], None]:
+    def refuse(self: RestrictedUnpickler) -> None:
+        code = int.from_bytes(self.read(size), "little")
+        target = copyreg._inverted_registry.get(code)  # type: ignore[attr-defined]
+        known = f", registered for {'.'.join(target)}" if target else ""
+        raise Refused(f"uses the extension code {code} (EXT{size}{known})")
+
+    return refuse
+
+
+def _install() -> None:
+    table = RestrictedUnpickler.dispatch
+    ops: dict[str, Callable[[RestrictedUnpickler], None]] = {
+        "REDUCE": RestrictedUnpickler._reduce,
+        "NEWOBJ": RestrictedUnpickler._newobj,
+        "BUILD": RestrictedUnpickler._build,
+        "APPEND": RestrictedUnpickler._append,
+        "APPENDS": RestrictedUnpickler._appends,
+        "SETITEM": RestrictedUnpickler._setitem,
+        "SETITEMS": RestrictedUnpickler._setitems,
+        "ADDITEMS": RestrictedUnpickler._additems,
+        "INST": _refuse_inst,
+        "EXT1": _refuse_ext(1),
+        "EXT2": _refuse_ext(2),
+        "EXT4": _refuse_ext(4),
+    }
+    for name in _REFUSED_OPS:
+        ops.setdefault(name, _refuse_op(name))
+    for name, handler in ops.items():
+        table[getattr(pickle, name)[0]] = handler
+
+
+def _refuse_op(name: str) -> Callable[[RestrictedUnpickler], None]:
+    def refuse(self: RestrictedUnpickler) -> None:
+        raise Refused(f"uses the opcode {name}")
+
+    return refuse
+
+
+_install()
+
+
+def unpickle_metadata(data: bytes) -> dcp_meta.Metadata:
+    """The DCP Metadata in ``data``; Refused for anything outside the lists above, other
+    exceptions (UnpicklingError, EOFError, KeyError for an unknown opcode...) for garbage."""
+    obj = RestrictedUnpickler(io.BytesIO(data)).load()
+    if type(obj) is not dcp_meta.Metadata:
+        raise Refused(f"holds a {_describe(type(obj))} instead of DCP Metadata")
+    return obj
