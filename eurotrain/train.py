@@ -25,9 +25,9 @@ from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
-from eurotrain.errors import NonFiniteLossError, run_command
-from eurotrain.fault import StopRequest
-from eurotrain.metrics import MetricsLogger, device_peak_tflops
+from eurotrain.errors import EurotrainError, NonFiniteLossError, run_command
+from eurotrain.fault import PeerWatch, StopRequest
+from eurotrain.metrics import MetricsLogger, device_peak_tflops, make_run_dir
 from eurotrain.models import IGNORE_INDEX
 from eurotrain.optim import build_optimizer, build_scheduler
 from eurotrain.parallel import cp as context_parallel
@@ -61,7 +61,10 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
-        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.dist: DistInfo = init_distributed(cfg.train.device, cfg.fault.collective_timeout_s)
+        # Names the ranks that stopped answering when a collective fails (tracks the step).
+        self.peers = PeerWatch(self.dist.rank, self.dist.world_size, cfg.fault.collective_timeout_s)
+        self.callbacks.append(self.peers)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -146,7 +149,8 @@ class Trainer:
         # Resume (or init_from) once model, optimizer, schedule and loader exist; saves are a
         # callback, the final one happens in train().
         self.checkpointer = Checkpointer(cfg.checkpoint, self)
-        self.checkpointer.maybe_resume(self)
+        if self.checkpointer.maybe_resume(self) and self.step > 0:
+            self.metrics.drop_after(self.step)  # the steps after the checkpoint run again
         self.callbacks.append(self.checkpointer)
 
     # ---- set-up helpers ------------------------------------------------------------------
@@ -157,15 +161,19 @@ class Trainer:
             name = f"{self.cfg.model.name}-job{os.environ['SLURM_JOB_ID']}"
         if not name:
             name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
-            if self.dist.world_size > 1:  # every rank must agree on rank 0's clock
-                box = [name]
-                dist.broadcast_object_list(box, src=0)
-                name = box[0]
-        run_dir = Path(self.cfg.train.output_dir) / name
+        error: Exception | None = None
         if self.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        return run_dir
+            try:
+                make_run_dir(Path(self.cfg.train.output_dir) / name, self.cfg.to_yaml())
+            except EurotrainError as e:
+                error = e
+        if self.dist.world_size > 1:  # every rank takes rank 0's name (clock) and its error
+            box: list[Any] = [name, error]
+            dist.broadcast_object_list(box, src=0)
+            name, error = box
+        if error is not None:
+            raise error
+        return Path(self.cfg.train.output_dir) / name
 
     def _autocast(self):
         if (
@@ -238,7 +246,7 @@ class Trainer:
         result = TrainResult(run_dir=self.run_dir)
         finished = False
         try:
-            with self.stop_request:
+            with self.stop_request, self.peers:
                 while self.step < self.cfg.train.steps:
                     metrics = self.train_step(next(self.loader))
                     result.losses.append(metrics["loss"])
