@@ -290,3 +290,35 @@ def test_rerun_of_a_finished_preparation_leaves_nothing_behind(tmp_path, text_di
     before = sorted(p.name for p in out.iterdir())
     prepare(str(text_dir), "byte", str(out), workers=1)
     assert sorted(p.name for p in out.iterdir()) == before and ".work" not in before
+
+
+def test_inputs_split_into_the_same_documents_as_the_datasets_loaders(tmp_path, monkeypatch):
+    """The strict readers cut text and JSON into exactly the documents that datasets' loaders
+    (which prepare used before) gave, so directories prepared before stay resumable."""
+    import gzip
+
+    import datasets
+
+    from eurotrain.data import inputs
+
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 5)  # chunk edges everywhere
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"\xef\xbb\xbfa\r\nb\rc\n\n\n\npara two\nstill\n\nx\x0by\xe2\x80\xa8z\n\nend")
+    for unit in ("document", "line", "paragraph"):
+        before = datasets.load_dataset(
+            "text", data_files=[str(text)], split="train", sample_by=unit,
+            cache_dir=str(tmp_path / "cache"),
+        )["text"]  # fmt: skip
+        assert list(inputs.text_documents(text, unit)) == before, unit
+    records = [{"text": "a\nb"}, {"text": None}, {"id": 3}, {"text": "ü €", "n": 1}]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n\n" for r in records)
+    (tmp_path / "l.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "z.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    for name in ("l.jsonl", "a.json", "z.jsonl.gz"):
+        path = str(tmp_path / name)
+        before = datasets.load_dataset(
+            "json", data_files=[path], split="train", cache_dir=str(tmp_path / "cache")
+        )["text"]
+        ours = inputs.generate_documents([path], "json", "text", "document", path, "")
+        assert [d["text"] for d in ours] == before, name
