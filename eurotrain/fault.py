@@ -76,8 +76,9 @@ class StopRequest:
 
 
 FREEZE_HOOK = "EUROTRAIN_TEST_FREEZE"
-"""Test hook "RANK:STEP:STOP" or "RANK:STEP:KILL": after that step, that rank sends itself
-SIGSTOP (a hung process) or SIGKILL (a crashed one)."""
+"""Test hook "RANK:STEP:HOW": after that step, that rank sends itself SIGSTOP (HOW=STOP: a
+frozen process), SIGKILL (KILL: a crashed one), or its main thread sleeps for an hour (SLEEP:
+a rank stuck outside any collective, still running)."""
 
 # Messages of gloo's and the store's errors when a peer is gone or silent (NCCL's and the
 # store's own errors are torch.distributed.DistError subclasses).
@@ -236,4 +237,6 @@ def _freeze_for_test(rank: int, step: int) -> None:
     if spec.count(":") == 2:
         r, s, how = spec.split(":")
         if (r, s) == (str(rank), str(step)):
+            if how == "SLEEP":
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL if how == "KILL" else signal.SIGSTOP)

@@ -15,6 +15,9 @@ from pathlib import Path
 from distributed import REPO, free_port, run_torchrun
 
 TINY = str(REPO / "configs/tiny.yaml")
+LIGHT = ["--data.demo_bytes", "200000", "--data.seq_len", "64", "--train.global_batch_size", "4",
+         "--train.micro_batch_size", "2"]  # fmt: skip
+"""Less data and smaller steps than tiny.yaml's: these tests are about processes, not numbers."""
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -118,7 +121,7 @@ def test_diverged_run_is_one_line_from_the_cli(tmp_path: Path) -> None:
 def test_a_hung_rank_is_named_with_its_host_by_the_rank_still_running(tmp_path: Path) -> None:
     """Rank 1 freezes (SIGSTOP) after step 2; rank 0's next all-reduce times out after 5 s and
     rank 0 names rank 1 and its host, then exits; the test then kills the frozen rank."""
-    args = [TINY, "--train.steps", "200", "--train.output_dir", str(tmp_path),
+    args = [TINY, *LIGHT, "--train.steps", "200", "--train.output_dir", str(tmp_path),
             "--fault.collective_timeout_s", "5"]  # fmt: skip
     procs = start_ranks(2, args, env={"EUROTRAIN_TEST_FREEZE": "1:2:STOP"})
     try:
@@ -135,7 +138,7 @@ def test_a_hung_rank_is_named_with_its_host_by_the_rank_still_running(tmp_path: 
 
 
 def test_a_killed_rank_is_named_with_its_host_by_the_rank_still_running(tmp_path: Path) -> None:
-    args = [TINY, "--train.steps", "200", "--train.output_dir", str(tmp_path),
+    args = [TINY, *LIGHT, "--train.steps", "200", "--train.output_dir", str(tmp_path),
             "--fault.collective_timeout_s", "60"]  # fmt: skip
     (rc0, err0), (rc1, _) = finish(
         start_ranks(2, args, env={"EUROTRAIN_TEST_FREEZE": "1:2:KILL"}), timeout=240
@@ -146,3 +149,32 @@ def test_a_killed_rank_is_named_with_its_host_by_the_rank_still_running(tmp_path
     host = socket.gethostname()
     assert "a collective lost a peer in step 3" in line, line
     assert f"rank 1 (host {host}) stopped answering" in line
+
+
+def test_a_rank_stuck_outside_collectives_still_answers_the_roll_call(tmp_path: Path) -> None:
+    """Rank 1's main thread sleeps after step 2 (no collective, process alive): its watch
+    thread answers rank 0's roll call, so rank 0 does not call it gone."""
+    args = [TINY, *LIGHT, "--train.steps", "200", "--train.output_dir", str(tmp_path),
+            "--fault.collective_timeout_s", "5"]  # fmt: skip
+    procs = start_ranks(2, args, env={"EUROTRAIN_TEST_FREEZE": "1:2:SLEEP"})
+    try:
+        ((rc0, err0),) = finish(procs[:1], timeout=240)
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        finish(procs[1:])
+    assert rc0 == 1 and "Traceback" not in err0, err0[-3000:]
+    (line,) = error_lines(err0)
+    assert "a collective timed out after 5 s in step 3, yet all 2 ranks are still running" in line
+    assert "stopped answering" not in line
+
+
+def test_rank_lists_stay_short_and_name_hosts() -> None:
+    from eurotrain.fault import _ranks, is_collective_failure
+
+    hosts = {r: f"node{r // 4}" for r in range(12)}
+    assert _ranks([5], hosts) == "rank 5 (host node1)"
+    assert _ranks([0, 1], {}) == "ranks 0 (host unknown), 1 (host unknown)"
+    many = _ranks(list(range(12)), hosts)
+    assert many.startswith("ranks 0 (node0), 1 (node0),") and many.endswith("and 4 more")
+    assert is_collective_failure(RuntimeError("[gloo/pair.cc:537] Connection reset by peer"))
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
