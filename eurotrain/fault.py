@@ -83,7 +83,7 @@ a rank stuck outside any collective, still running)."""
 # Messages of gloo's and the store's errors when a peer is gone or silent (NCCL's and the
 # store's own errors are torch.distributed.DistError subclasses).
 _LOST_PEER = ("Connection reset", "Connection closed", "Broken pipe", "Connection refused")
-_TIMEOUT = ("Timed out", "timed out", "timeout")
+_TIMEOUT = ("Timed out", "timed out")
 _generation = itertools.count()
 
 
@@ -115,8 +115,8 @@ class PeerWatch:
         # world_size / poll_s requests a second, so large jobs poll less often.
         self.poll_s = min(10.0, max(1.0, world_size / 500))
         self.answer_s = 2 * self.poll_s + 3
-        # Keys of this watch only: a requeued or restarted job (same store), or a second
-        # trainer in one process group, never reads an earlier watch's roll call.
+        # Keys of this watch only: after a torchrun restart (the agent's store lives on), or
+        # with a second trainer in one process group, no rank reads an earlier roll call.
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self._prefix = f"eurotrain/peers/{restart}/{next(_generation)}/"
         self._store: Any = None
@@ -181,7 +181,7 @@ class PeerWatch:
 
     def describe_failure(self, error: BaseException) -> CollectiveError:
         step = self.step + 1
-        timed_out = any(m in str(error) for m in _TIMEOUT)
+        timed_out = any(m in str(error) for m in (*_TIMEOUT, "timeout"))
         what = f"timed out after {self.timeout_s:g} s" if timed_out else "lost a peer"
         head = f"a collective {what} in step {step}"
         answers = self._roll_call()
