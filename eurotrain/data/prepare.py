@@ -92,7 +92,10 @@ def load_documents(
         else:
             kwargs = dict(files=data_files, kind=kind, field=text_field, unit=text_unit)
             ds = _from_generator(dict(kwargs, spec=spec, key=key), cache_dir)
-            text_field = "text"
+            if kind == "text":
+                text_field = "text"  # plain text has one column, "text" (as in the key before)
+            elif text_field != "text":
+                ds = ds.rename_column("text", text_field)
     if text_field not in ds.column_names:
         raise ConfigError(
             f"--text-field: {spec!r} has no column {text_field!r}; its columns are "

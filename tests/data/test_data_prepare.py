@@ -322,3 +322,17 @@ def test_inputs_split_into_the_same_documents_as_the_datasets_loaders(tmp_path, 
         )["text"]
         ours = inputs.generate_documents([path], "json", "text", "document", path, "")
         assert [d["text"] for d in ours] == before, name
+
+
+def test_an_input_keeps_its_key_so_older_directories_resume(tmp_path, docs):
+    """The manifest's input key (how a rerun finds what it already did) is the one the
+    datasets-based reader wrote: files, sizes and times, and the text field."""
+    import hashlib
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"content": d}) + "\n" for d in docs[:5]))
+    manifest = prepare(str(src), "byte", str(tmp_path / "out"), workers=1, text_field="content")
+    st = src.stat()
+    h = hashlib.sha256(b"json:document")
+    h.update(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    assert manifest["inputs"][0]["key"] == f"files:{h.hexdigest()}:content"
