@@ -178,3 +178,10 @@ def test_rank_lists_stay_short_and_name_hosts() -> None:
     assert many.startswith("ranks 0 (node0), 1 (node0),") and many.endswith("and 4 more")
     assert is_collective_failure(RuntimeError("[gloo/pair.cc:537] Connection reset by peer"))
     assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_launch_that_cannot_work_is_one_line() -> None:
+    proc = run_cli("train", TINY, "--train.device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "train.device is 'cuda' but no GPU is visible" in line
