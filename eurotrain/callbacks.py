@@ -6,7 +6,9 @@
     on_step_end(trainer, step, metrics)         after the update; metrics read lazily (see below)
     on_eval_end(trainer, step, metrics)         after an evaluation (val_loss)
     on_checkpoint_saved(trainer, step, path)    a checkpoint of `step` is committed
-    on_error(trainer, error)                    training raised; then the error propagates
+    on_error(trainer, error)                    training raised; every callback hears it, then
+                                                it propagates (or the first, more precise error
+                                                an on_error raised, chained to it)
     on_train_end(trainer, result)               after the last step (also after a stop signal)
 
 A callback implements any subset (plain duck typing; subclassing ``Callback`` is optional). A
@@ -82,6 +84,19 @@ class CallbackList:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(*args)
+
+    def call_on_error(self, trainer: Any, error: BaseException) -> BaseException | None:
+        """on_error on every callback, even when one raises; the first error raised."""
+        raised: BaseException | None = None
+        for cb in self.callbacks:
+            fn = getattr(cb, "on_error", None)
+            if fn is None:
+                continue
+            try:
+                fn(trainer, error)
+            except Exception as e:
+                raised = raised or e
+        return raised
 
     def stateful(self) -> dict[str, Any]:
         """{name: callback} of the callbacks the checkpoint keeps."""

@@ -11,6 +11,7 @@ import yaml
 from eurotrain.checkpoint.config import CheckpointConfig
 from eurotrain.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from eurotrain.data.config import DataConfig
+from eurotrain.fault import FaultConfig
 from eurotrain.metrics import LoggingConfig
 from eurotrain.models.config import ModelConfig
 from eurotrain.optim import OptimConfig, ScheduleConfig
@@ -84,6 +85,7 @@ class Config:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:

@@ -192,9 +192,20 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with an error that names the file and the fix."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with an error that names the file and the fix.
+
+    ``base: other.yaml`` (relative to the file) starts from another file; ``_chain`` holds the
+    files that led here, so files that include each other are named instead of recursing."""
     p = Path(path)
+    via = f" (named by 'base:' in {str(_chain[-1])!r})" if _chain else ""
+    if p.is_dir():
+        inside = sorted(c.name for c in p.iterdir() if c.suffix in (".yaml", ".yml"))
+        hint = f" Did you mean {str(p / inside[0])!r}?" if inside else ""
+        raise ConfigError(
+            f"config file {str(p)!r}{via} is a directory, not a YAML file.{hint} Pass the path "
+            f"of a YAML config, for example configs/tiny.yaml."
+        )
     if not p.is_file():
         hint = ""
         if p.parent.is_dir():
@@ -202,11 +213,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             if near:
                 hint = f" Did you mean {str(p.parent / near[0])!r}?"
         raise ConfigError(
-            f"config file {str(p)!r} does not exist.{hint} Pass the path of a YAML config, "
+            f"config file {str(p)!r}{via} does not exist.{hint} Pass the path of a YAML config, "
             f"for example configs/tiny.yaml."
         )
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {str(p)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -222,6 +238,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"not a {type(data).__name__}"
         )
     base = data.pop("base", None)
-    if base is not None:
-        data = merge(read_yaml(p.parent / base), data)
-    return data
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"config file {str(p)!r}: 'base:' must be the path of another YAML file (relative "
+            f"to this one), not {base!r}"
+        )
+    chain = (*_chain, p)
+    target = p.parent / base
+    seen = [c.resolve() for c in chain]
+    if target.resolve() in seen:
+        cycle = [*chain[seen.index(target.resolve()) :], target]
+        if len(cycle) == 2:
+            raise ConfigError(
+                f"config file {str(p)!r} includes itself through 'base: {base}'; remove that line"
+            )
+        raise ConfigError(
+            f"config files include each other through 'base:': "
+            f"{' -> '.join(str(c) for c in cycle)}; remove one of these 'base:' lines"
+        )
+    return merge(read_yaml(target, chain), data)

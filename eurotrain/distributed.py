@@ -5,7 +5,8 @@ SLURM's alone, for ranks that srun starts directly (SLURM_PROCID, SLURM_NTASKS, 
 the first node of the allocation and a port derived from the job id); or MPI through mpi4py
 (mpiexec -n N python -m eurotrain.train ...; rank 0 broadcasts its address). With none of them
 the run is a single process. Each rank uses the device numbered by its local rank. Nothing
-happens at import.
+happens at import. A launch that cannot work (no GPU, no rendezvous address) is a ConfigError:
+one line from the command line, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from eurotrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
@@ -92,21 +95,21 @@ def detect() -> tuple[int, int, int, str]:
     """
     forced = os.environ.get("EUROTRAIN_BOOTSTRAP", "").strip().lower()
     if forced not in ("", "torchrun", "mpi", "slurm", "single"):
-        raise ValueError(
+        raise ConfigError(
             f"EUROTRAIN_BOOTSTRAP={forced!r}: choose torchrun, mpi, slurm or single (or unset it "
             f"to detect the launcher)"
         )
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     if forced == "torchrun" or (not forced and rank is not None and world is not None):
         if rank is None or world is None:
-            raise ValueError("EUROTRAIN_BOOTSTRAP=torchrun but RANK/WORLD_SIZE are not set")
+            raise ConfigError("EUROTRAIN_BOOTSTRAP=torchrun but RANK/WORLD_SIZE are not set")
         return rank, _env_int("LOCAL_RANK") or 0, world, "torchrun"
     if forced == "mpi" or (not forced and _under_mpi()):
         return _detect_mpi()
     if forced == "slurm" or (not forced and _in_srun_step()):
         procid, ntasks = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
         if procid is None or ntasks is None:
-            raise ValueError(
+            raise ConfigError(
                 "EUROTRAIN_BOOTSTRAP=slurm but SLURM_PROCID/SLURM_NTASKS are not set: start "
                 "the ranks with srun inside an allocation"
             )
@@ -118,7 +121,7 @@ def _mpi_comm():
     try:
         from mpi4py import MPI  # only this path needs an MPI library
     except ImportError as e:
-        raise ValueError(
+        raise ConfigError(
             f"MPI bootstrap needs mpi4py and an MPI library ({e}): pip install mpi4py mpich, "
             f"or start the ranks with torchrun or srun instead"
         ) from None
@@ -141,7 +144,7 @@ def first_host(nodelist: str) -> str:
     """
     head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
     if not head or not head.group(0):
-        raise ValueError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
+        raise ConfigError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
     prefix, ranges, suffix = head.groups()
     if ranges is None:
         return prefix + suffix
@@ -172,7 +175,7 @@ def _rendezvous(source: str, rank: int) -> None:
         if not os.environ.get("MASTER_PORT"):
             job_id = _env_int("SLURM_JOB_ID")
             if job_id is None:
-                raise ValueError("SLURM_JOB_ID is not set: cannot derive MASTER_PORT")
+                raise ConfigError("SLURM_JOB_ID is not set: cannot derive MASTER_PORT")
             os.environ["MASTER_PORT"] = str(slurm_master_port(job_id))
     elif source == "mpi" and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         _, comm = _mpi_comm()
@@ -205,13 +208,13 @@ def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"train.device is {device!r} but no GPU is visible (torch.cuda.is_available() is "
             f"False): check CUDA_VISIBLE_DEVICES/ROCR_VISIBLE_DEVICES or set train.device cpu"
         )
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ValueError(
+        raise ConfigError(
             f"local rank {local_rank} has no GPU: only {count} visible on this node. Start at "
             f"most {count} processes per node (--nproc-per-node {count})"
         )
@@ -227,7 +230,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         _rendezvous(source, rank)
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
-                raise ValueError(
+                raise ConfigError(
                     f"{var} is not set but {world} ranks were started by {source}: start through "
                     f"torchrun or srun, or set "
                     f"MASTER_ADDR/MASTER_PORT to rank 0's address and a free port"

@@ -32,6 +32,12 @@ class ConfigError(EurotrainError, ValueError):
     label = "configuration error"
 
 
+class DataError(ConfigError):
+    """An input data file is unreadable or malformed; names the file (and line) and the fix."""
+
+    label = "data error"
+
+
 class CheckpointError(EurotrainError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or could not be written; names the file."""
 
@@ -42,6 +48,15 @@ class NonFiniteLossError(EurotrainError, RuntimeError):
     """The loss or gradient norm stayed non-finite for more steps than allowed."""
 
     label = "training stopped"
+
+
+class CollectiveError(EurotrainError, RuntimeError):
+    """A collective timed out or lost a peer; names the ranks (and hosts) that stopped answering.
+
+    Only the ranks still running raise it, each after its own failed collective: each reports."""
+
+    label = "collective failed"
+    every_rank = False
 
 
 # OS errors that are a fact of the machine (a full disk, a read-only or forbidden path), not a bug.

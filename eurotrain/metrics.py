@@ -1,13 +1,18 @@
 """Step metrics to stdout (a progress bar on a TTY, plain lines in a batch log), a JSONL file in
-the run directory, and wandb (offline by default: compute nodes have no internet)."""
+the run directory, and wandb (offline by default: compute nodes have no internet).
+
+The run directory and everything in it are writable by their owner only, whatever the umask
+(the same modes as checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -15,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from eurotrain.callbacks import Callback, StepMetrics
+from eurotrain.checkpoint.storage import DIR_MODE, FILE_MODE
 from eurotrain.configtools import ConfigError
+from eurotrain.errors import EurotrainError
 
 if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
@@ -65,6 +72,66 @@ class LoggingConfig:
             raise ConfigError(f"logging.log_interval: {self.log_interval} must be >= 1")
 
 
+def make_run_dir(run_dir: Path, config_yaml: str) -> None:
+    """Create the run directory (and its missing parents) and write config.yaml into it, never
+    group- or world-writable; an error names the path and the fix."""
+    try:
+        missing = []
+        for d in (run_dir, *run_dir.parents):
+            if d.exists() or d.is_symlink():
+                break
+            missing.append(d)
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another job made it meanwhile
+                d.mkdir(mode=DIR_MODE)
+                os.chmod(d, DIR_MODE)  # mkdir's mode passes through the umask: make it exact
+        with open_private(run_dir / "config.yaml", "w") as f:
+            f.write(config_yaml)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((d for d in (run_dir, *run_dir.parents) if d.is_file()), run_dir)
+        raise ConfigError(
+            f"train.output_dir: {str(blocker)!r} is a file, not a directory; choose another "
+            f"train.output_dir" + (" or train.run_name" if blocker == run_dir else "")
+        ) from None
+    except OSError as e:
+        raise EurotrainError(
+            f"cannot create the run directory {str(run_dir)!r}: {e.strerror or e}; choose a "
+            f"writable train.output_dir with free space"
+        ) from None
+
+
+def open_private(path: Path, mode: str) -> Any:
+    """open() for a text file ("w" or "a") created and kept at FILE_MODE."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)  # also tightens a file an older run left
+    return os.fdopen(fd, mode, buffering=1)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Files created meanwhile (by this process and the ones it starts, e.g. wandb's service)
+    get at most DIR_MODE / FILE_MODE."""
+    old = os.umask(0)
+    os.umask(old | (0o777 & ~DIR_MODE))
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private(root: Path) -> None:
+    """Directories under ``root`` to DIR_MODE, files to FILE_MODE (for files another library
+    wrote under its own rules)."""
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, DIR_MODE)
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path):
+                    os.chmod(path, FILE_MODE)
+
+
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key == "lr":
@@ -91,22 +158,49 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.file = None
         self.wandb_run = None
+        self.run_dir = run_dir
         self.bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
         self.start = time.perf_counter()
         if not enabled or run_dir is None:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        self.file = open_private(run_dir / "metrics.jsonl", "a")
         if cfg.wandb:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb_run = wandb.init(
-                project=cfg.wandb_project,
-                mode=cfg.wandb_mode,
-                dir=str(run_dir),
-                name=run_dir.name,
-                config=run_config,
-            )
+            with private_umask():  # wandb's files, and its service process's
+                self.wandb_run = wandb.init(
+                    project=cfg.wandb_project,
+                    mode=cfg.wandb_mode,
+                    dir=str(run_dir),
+                    name=run_dir.name,
+                    config=run_config,
+                )
+
+    def drop_after(self, step: int) -> None:
+        """Forget the records of steps after ``step`` (records without a step, and earlier
+        ones, stay): a run resumed from step's checkpoint logs the later steps again. The file
+        is replaced atomically; a torn last line (a crash mid-write) goes too."""
+        if self.file is None or self.run_dir is None:
+            return
+        self.file.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            later = isinstance(record, dict) and isinstance(record.get("step"), int)
+            if not (later and record["step"] > step):
+                kept.append(line + "\n")
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        with open_private(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.file = open_private(path, "a")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -146,8 +240,11 @@ class MetricsLogger:
             self.file.close()
             self.file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            with private_umask():
+                self.wandb_run.finish()
             self.wandb_run = None
+            if self.run_dir is not None and (self.run_dir / "wandb").is_dir():
+                make_private(self.run_dir / "wandb")
 
 
 class LogMetrics(Callback):
@@ -156,6 +253,10 @@ class LogMetrics(Callback):
     def __init__(self, logger: MetricsLogger) -> None:
         self.logger = logger
         self.last_logged = -1
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.state.step > 0:  # resumed: the steps after the checkpoint run again
+            self.logger.drop_after(trainer.state.step)
 
     def _log(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
         trainer.sync_metrics()  # a no-op when the loop has synced this step already

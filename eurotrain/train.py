@@ -35,9 +35,15 @@ from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
-from eurotrain.errors import NonFiniteLossError, run_command
-from eurotrain.fault import StopOnSignal
-from eurotrain.metrics import Evaluate, LogMetrics, MetricsLogger, device_peak_tflops
+from eurotrain.errors import EurotrainError, NonFiniteLossError, run_command
+from eurotrain.fault import PeerWatch, StopOnSignal
+from eurotrain.metrics import (
+    Evaluate,
+    LogMetrics,
+    MetricsLogger,
+    device_peak_tflops,
+    make_run_dir,
+)
 from eurotrain.optim import build_scheduler
 from eurotrain.parallel.checks import check_layout
 from eurotrain.parallel.dims import dp_rank_and_size
@@ -92,7 +98,7 @@ class StepTimer:
 class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
-        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.dist: DistInfo = init_distributed(cfg.train.device, cfg.fault.collective_timeout_s)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -154,7 +160,12 @@ class Trainer:
             cuda=device.type == "cuda",
             log=self.metrics.info,
         )  # fmt: skip
-        builtin: list[Callback] = [StopOnSignal(self.host_group), LogMetrics(self.metrics)]
+        builtin: list[Callback] = [
+            # Names the ranks that stopped answering when a collective fails.
+            PeerWatch(self.dist.rank, world, cfg.fault.collective_timeout_s),
+            StopOnSignal(self.host_group),
+            LogMetrics(self.metrics),
+        ]
         if cfg.train.eval_interval:
             builtin.append(Evaluate(cfg.train.eval_interval))
         builtin.append(SaveCheckpoints(self.checkpointer))
@@ -239,7 +250,9 @@ class Trainer:
                 self.callbacks.call("on_step_end", self, self.state.step, metrics)
             self.sync_metrics()
         except BaseException as e:
-            self.callbacks.call("on_error", self, e)
+            precise = self.callbacks.call_on_error(self, e)
+            if precise is not None:  # e.g. which rank stopped answering in a failed collective
+                raise precise from e
             raise
         self.result.stopped_early = self.state.step < self.cfg.train.steps
         self.callbacks.call("on_train_end", self, self.result)
@@ -353,15 +366,19 @@ class Trainer:
             name = f"{self.cfg.model.name}-job{os.environ['SLURM_JOB_ID']}"
         if not name:
             name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
-            if self.dist.world_size > 1:  # every rank must agree on rank 0's clock
-                names = [name]
-                dist.broadcast_object_list(names, src=0)
-                name = names[0]
-        run_dir = Path(self.cfg.train.output_dir) / name
+        error: Exception | None = None
         if self.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        return run_dir
+            try:
+                make_run_dir(Path(self.cfg.train.output_dir) / name, self.cfg.to_yaml())
+            except EurotrainError as e:
+                error = e
+        if self.dist.world_size > 1:  # every rank takes rank 0's name (clock) and its error
+            box: list[Any] = [name, error]
+            dist.broadcast_object_list(box, src=0)
+            name, error = box
+        if error is not None:
+            raise error
+        return Path(self.cfg.train.output_dir) / name
 
 
 def _describe_ops(ops: Any) -> str:

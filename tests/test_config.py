@@ -109,3 +109,51 @@ def test_base_include_and_yaml_round_trip(tmp_path: Path) -> None:
 
 def test_defaults_are_valid() -> None:
     assert isinstance(Config(), Config)
+
+
+def test_a_directory_as_config_says_so_and_suggests_a_yaml_inside(tmp_path: Path) -> None:
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "tiny.yaml").write_text("train: {steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"is a directory, not a YAML file.*cfgs/tiny\.yaml"):
+        load_config(tmp_path / "cfgs")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"is a directory, not a YAML file"):
+        load_config(tmp_path / "empty")
+
+
+def test_base_cycles_name_the_chain(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {steps: 2}\n")
+    (tmp_path / "b.yaml").write_text("base: sub/c.yaml\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"includes itself"):
+        load_config(tmp_path / "self.yaml")
+    # A file may be the base of two others (a diamond is no cycle).
+    (tmp_path / "root.yaml").write_text("train: {steps: 5}\n")
+    (tmp_path / "left.yaml").write_text("base: root.yaml\n")
+    (tmp_path / "twice.yaml").write_text("base: left.yaml\noptim: {lr: 0.5}\n")
+    assert load_config(tmp_path / "twice.yaml").train.steps == 5
+
+
+def test_bad_base_values_and_undecodable_files(tmp_path: Path) -> None:
+    (tmp_path / "listbase.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"'base:' must be the path of another YAML file"):
+        load_config(tmp_path / "listbase.yaml")
+    (tmp_path / "gone.yaml").write_text("base: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nothere\.yaml.*named by 'base:' in .*gone\.yaml"):
+        load_config(tmp_path / "gone.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"train:\n  run_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 22\)"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_fault_section_sets_the_collective_timeout() -> None:
+    assert load_config(None).fault.collective_timeout_s == 600
+    cfg = load_config(None, ["--fault.collective_timeout_s", "30"])
+    assert cfg.fault.collective_timeout_s == 30.0
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigError, match=r"fault\.collective_timeout_s: .* must be > 0"):
+            load_config(None, ["--fault.collective_timeout_s", bad])

@@ -169,3 +169,44 @@ def test_run_log_says_which_kernels_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'triton' kernels requested but" in proc.stdout
     assert "using the PyTorch references" in proc.stdout
+
+
+def test_resumed_run_logs_each_step_once_with_the_resumed_values(tmp_path: Path) -> None:
+    """Saved at step 3, crashed after step 5, resumed: steps 4 and 5 ran twice, metrics.jsonl
+    keeps each step once, with the values of the run that went on."""
+    from checkpoint.ckpt_common import Interrupt, StopAfter
+
+    args = ("--train.steps", "7", "--checkpoint.interval", "3", "--checkpoint.async_save", "false")
+    crashed = Trainer(tiny(tmp_path, *args))
+    crashed.callbacks.append(StopAfter(5))
+    with pytest.raises(Interrupt):
+        crashed.train()
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"note": "a record without a step is kept"}\n')
+    resumed = Trainer(tiny(tmp_path, *args))
+    resumed.resume()
+    assert resumed.state.step == 3
+    losses = resumed.train().losses
+    rows = read_metrics(tmp_path / "run")
+    assert [r.get("step") for r in rows] == [1, 2, 3, None, 4, 5, 6, 7]
+    assert [r["loss"] for r in rows if r.get("step", 0) > 3] == losses
+
+
+def test_run_directory_is_never_group_or_world_writable_even_with_umask_0(tmp_path: Path) -> None:
+    """umask 000 (a careless login shell): the run directory, config.yaml, metrics.jsonl, the
+    checkpoints and wandb's offline files are still writable by their owner only."""
+    code = (
+        "import os, sys; os.umask(0); from eurotrain.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", str(TINY), "--train.steps", "2",
+         "--train.output_dir", str(tmp_path / "runs"), "--train.run_name", "run",
+         "--checkpoint.interval", "1", "--logging.wandb", "true"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = [tmp_path / "runs", *(tmp_path / "runs").rglob("*")]
+    assert any(p.name == "metrics.jsonl" for p in paths) and any("wandb" in p.parts for p in paths)
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o022}
+    assert not loose, loose

@@ -6,17 +6,21 @@ into shards of about ``--shard-size-mb`` of text, planned before any tokenizing;
 tokenized in parallel (``datasets.map`` with ``num_proc`` workers), written atomically and then
 recorded in the manifest. A rerun of the same command skips the shards already recorded, so an
 interrupted preparation resumes; a different input is appended to the same directory, but only
-when it uses the same tokenizer.
+when it uses the same tokenizer. However it ends (done, an error, Ctrl-C), the command removes
+its temporary files; a hard kill leaves ``.work/`` (the read input), which a rerun reuses.
+
+Text and JSON inputs are read and checked by ``eurotrain.data.inputs``: a malformed file stops
+the command with one line naming the file and line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from eurotrain.configtools import ConfigError
-from eurotrain.data.corpus import expand_paths
+from eurotrain.data.inputs import generate_documents, kind_of, resolve_files
 from eurotrain.data.shards import (
     FORMAT,
+    MANIFEST,
     VERSION,
+    DataFormatError,
     PreparedDataset,
     read_manifest,
     token_dtype,
@@ -35,41 +41,16 @@ from eurotrain.data.shards import (
     write_shard,
 )
 from eurotrain.data.tokenizer import load_tokenizer, tokenizer_identity
+from eurotrain.errors import DataError, EurotrainError, run_command
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
-
-
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(JSON_SUFFIXES):
-        return "json"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(TEXT_SUFFIXES):
-        return "text"
-    raise ConfigError(
-        f"--input: {path} has an unknown type; use plain text ({', '.join(TEXT_SUFFIXES)}), "
-        f"JSONL ({', '.join(JSON_SUFFIXES)}), Parquet (.parquet) or a save_to_disk directory"
-    )
+TEXT_TYPES = ("string", "large_string", "string_view", "null")
+"""Arrow types of a text column (null: a column with no text at all)."""
 
 
 def _is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and any(
         (p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
     )
-
-
-def resolve_files(spec: str) -> list[Path]:
-    """The input files of a path, a directory (recursively) or a glob, sorted."""
-    files = expand_paths(spec, lambda f: not f.name.startswith("."))
-    if not files:
-        raise ConfigError(
-            f"--input: {spec!r} matches no files; give a file, a directory, a glob such as "
-            f"'/data/corpus/*.jsonl', or a directory written by Dataset.save_to_disk"
-        )
-    return files
 
 
 def load_documents(
@@ -86,9 +67,11 @@ def load_documents(
                 raise ConfigError(f"--split: {p} has splits {list(ds)}, not {split!r}")
             ds = ds[split]
         key = f"disk:{p.resolve()}:{ds._fingerprint}"
+        if text_field in ds.column_names:
+            _check_text_type(str(p), text_field, ds.data.schema.field(text_field).type)
     else:
         files = resolve_files(spec)
-        kinds = {_kind(f) for f in files}
+        kinds = {kind_of(f) for f in files}
         if len(kinds) > 1:
             raise ConfigError(
                 f"--input: {spec!r} mixes file types {sorted(kinds)}; prepare each type with "
@@ -101,18 +84,66 @@ def load_documents(
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         key = f"files:{h.hexdigest()}"
         data_files = [str(f) for f in files]
-        kwargs: dict[str, Any] = {}
-        if kind == "text":  # the text loader names its one column "text"
-            kwargs, text_field = {"sample_by": text_unit}, "text"
-        ds = datasets.load_dataset(
-            kind, data_files=data_files, split="train", cache_dir=str(cache_dir), **kwargs
-        )
+        if kind == "parquet":
+            _check_parquet(files, text_field)
+            ds = datasets.load_dataset(
+                kind, data_files=data_files, split="train", cache_dir=str(cache_dir)
+            )
+        else:
+            kwargs = dict(files=data_files, kind=kind, field=text_field, unit=text_unit)
+            ds = _from_generator(dict(kwargs, spec=spec, key=key), cache_dir)
+            if kind == "text":
+                text_field = "text"  # plain text has one column, "text" (as in the key before)
+            elif text_field != "text":
+                ds = ds.rename_column("text", text_field)
     if text_field not in ds.column_names:
         raise ConfigError(
             f"--text-field: {spec!r} has no column {text_field!r}; its columns are "
             f"{ds.column_names}"
         )
     return ds.select_columns([text_field]), f"{key}:{text_field}"
+
+
+def _from_generator(gen_kwargs: dict[str, Any], cache_dir: Path) -> Any:
+    """The checked documents as a Dataset cached under ``cache_dir``; a malformed input raises
+    its own error (which datasets would wrap in DatasetGenerationError)."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(
+            generate_documents,
+            gen_kwargs=gen_kwargs,
+            features=datasets.Features({"text": datasets.Value("string")}),
+            cache_dir=str(cache_dir),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, EurotrainError):
+            raise e.__cause__.with_traceback(None) from None
+        raise
+
+
+def _check_text_type(where: str, field: str, arrow_type: Any) -> None:
+    if str(arrow_type) not in TEXT_TYPES:
+        raise DataError(
+            f"{where}: column {field!r} holds {arrow_type}, not text; name the text column "
+            f"with --text-field"
+        )
+
+
+def _check_parquet(files: list[Path], field: str) -> None:
+    """Each file is Parquet (its footer reads) and its ``field`` column holds strings."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid or OSError for a foreign file
+            raise DataError(f"{f}: not a readable Parquet file ({e}); leave it out") from None
+        if field not in schema.names:
+            raise ConfigError(
+                f"--text-field: {str(f)!r} has no column {field!r}; its columns are {schema.names}"
+            )
+        _check_text_type(str(f), field, schema.field(field).type)
 
 
 def plan_shards(ds: Any, field: str, shard_chars: int) -> list[tuple[int, int]]:
@@ -163,14 +194,67 @@ def prepare(
     shard_size_mb: float = 1024,
     split: str = "train",
 ) -> dict[str, Any]:
-    """Tokenize ``input_spec`` into ``output``; returns the manifest."""
+    """Tokenize ``input_spec`` into ``output``; returns the manifest. However it ends, no
+    temporary file stays behind (shards already recorded in the manifest do)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # compute nodes have no internet
+    tokenizer = load_tokenizer(tokenizer_spec)
+    out = Path(output)
+    created = _make_output(out)
+    try:
+        return _prepare_into(
+            out, input_spec, tokenizer_spec, tokenizer, workers, text_field, text_unit,
+            shard_size_mb, split,
+        )  # fmt: skip
+    finally:
+        _clean_up(out, created)
+
+
+def _make_output(out: Path) -> bool:
+    """Create the output directory; whether it is new."""
+    blocker = next((d for d in (out, *out.parents) if d.exists() and not d.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(
+            f"--output: {str(blocker)!r} is a file, not a directory; choose a new or prepared "
+            f"directory"
+        )
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _clean_up(out: Path, created: bool) -> None:
+    """Remove the temporary files of this command and shard files no manifest lists (a write
+    cut short); remove the output directory itself if this command made it and left it empty."""
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    for tmp in [*out.glob("shard-*.tmp"), out / (MANIFEST + ".tmp")]:
+        tmp.unlink(missing_ok=True)
+    try:
+        manifest = read_manifest(out)
+    except DataFormatError:  # damaged: leave everything for the user to look at
+        return
+    listed = {s[k] for s in (manifest or {}).get("shards", []) for k in ("file", "index_file")}
+    for shard in [*out.glob("shard-*.bin"), *out.glob("shard-*.idx")]:
+        if shard.name not in listed:
+            shard.unlink()
+    if created:
+        with contextlib.suppress(OSError):  # not empty: it holds what a rerun resumes from
+            out.rmdir()
+
+
+def _prepare_into(
+    out: Path,
+    input_spec: str,
+    tokenizer_spec: str,
+    tokenizer: Any,
+    workers: int,
+    text_field: str,
+    text_unit: str,
+    shard_size_mb: float,
+    split: str,
+) -> dict[str, Any]:
     import datasets
 
-    tokenizer = load_tokenizer(tokenizer_spec)
     identity: dict[str, Any] = tokenizer_identity(tokenizer_spec, tokenizer)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
     if manifest is None:
         manifest = {"format": FORMAT, "version": VERSION, "tokenizer": identity}
@@ -235,7 +319,6 @@ def prepare(
             f.unlink()
     entry["complete"] = True
     write_manifest(out, manifest)
-    shutil.rmtree(work, ignore_errors=True)
     if manifest["num_tokens"] == 0:
         raise ConfigError(f"--input {input_spec!r} holds no text: every document is empty")
     elapsed = time.perf_counter() - start
@@ -276,27 +359,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A fixable error (bad input, a full disk) is one line on stderr and a non-zero exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "verify":
-            ds = verify(args.path)
-            print(f"{args.path}: OK, {ds.num_tokens:,} tokens, {ds.num_documents:,} documents")
-            return 0
-        if args.workers < 1:
-            raise ConfigError(f"--workers: {args.workers} must be >= 1")
-        prepare(
-            args.input,
-            args.tokenizer,
-            args.output,
-            workers=args.workers,
-            text_field=args.text_field,
-            text_unit=args.text_unit,
-            shard_size_mb=args.shard_size_mb,
-            split=args.split,
-        )
-    except ConfigError as e:
-        print(f"eurotrain data {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"eurotrain data {args.command}", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        ds = verify(args.path)
+        print(f"{args.path}: OK, {ds.num_tokens:,} tokens, {ds.num_documents:,} documents")
+        return 0
+    if args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers} must be >= 1")
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.output,
+        workers=args.workers,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        shard_size_mb=args.shard_size_mb,
+        split=args.split,
+    )
     return 0
 
 

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from eurotrain.configtools import ConfigError
+from eurotrain.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "eurotrain-tokens"
 VERSION = 1
 
 
-class DataFormatError(ConfigError):
+class DataFormatError(DataError):
     """A prepared directory is missing, incomplete, corrupted or inconsistent."""
 
 
@@ -50,11 +50,15 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 def _write_atomic(path: Path, data: bytes | memoryview) -> str:
     """Write, fsync and rename, so a file under its final name is always complete."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return hashlib.sha256(data).hexdigest()
 
 
