@@ -116,9 +116,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose restored state also sets the optimizer's learning rates: LambdaLR's own
+    load_state_dict leaves them to the next step() (so the first step after a resume would use
+    whatever the optimizer was built or loaded with)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            group["lr"] = lr
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, total_steps)
-    )
+) -> Schedule:
+    return Schedule(optimizer, lambda step: lr_factor(cfg, step, total_steps))

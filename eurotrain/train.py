@@ -157,7 +157,7 @@ class Trainer:
         )
         self.checkpointer = Checkpointer(
             cfg.checkpoint, checkpoint_root(cfg.checkpoint, self.run_dir), self.dist.rank, world,
-            cuda=device.type == "cuda",
+            cuda=device.type == "cuda", timeout_s=cfg.fault.collective_timeout_s,
             log=self.metrics.info,
         )  # fmt: skip
         builtin: list[Callback] = [

@@ -21,12 +21,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,10 @@ class Checkpointer:
         *,
         cuda: bool = False,
         log: Callable[[str], None] = print,
+        timeout_s: float = 600.0,
     ) -> None:
+        """``timeout_s``: how long the checkpoint group's collectives wait for a silent rank
+        (fault.collective_timeout_s)."""
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -126,7 +129,9 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eurotrain-ckpt")
         self._stager = DefaultStager(StagingOptions(cuda, False, False, False))
         # A group of its own, used only from the worker thread (and for loading, when idle).
-        self.pg = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        self.pg = None
+        if self.world_size > 1:
+            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         if self.rank == 0 and (cfg.interval > 0 or cfg.resume == "auto"):
             make_dir(self.root)
             self._describe_fs()
@@ -215,8 +220,9 @@ class Checkpointer:
             self._commit(tmp, final, files, info, time.perf_counter() - start)
             self._committed.append((step, final))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            # Raised where the save is awaited: at once (sync), or at the next step's poll of
+            # committed saves (async); the command line prints it once, on rank 0.
             error = save_error(step, tmp, e)
-            print(f"eurotrain: rank {self.rank}: {error}", file=sys.stderr, flush=True)
             if self.rank == 0:
                 layout.remove_checkpoint(tmp)  # free the space; the last good one stays
             raise error from e

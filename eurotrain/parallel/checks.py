@@ -94,12 +94,6 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 f"use parallel.engine = fsdp for tensor/pipeline/context parallelism, or "
                 f"parallel.dp_shard = {world_size} with DeepSpeed"
             )
-        if cfg.checkpoint.interval > 0 or cfg.checkpoint.init_from:
-            raise ConfigError(
-                "eurotrain's checkpoints (checkpoint.interval / checkpoint.init_from) do not cover "
-                "the DeepSpeed engine yet (ZeRO partitions parameters its own way): set "
-                "checkpoint.interval = 0 or use parallel.engine = fsdp"
-            )
         if dims.dp_replicate > 1:
             raise ConfigError(
                 f"parallel.engine = deepspeed has no replicate axis (parallel.dp_replicate = "

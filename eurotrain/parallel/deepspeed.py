@@ -7,6 +7,13 @@ averages gradients over the data-parallel ranks, while our loss is already the g
 accumulation scaling, so the gradients equal a single-process run's. DeepSpeed clips and updates
 in its own ``step()``; our LambdaLR schedule stays with the trainer.
 
+Checkpoints: the model and optimizer state are exchanged per parameter name as full fp32 tensors,
+gathered from and scattered into ZeRO's partitions by DeepSpeed's safe_get/set_full_* helpers,
+under the same keys an FSDP run saves (``model.<fqn>``, ``optim.state.<fqn>.exp_avg`` ...). So a
+DeepSpeed checkpoint resumes bit-exactly under any ZeRO stage and data-parallel size. Each tensor
+is kept by one rank (chosen by name), so a rank holds about 1/world of the full state while
+saving; on loading, its keeper broadcasts it to the others, one tensor at a time.
+
 Non-finite steps: ZeRO runs our (fused) AdamW on its partitions of the fp32 master weights, so the
 update is skipped on the device through AdamW's ``found_inf`` flag, decided on the loss (DeepSpeed
 computes the gradient norm only inside its step). A non-finite gradient norm with a finite loss has
@@ -16,13 +23,14 @@ already changed the weights when it is seen: the run stops at once (the last che
 from __future__ import annotations
 
 import os
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from eurotrain.errors import CheckpointError, NonFiniteLossError
+from eurotrain.errors import NonFiniteLossError
 from eurotrain.optim import build_optimizer
 from eurotrain.parallel.parallelize import build_parallel_model
 
@@ -70,6 +78,9 @@ class DeepSpeedEngine:
         )
         model = built.model
         optimizer = build_optimizer(model, cfg.optim)
+        by_param = {p: n for n, p in model.named_parameters()}
+        # Each group's parameter names, kept before ZeRO swaps in its flat partitions.
+        self._group_names = [[by_param[p] for p in g["params"]] for g in optimizer.param_groups]
         t = cfg.train
         config = deepspeed_config(
             cfg.parallel.zero_stage,
@@ -87,7 +98,7 @@ class DeepSpeedEngine:
         self.model_parts = [self.model]
 
     def state(self) -> dict[str, Stateful]:
-        return {"model": _NoState(), "optim": _NoState()}
+        return {"model": _FullState(self, "model"), "optim": _FullState(self, "optim")}
 
     def forward_backward(self, batch: Batch, num_tokens: float) -> torch.Tensor:
         self.engine.train()
@@ -139,12 +150,162 @@ class DeepSpeedEngine:
                 total += self.engine(x, y).double()
         return total
 
+    # ---- checkpoint state: full fp32 tensors per parameter name ------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        if dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
-class _NoState:
-    """Checkpoints of DeepSpeed runs are refused up front by check_layout; this is the guard."""
+    def _keeper(self, name: str) -> int:
+        """The rank that keeps ``name``'s tensors in a checkpoint: a stable spread by name."""
+        return zlib.crc32(name.encode()) % self._rank_and_world()[1]
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _hyper_params(self) -> dict[str, dict[str, Any]]:
+        """{parameter name: its optimizer group's hyper-parameters}, as FSDP runs save them."""
+        out = {}
+        for name, group in zip(self._group_names, self.optimizer.param_groups):
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            out.update(dict.fromkeys(name, hyper))
+        return out
+
+    def full_state(self, part: str) -> dict[str, Any]:
+        """This rank's share of the full state: every rank takes part in each gather (they are
+        collectives), only the keeper keeps the result."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._materialize_adam_state()
+        rank = self._rank_and_world()[0]
+        step = torch.tensor(float(self._adam_step()))
+        hyper = self._hyper_params() if part == "optim" else {}
+        out: dict[str, Any] = {}
+        for name, p in self._named_params():
+            if part == "model":
+                values = {name: safe_get_full_fp32_param(p)}
+            else:
+                values = {f"state.{name}.{k}": safe_get_full_optimizer_state(p, k) for k in _ADAM}
+            if self._keeper(name) != rank:
+                continue
+            out.update({k: v.detach().to("cpu", copy=True) for k, v in values.items()})
+            if part == "optim":
+                out[f"state.{name}.step"] = step.clone()
+                out.update({f"param_groups.{name}.{k}": v for k, v in hyper[name].items()})
+        return out
+
+    def load_full_state(self, part: str, state: dict[str, Any]) -> None:
+        """Scatter full tensors into ZeRO's partitions: each keeper broadcasts its tensors."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._materialize_adam_state()
+        step = None
+        for name, p in self._named_params():
+            if part == "model":
+                value = self._broadcast(name, state.get(name), p)
+                safe_set_full_fp32_param(p, value)
+                self._set_module_param(p, value)
+                continue
+            for k in _ADAM:
+                value = self._broadcast(name, state.get(f"state.{name}.{k}"), p)
+                safe_set_full_optimizer_state(p, value, k)
+            if f"state.{name}.step" in state:
+                step = int(state[f"state.{name}.step"].item())
+        if part == "optim":
+            step_box = torch.tensor([float(-1 if step is None else step)], device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(step_box, op=dist.ReduceOp.MAX)
+            self._set_adam_step(int(step_box.item()))
+
+    def _broadcast(self, name: str, value: torch.Tensor | None, p: nn.Parameter) -> torch.Tensor:
+        """The keeper's full tensor of ``name``, on every rank (on this rank's device)."""
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        keeper = self._keeper(name)
+        if value is None:
+            value = torch.empty(shape, dtype=torch.float32, device=self.device)
+        value = value.to(self.device, torch.float32).reshape(shape).contiguous()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(value, src=keeper)
+        return value
+
+    def _set_module_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """The module's own copy (ZeRO-1/2: the whole tensor on every rank; ZeRO-3: a partition)
+        follows the fp32 master weights only at the next update: set it now."""
+        import deepspeed
+
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self._rank_and_world()[0] == 0:
+                    p.data.copy_(value)
+        else:
+            p.data.copy_(value)
+
+    # The inner AdamW: ZeRO runs it on flat fp32 partitions; its state exists after a first step.
+    def _zero_partitions(self) -> list[tuple[int, torch.Tensor]]:
+        """(param group index, flat fp32 partition) of every partition ZeRO steps."""
+        zero = self.ds_optimizer
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            return [
+                (zero.sub_group_to_group_id[i], flat)
+                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+            ]
+        return list(enumerate(zero.single_partition_of_fp32_groups))  # ZeRO-1/2
+
+    def _materialize_adam_state(self) -> None:
+        """Create AdamW's state (zero moments, step 0) where no update has run yet, through one
+        update that fused AdamW skips (found_inf): loading needs the tensors to write into."""
+        # (DeepSpeed's early link leaves empty entries: an empty state is no state.)
+        partitions = [(g, f) for g, f in self._zero_partitions() if not self.optimizer.state.get(f)]
+        if not partitions:
+            self._link_optimizer_state()
+            return
+        saved = [list(group["params"]) for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["params"] = []
+        for g, flat in partitions:
+            self.optimizer.param_groups[g]["params"].append(flat)
+            flat.grad = torch.zeros_like(flat)
+        self.optimizer.found_inf = torch.ones((), device=self.device)  # type: ignore[attr-defined]
+        self.optimizer.step()
+        for _, flat in partitions:
+            flat.grad = None
+        for group, params in zip(self.optimizer.param_groups, saved):
+            group["params"] = params
+        self.optimizer.found_inf = torch.zeros((), device=self.device)  # type: ignore[attr-defined]
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-1/2 point each parameter's fragment at the optimizer state, which
+        safe_get/set_full_optimizer_state read through. DeepSpeed (0.19) links every group after
+        the first group's first step, when the other groups have no state yet, and never again:
+        their fragments stay empty. Link again now that every group's state exists."""
+        zero = self.ds_optimizer
+        if hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> int:
+        steps = {int(s["step"].item()) for s in self.optimizer.state.values() if "step" in s}
+        assert len(steps) <= 1, f"ZeRO's partitions disagree on the AdamW step: {steps}"
+        return steps.pop() if steps else 0
+
+    def _set_adam_step(self, step: int) -> None:
+        for s in self.optimizer.state.values():
+            if "step" in s:
+                s["step"].fill_(float(step))
+
+
+class _FullState:
+    """The Stateful view of one part ("model" or "optim") of a DeepSpeed engine."""
+
+    def __init__(self, engine: DeepSpeedEngine, part: str) -> None:
+        self.engine, self.part = engine, part
 
     def state_dict(self) -> dict[str, Any]:
-        raise CheckpointError("checkpoints do not cover parallel.engine = deepspeed yet")
+        return self.engine.full_state(self.part)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state_dict()
+        self.engine.load_full_state(self.part, state)
+
+
+_ADAM = ("exp_avg", "exp_avg_sq")
