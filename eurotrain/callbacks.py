@@ -64,23 +64,29 @@ def is_stateful(callback: Any) -> bool:
 
 
 class CallbackList:
-    """Calls a hook on every callback that has it, in order."""
+    """Calls a hook on every callback that has it, in order; the ``last`` ones (the checkpoint)
+    always after all others, so that a checkpoint of step N holds every callback's state after
+    its on_step_end(N)."""
 
-    def __init__(self, callbacks: list[Any]) -> None:
+    def __init__(self, callbacks: list[Any], last: list[Any] | None = None) -> None:
         self.callbacks = list(callbacks)
-        names = [cb.name for cb in self.callbacks if is_stateful(cb)]
+        self.last = list(last or [])
+        names = [cb.name for cb in self if is_stateful(cb)]
         if len(names) != len(set(names)):
             raise ValueError(f"stateful callbacks need distinct names, got {names}")
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.callbacks)
+        return iter([*self.callbacks, *self.last])
 
     def append(self, callback: Any) -> None:
+        """Add a callback (before the ones that must come last)."""
+        if is_stateful(callback) and callback.name in self.stateful():
+            raise ValueError(f"stateful callbacks need distinct names: {callback.name!r} twice")
         self.callbacks.append(callback)
 
     def call(self, hook: str, *args: Any) -> None:
         assert hook in HOOKS, hook
-        for cb in self.callbacks:
+        for cb in self:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(*args)
@@ -88,7 +94,7 @@ class CallbackList:
     def call_on_error(self, trainer: Any, error: BaseException) -> BaseException | None:
         """on_error on every callback, even when one raises; the first error raised."""
         raised: BaseException | None = None
-        for cb in self.callbacks:
+        for cb in self:
             fn = getattr(cb, "on_error", None)
             if fn is None:
                 continue
@@ -100,7 +106,7 @@ class CallbackList:
 
     def stateful(self) -> dict[str, Any]:
         """{name: callback} of the callbacks the checkpoint keeps."""
-        return {cb.name: cb for cb in self.callbacks if is_stateful(cb)}
+        return {cb.name: cb for cb in self if is_stateful(cb)}
 
 
 class StepMetrics(Mapping[str, Any]):

@@ -168,8 +168,9 @@ class Trainer:
         ]
         if cfg.train.eval_interval:
             builtin.append(Evaluate(cfg.train.eval_interval))
-        builtin.append(SaveCheckpoints(self.checkpointer))
-        self.callbacks = CallbackList([*builtin, *(callbacks or [])])
+        self.callbacks = CallbackList(
+            [*builtin, *(callbacks or [])], last=[SaveCheckpoints(self.checkpointer)]
+        )
 
         self.stop_reason: str | None = None
         self.result = TrainResult(run_dir=self.run_dir)

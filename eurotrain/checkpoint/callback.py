@@ -12,8 +12,10 @@ if TYPE_CHECKING:
 
 
 class SaveCheckpoints(Callback):
-    """Saves every ``checkpoint.interval`` steps and at the end of training (also after a stop
-    signal), when saving is on; tells the other callbacks when a save is committed."""
+    """Saves every ``checkpoint.interval`` steps and after the last step (also after a stop
+    signal: the trainer puts this callback after all others, so it sees the stop, and the
+    saved state includes every callback's work on the step); tells the other callbacks when a
+    save is committed."""
 
     def __init__(self, checkpointer: Checkpointer) -> None:
         self.checkpointer = checkpointer
@@ -32,15 +34,15 @@ class SaveCheckpoints(Callback):
             trainer.callbacks.call("on_checkpoint_saved", trainer, step, str(path))
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
-        if self.interval and step % self.interval == 0 and not trainer.finished:
+        if self.interval and trainer.finished:
+            self._save(trainer, sync=True)  # the final save: committed before training ends
+        elif self.interval and step % self.interval == 0:
             self._save(trainer, sync=not self.async_save)
         else:
             self._announce(trainer)
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         try:
-            if self.interval:
-                self._save(trainer, sync=True)
             self.checkpointer.wait()
             self._announce(trainer)
         finally:

@@ -44,7 +44,8 @@ class Interrupt(Exception):
 
 
 class StopAfter:
-    """Records losses, and ends the run with an exception after a step, as a crash would."""
+    """Records losses, and ends the run with an exception once a step is over (its callbacks,
+    a checkpoint of it included, have run), as a crash before the next step would."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -52,8 +53,10 @@ class StopAfter:
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
         self.losses.append(metrics["loss"])
-        if step == self.step:
-            raise Interrupt(f"stopped after step {step}")
+
+    def on_step_start(self, trainer: Any, step: int) -> None:
+        if step == self.step + 1:
+            raise Interrupt(f"stopped after step {self.step}")
 
 
 def straight_and_saved(rank: int, world: int, out: str) -> tuple[list, list]:
@@ -64,7 +67,7 @@ def straight_and_saved(rank: int, world: int, out: str) -> tuple[list, list]:
     straight = train_run(rank, world, out, "straight", 10, {})
     trainer = Trainer(tiny_config(Path(out), "split", 10, checkpoint={"interval": 5}))
     stop = StopAfter(5)
-    trainer.callbacks.append(stop)  # after the checkpointer: step 5's save has started
+    trainer.callbacks.append(stop)  # raises once step 5 (and the start of its save) is over
     with contextlib.suppress(Interrupt):
         trainer.train()
     return straight, stop.losses
