@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eurotrain.checkpoint import CheckpointConfig, Checkpointer
 from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.storage import checksum, detect_fs
-from eurotrain.checkpoint.verify import verify
+from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.parallel.engine import ModelState, OptimizerState
 from eurotrain.state import RNGState, Stateful, TrainState
 
@@ -125,11 +125,11 @@ def main() -> None:
         target = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
         cold = args.cold and drop_page_cache()
         t0 = time.perf_counter()
-        verify(ckpt, "metadata")
+        verify_checkpoint(ckpt, "metadata")
         meta_s = time.perf_counter() - t0
         cold = args.cold and drop_page_cache()
         t0 = time.perf_counter()
-        _, metadata = verify(ckpt, "full")
+        _, metadata = verify_checkpoint(ckpt, "full")
         full_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         load_state(target, ckpt, metadata, ("model.",))

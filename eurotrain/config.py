@@ -9,7 +9,15 @@ from typing import Any, Literal
 import yaml
 
 from eurotrain.checkpoint.config import CheckpointConfig
-from eurotrain.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+from eurotrain.configtools import (
+    ConfigError,
+    divisors,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from eurotrain.data.config import DataConfig
 from eurotrain.fault import FaultConfig
 from eurotrain.metrics import LoggingConfig
@@ -62,7 +70,7 @@ class TrainingConfig:
                 f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size}); for example set "
                 f"train.micro_batch_size to one of "
-                f"{[d for d in range(1, self.global_batch_size + 1) if self.global_batch_size % d == 0]}"
+                f"{divisors(self.global_batch_size)}"
             )
         if self.eval_interval < 0 or self.eval_batches < 1:
             raise ConfigError(

@@ -23,6 +23,11 @@ __all__ = ["ConfigError", "from_dict", "merge", "parse_overrides", "read_yaml", 
 T = TypeVar("T")
 
 
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending (for "choose one of" suggestions)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from eurotrain.checkpoint.storage import detect_fs
 from eurotrain.clusters import ClusterProfile, load_profile
 
-PARALLEL_FS = ("lustre", "gpfs", "beegfs", "wekafs", "nfs", "nfs4", "cephfs", "ceph")
 PACKAGES = ("numpy", "transformers", "datasets", "safetensors", "wandb", "mpi4py", "deepspeed")
 MIN_FREE_GIB = 50.0
 """Less free space than this on the checkpoint file system is a warning (a 7B model's full
@@ -124,24 +124,6 @@ def check_nics(profile: ClusterProfile | None) -> Check:
     return Check("nics", "PASS", seen)
 
 
-def _mount_of(path: Path) -> tuple[str, str]:
-    """(mount point, fs type) holding `path`, from /proc/mounts (longest matching prefix)."""
-    best = ("/", "unknown")
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return best
-    target = str(path.resolve())
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mnt = parts[1].replace("\\040", " ")
-        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-            best = (mnt, parts[2])
-    return best
-
-
 def _writable(directory: Path) -> str | None:
     """None if a file can be created in `directory` (made if missing), else the reason."""
     try:
@@ -161,8 +143,9 @@ def check_checkpoint_dir(path: str, profile: ClusterProfile | None) -> Check:
                      "pass a directory you can write on the shared file system "
                      "(--checkpoint-dir / checkpoint.dir)")  # fmt: skip
     free = shutil.disk_usage(d).free / 2**30
-    mnt, fstype = _mount_of(d)
-    msg = f"{path}: {fstype} at {mnt}, {free:.0f} GiB free"
+    fs = detect_fs(d)
+    fstype = fs.fstype
+    msg = f"{path}: {fstype} at {fs.mount_point}, {free:.0f} GiB free"
     expected = sorted({fs.type for fs in profile.filesystems}) if profile else []
     if free < MIN_FREE_GIB:
         return Check("checkpoint dir", "WARN", msg, f"free space or keep fewer checkpoints "
@@ -172,7 +155,7 @@ def check_checkpoint_dir(path: str, profile: ClusterProfile | None) -> Check:
         return Check("checkpoint dir", "WARN", f"{msg}; profile {profile.name} lists "
                      f"{', '.join(expected)}", "checkpoints belong on the parallel file system "
                      "every node sees (node-local disks vanish with the job)")  # fmt: skip
-    if not expected and fstype not in PARALLEL_FS and _in_job(1):
+    if not expected and not fs.parallel and _in_job(1):
         return Check("checkpoint dir", "WARN", f"{msg}; not a shared parallel file system",
                      "use a directory every node sees")  # fmt: skip
     return Check("checkpoint dir", "PASS", msg)

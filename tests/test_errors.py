@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distributed import REPO, free_port, run_torchrun
+from multiproc import REPO, free_port, run_torchrun
 
 TINY = str(REPO / "configs/tiny.yaml")
 LIGHT = ["--data.demo_bytes", "200000", "--data.seq_len", "64", "--train.global_batch_size", "4",

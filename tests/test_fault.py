@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from distributed import REPO, free_port, read_metrics
+from multiproc import REPO, free_port, read_metrics
 
 TINY = str(REPO / "configs/tiny.yaml")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint.ckpt_common import tiny_config
-from distributed import run_distributed
+from multiproc import run_distributed
 from torch.overrides import TorchFunctionMode
 
 READS = {

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from distributed import REPO
+from multiproc import REPO
 
 
 def test_readme_example_is_examples_train_tiny_and_runs(tmp_path) -> None:

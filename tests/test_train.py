@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from distributed import REPO, read_metrics, run_torchrun
+from multiproc import REPO, read_metrics, run_torchrun
 
 from eurotrain import ConfigError, Trainer, load_config
 from eurotrain.data.corpus import demo_documents

@@ -9,12 +9,12 @@ from eurotrain._lazy import lazy_exports
 if TYPE_CHECKING:
     from eurotrain.checkpoint.checkpointer import Checkpointer
     from eurotrain.checkpoint.config import CheckpointConfig
-    from eurotrain.checkpoint.layout import CheckpointError
+    from eurotrain.checkpoint.directory import CheckpointError
 
 _EXPORTS = {
     "Checkpointer": "eurotrain.checkpoint.checkpointer",
     "CheckpointConfig": "eurotrain.checkpoint.config",
-    "CheckpointError": "eurotrain.checkpoint.layout",
+    "CheckpointError": "eurotrain.checkpoint.directory",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer"]

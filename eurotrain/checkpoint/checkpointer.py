@@ -37,9 +37,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from eurotrain.checkpoint import layout
+from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.config import CheckpointConfig
-from eurotrain.checkpoint.layout import CheckpointError
+from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.resume import Candidate, candidates, checkpoint_root, source_problem
 from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.state import apply_state, build_state, load_target
@@ -53,7 +53,7 @@ from eurotrain.checkpoint.storage import (
     make_dir,
     write_durable,
 )
-from eurotrain.checkpoint.verify import verify
+from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.state import Stateful
 
 
@@ -200,14 +200,14 @@ class Checkpointer:
 
     def _write_and_commit(self, staged: dict[str, Any], info: dict[str, Any]) -> Path:
         step = info["step"]
-        tmp = layout.step_dir(self.root, step, tmp=True)
-        final = layout.step_dir(self.root, step)
+        tmp = directory.step_dir(self.root, step, tmp=True)
+        final = directory.step_dir(self.root, step)
         start = time.perf_counter()
         try:
             if self.rank == 0:
                 for stale in (tmp, final):  # a torn or superseded save of this very step
                     if stale.exists():
-                        layout.remove_checkpoint(stale)
+                        directory.remove_checkpoint(stale)
                 make_dir(tmp)
             self._barrier()
             dcp.save(
@@ -224,7 +224,7 @@ class Checkpointer:
             # committed saves (async); the command line prints it once, on rank 0.
             error = save_error(step, tmp, e)
             if self.rank == 0:
-                layout.remove_checkpoint(tmp)  # free the space; the last good one stays
+                directory.remove_checkpoint(tmp)  # free the space; the last good one stays
             raise error from e
         return final
 
@@ -258,9 +258,9 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 all_files = {k: v for part in gathered for k, v in part.items()}
-                marker = layout.make_marker(info, self.world_size, all_files, write_s)
+                marker = directory.make_marker(info, self.world_size, all_files, write_s)
                 write_commit(tmp, final, marker)
-                removed = layout.apply_retention(
+                removed = directory.apply_retention(
                     self.root, info["step"], self.cfg.keep_last, self.cfg.keep_every
                 )
                 size = sum(f["size"] for f in all_files.values()) / 2**20
@@ -362,7 +362,7 @@ class Checkpointer:
         marker: dict[str, Any] | None = None
         metadata: Metadata | None = None
         try:
-            marker, metadata = verify(path, self.cfg.verify, self.rank, self.world_size)
+            marker, metadata = verify_checkpoint(path, self.cfg.verify, self.rank, self.world_size)
         except (CheckpointError, OSError) as e:
             problem = str(e)
         if self.pg is not None:
@@ -414,7 +414,7 @@ def write_commit(tmp: Path, final: Path, marker: dict[str, Any]) -> None:
     """The commit point: marker into the .tmp directory, durable, then the atomic rename."""
     import json
 
-    write_durable(tmp / layout.MARKER, json.dumps(marker, indent=1).encode())
+    write_durable(tmp / directory.MARKER, json.dumps(marker, indent=1).encode())
     os.chmod(tmp, DIR_MODE)
     fsync_path(tmp)
     os.replace(tmp, final)

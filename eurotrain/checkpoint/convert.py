@@ -36,12 +36,12 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from eurotrain.checkpoint import layout
+from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.checkpointer import write_commit
-from eurotrain.checkpoint.layout import CheckpointError
+from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.storage import FILE_MODE, checksum, make_dir, write_durable
-from eurotrain.checkpoint.verify import verify
+from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.configtools import from_dict, to_dict
 from eurotrain.errors import ConfigError, EurotrainError
 from eurotrain.models.config import ModelConfig
@@ -107,7 +107,7 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
 
     make_dir(out_dir)
-    tmp, final = layout.step_dir(out_dir, 0, tmp=True), layout.step_dir(out_dir, 0)
+    tmp, final = directory.step_dir(out_dir, 0, tmp=True), directory.step_dir(out_dir, 0)
     if final.exists() or tmp.exists():
         raise FileExistsError(f"{final}: exists; choose an empty OUT_DIR")
     make_dir(tmp)
@@ -123,7 +123,7 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
         path.chmod(FILE_MODE)
         files[path.name] = {"size": path.stat().st_size, "blake2b": checksum(path)}
     info = {"step": 0, "tokens_seen": 0, "kind": "weights", "layout": {}}
-    marker = layout.make_marker(info, 1, files, time.perf_counter() - start)
+    marker = directory.make_marker(info, 1, files, time.perf_counter() - start)
     marker["source"] = str(hf_dir.resolve())
     write_commit(tmp, final, marker)
     write_durable(out_dir / "config.yaml", text.encode())
@@ -133,12 +133,12 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
 # ---- eurotrain -> HF -----------------------------------------------------------------------
 def resolve_checkpoint(path: Path) -> Path:
     """A step-N directory, or the newest committed one under a checkpoints directory."""
-    if (path / layout.MARKER).exists():
+    if (path / directory.MARKER).exists():
         return path
     if not path.exists():
-        where = layout.describe_dir(path.parent) if path.parent.is_dir() else "nor its parent"
+        where = directory.describe_dir(path.parent) if path.parent.is_dir() else "nor its parent"
         raise CheckpointError(f"{path}: does not exist ({where})")
-    found, _ = layout.latest(path)
+    found, _ = directory.latest(path)
     if found is None:
         raise CheckpointError(f"{path}: neither a committed checkpoint nor a directory of them")
     return found.path
@@ -148,7 +148,7 @@ def read_model_weights(ckpt: Path, metadata: Metadata | None = None) -> dict[str
     """The full (unsharded) model weights of a checkpoint saved under any layout; verified
     fully first unless its (verified) metadata is given."""
     if metadata is None:
-        _, metadata = verify(ckpt, "full")
+        _, metadata = verify_checkpoint(ckpt, "full")
     state: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
@@ -193,7 +193,7 @@ def eurotrain_to_hf(
     """``untie``: export a tied model with its own lm_head (for checkpoints whose two matrices
     came apart in training)."""
     ckpt = resolve_checkpoint(ckpt_dir)
-    _, metadata = verify(ckpt, "full")  # config.yaml included
+    _, metadata = verify_checkpoint(ckpt, "full")  # config.yaml included
     run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
     model_cfg = from_dict(ModelConfig, run_cfg["model"], "model")
     if untie:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eurotrain.checkpoint.config import CheckpointConfig
-from eurotrain.checkpoint.layout import MARKER, describe_dir, latest, scan
+from eurotrain.checkpoint.directory import MARKER, describe_dir, latest, scan
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ _FS_MAGIC = {
     0x00C36400: "ceph",
     0x6B414653: "beegfs",
 }
-PARALLEL_FS = {"lustre", "gpfs", "ceph", "beegfs", "nfs", "nfs4"}
+PARALLEL_FS = {"lustre", "gpfs", "ceph", "cephfs", "beegfs", "wekafs", "nfs", "nfs4"}
+"""File systems every node of a job sees (checkpoints belong there)."""
 
 
 @dataclass(frozen=True)

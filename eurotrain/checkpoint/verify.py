@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from eurotrain.checkpoint.layout import read_marker
+from eurotrain.checkpoint.directory import read_marker
 from eurotrain.checkpoint.safe_reader import METADATA, read_metadata
 from eurotrain.checkpoint.storage import checksum
 from eurotrain.errors import CheckpointError
@@ -79,7 +79,7 @@ def check_files(ckpt: Path, names: list[str], marker: dict[str, Any], deep: bool
             future.result()
 
 
-def verify(
+def verify_checkpoint(
     ckpt: Path, mode: str, rank: int = 0, world_size: int = 1
 ) -> tuple[dict[str, Any], Metadata]:
     """This rank's part of verifying a committed checkpoint (all of it when world_size is 1);

@@ -8,17 +8,11 @@ loaders. ``eurotrain data prepare`` (eurotrain/data/prepare.py) writes prepared 
 from __future__ import annotations
 
 from eurotrain.data.config import DataConfig, SourceConfig
-from eurotrain.data.loader import Batch, GlobalBatchLoader, tokenize_corpus
+from eurotrain.data.loader import Batch, GlobalBatchLoader
 from eurotrain.data.pipeline import DataPipeline
 from eurotrain.data.shards import DataFormatError, PreparedDataset
 from eurotrain.data.sources import PackedSequences, PreparedSequences
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-
-
-def build_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> PackedSequences:
-    """The raw-text corpus as in-memory packed sequences."""
-    return PackedSequences(tokenize_corpus(cfg, tokenizer), cfg.seq_len, tokenizer.eos_id)
-
 
 __all__ = [
     "Batch",
@@ -32,6 +26,5 @@ __all__ = [
     "PreparedSequences",
     "SourceConfig",
     "Tokenizer",
-    "build_sequences",
     "load_tokenizer",
 ]

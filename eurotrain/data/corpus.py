@@ -9,7 +9,10 @@ from pathlib import Path
 
 from eurotrain.configtools import ConfigError
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+"""Plain-text files (here and in ``eurotrain data prepare``)."""
+CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".json", ".jsonl")
+"""Files a raw-text corpus directory contributes, each read whole as one document."""
 
 
 def demo_documents(num_bytes: int) -> Iterator[str]:
@@ -44,11 +47,11 @@ def expand_paths(spec: str, keep: Callable[[Path], bool]) -> list[Path]:
 
 def file_documents(spec: str) -> Iterator[str]:
     """One document per file: a file, a directory (recursively, text suffixes) or a glob."""
-    paths = expand_paths(spec, lambda f: f.suffix in TEXT_SUFFIXES)
+    paths = expand_paths(spec, lambda f: f.suffix in CORPUS_SUFFIXES)
     if not paths:
         if Path(spec).is_dir():
             raise ConfigError(
-                f"data.corpus: directory {spec!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+                f"data.corpus: directory {spec!r} holds no text files ({', '.join(CORPUS_SUFFIXES)})"
             )
         raise ConfigError(
             f"data.corpus: {spec!r} is not a file, a directory, or a glob that matches "

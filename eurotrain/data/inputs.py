@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from eurotrain.data.corpus import expand_paths
+from eurotrain.data.corpus import TEXT_SUFFIXES, expand_paths
 from eurotrain.errors import ConfigError, DataError
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 CHUNK_BYTES = 16 << 20

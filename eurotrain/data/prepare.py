@@ -331,7 +331,7 @@ def _prepare_into(
     return manifest
 
 
-def verify(path: str) -> PreparedDataset:
+def verify_prepared(path: str) -> PreparedDataset:
     """Open a prepared directory with every size and checksum checked."""
     return PreparedDataset(path, verify="checksum")
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
-        ds = verify(args.path)
+        ds = verify_prepared(args.path)
         print(f"{args.path}: OK, {ds.num_tokens:,} tokens, {ds.num_documents:,} documents")
         return 0
     if args.workers < 1:
@@ -384,4 +384,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "verify"]
+__all__ = ["main", "prepare", "verify_prepared"]

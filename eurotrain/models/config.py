@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from eurotrain.configtools import ConfigError
+from eurotrain.configtools import ConfigError, divisors
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ModelConfig:
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_kv_heads: {self.num_kv_heads} must divide model.num_heads "
-                f"({self.num_heads}); for example {_divisors(self.num_heads)}"
+                f"({self.num_heads}); for example {', '.join(map(str, divisors(self.num_heads)))}"
             )
         if self.head_dim is None:
             if self.dim % self.num_heads:
@@ -121,7 +121,3 @@ class ModelConfig:
             n += self.vocab_size * self.dim  # the output projection is still a matmul
         attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
         return 6 * n + attn
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)

@@ -20,20 +20,21 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-Plan = dict[str, ParallelStyle]
+TPPlan = dict[str, ParallelStyle]
+"""Module path (relative to where it is applied) -> how parallelize_module splits it."""
 
 
-def llama_tp_plan(sequence_parallel: bool) -> tuple[Plan, Plan]:
+def llama_tp_plan(sequence_parallel: bool) -> tuple[TPPlan, TPPlan]:
     """(plan for the model's top level, plan for each TransformerBlock)."""
     # Between blocks the residual stream is sharded on the sequence dim (SP) or replicated.
     between = Shard(1) if sequence_parallel else Replicate()
-    top: Plan = {
+    top: TPPlan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
         "output": ColwiseParallel(
             input_layouts=between, output_layouts=Shard(-1), use_local_output=False
         ),
     }
-    block: Plan = {
+    block: TPPlan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),

@@ -11,15 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from eurotrain.configtools import ConfigError
+from eurotrain.configtools import ConfigError, divisors
+from eurotrain.parallel.config import VIRTUAL_STAGE_SCHEDULES
 from eurotrain.parallel.dims import ParallelDims
 
 if TYPE_CHECKING:
     from eurotrain.config import Config
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _fits(value: int, candidates: list[int]) -> str:
@@ -47,7 +44,7 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 raise ConfigError(
                     f"parallel.tp = {dims.tp} does not divide {name} = {value}: tensor "
                     f"parallelism splits it across the tp ranks. Use parallel.tp in "
-                    f"{{{_fits(value, _divisors(world_size))}}} (the rest to parallel.dp_shard)"
+                    f"{{{_fits(value, divisors(world_size))}}} (the rest to parallel.dp_shard)"
                 )
 
     per_step = t.micro_batch_size * dims.dp
@@ -115,7 +112,7 @@ def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
             f"(tied embeddings work with dp_shard, dp_replicate, tp, cp and DeepSpeed), or set "
             f"model.tie_embeddings = false to train the two matrices apart"
         )
-    if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and p.pp_virtual_stages < 2:
+    if p.pp_schedule in VIRTUAL_STAGE_SCHEDULES and p.pp_virtual_stages < 2:
         raise ConfigError(
             f"parallel.pp_schedule = {p.pp_schedule} needs parallel.pp_virtual_stages >= 2 "
             f"(it is {p.pp_virtual_stages}); or use pp_schedule 1f1b"
@@ -139,7 +136,7 @@ def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
         raise ConfigError(
             f"parallel.pp_microbatches = {micro} does not divide the {local_batch} sequences each "
             f"data-parallel rank gets per step (train.global_batch_size / dp); use one of "
-            f"{_divisors(local_batch)}"
+            f"{divisors(local_batch)}"
         )
     if micro < dims.pp:
         raise ConfigError(
@@ -187,7 +184,7 @@ def _check_context(cfg: Config, dims: ParallelDims, cuda: bool) -> None:
             f"{heads} query and {kv} key/value heads per tp rank (model.num_heads = "
             f"{m.num_heads}, model.num_kv_heads = {m.num_kv_heads}, parallel.tp = {dims.tp}) "
             f"must be divisible by parallel.cp = {dims.cp}; use parallel.cp in "
-            f"{{{_fits(kv, _divisors(kv))}}}"
+            f"{{{_fits(kv, divisors(kv))}}}"
         )
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from eurotrain.configtools import ConfigError
 
-PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv", "interleaved_zb")
-"""Pipeline schedules; the last three run several (virtual) stages per rank."""
-
+PPSchedule = Literal["1f1b", "gpipe", "interleaved_1f1b", "zbv", "interleaved_zb"]
+PP_SCHEDULES: tuple[str, ...] = get_args(PPSchedule)
+"""Pipeline schedules (parallel.pp_schedule)."""
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv", "interleaved_zb")
+"""Schedules that run several stages per rank."""
+VIRTUAL_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb")
+"""Schedules whose stages per rank are parallel.pp_virtual_stages (zbv always has 2)."""
 
 
 @dataclass
@@ -35,7 +38,7 @@ class ParallelConfig:
     """FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory."""
     sequence_parallel: bool | None = None
     """With tp > 1, also split norms and residuals along the sequence; null means true."""
-    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zbv", "interleaved_zb"] = "1f1b"
+    pp_schedule: PPSchedule = "1f1b"
     """Pipeline schedule: 1f1b, gpipe, interleaved_1f1b (virtual stages), zbv (zero-bubble V,
     two stages per rank) or interleaved_zb (zero-bubble interleaved, virtual stages)."""
     pp_virtual_stages: int = 1
@@ -69,10 +72,7 @@ class ParallelConfig:
             raise ConfigError("only one of parallel.dp_replicate/dp_shard/cp/tp/pp may be -1")
         if self.pp_virtual_stages < 1:
             raise ConfigError(f"parallel.pp_virtual_stages: {self.pp_virtual_stages} must be >= 1")
-        if self.pp_virtual_stages > 1 and self.pp_schedule not in (
-            "interleaved_1f1b",
-            "interleaved_zb",
-        ):
+        if self.pp_virtual_stages > 1 and self.pp_schedule not in VIRTUAL_STAGE_SCHEDULES:
             raise ConfigError(
                 f"parallel.pp_virtual_stages = {self.pp_virtual_stages} needs an interleaved "
                 f"schedule: set parallel.pp_schedule to interleaved_1f1b or interleaved_zb "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from eurotrain.configtools import ConfigError
@@ -88,7 +87,3 @@ def dp_rank_and_size(dims: ParallelDims, mesh: DeviceMesh | None) -> tuple[int, 
     if mesh is None or dims.dp == 1:
         return 0, dims.dp
     return mesh["dp"].get_local_rank(), dims.dp
-
-
-def device_type(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" else "cpu"

@@ -31,6 +31,7 @@ from torch.distributed.pipelining import (
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.llama import Transformer, build_model
 from eurotrain.parallel.checks import balanced_split
+from eurotrain.parallel.config import MULTI_STAGE_SCHEDULES, PP_SCHEDULES
 
 SCHEDULES = {
     "1f1b": Schedule1F1B,
@@ -39,6 +40,7 @@ SCHEDULES = {
     "interleaved_zb": ScheduleInterleavedZeroBubble,
     "zbv": ScheduleZBVZeroBubble,
 }
+assert set(SCHEDULES) == set(PP_SCHEDULES), "every configurable schedule has a class"
 
 
 def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
@@ -129,7 +131,7 @@ class Pipeline:
             for part, s in zip(self.parts, self.stage_ids)
         ]
         cls = SCHEDULES[self.schedule_name]
-        multi = self.schedule_name in ("interleaved_1f1b", "interleaved_zb", "zbv")
+        multi = self.schedule_name in MULTI_STAGE_SCHEDULES
         self.schedule = cls(
             stages if multi else stages[0],
             n_microbatches=self.num_microbatches,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from ckpt_common import tiny_config
-from distributed import run_distributed
+from multiproc import run_distributed
 
 pytest.importorskip("deepspeed")
 

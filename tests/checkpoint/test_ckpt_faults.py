@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from ckpt_common import tiny_config
-from distributed import run_torchrun
+from multiproc import run_torchrun
 
 from eurotrain.checkpoint import CheckpointError
 from eurotrain.checkpoint.checkpointer import ENOSPC_HOOK, KILL_HOOK
-from eurotrain.checkpoint.layout import latest, read_marker
+from eurotrain.checkpoint.directory import latest, read_marker
 from eurotrain.checkpoint.safe_reader import read_metadata
-from eurotrain.checkpoint.verify import verify
+from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.train import Trainer
 
 
@@ -59,9 +59,9 @@ def test_bit_flip_is_detected_by_full_verify(one_checkpoint):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    verify(one_checkpoint, "metadata")  # sizes and metadata only: a flipped bit passes
+    verify_checkpoint(one_checkpoint, "metadata")  # sizes and metadata only: a flipped bit passes
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: blake2b checksum differs"):
-        verify(one_checkpoint, "full")
+        verify_checkpoint(one_checkpoint, "full")
 
 
 def test_crafted_metadata_is_never_unpickled(one_checkpoint, tmp_path):
@@ -72,7 +72,9 @@ def test_crafted_metadata_is_never_unpickled(one_checkpoint, tmp_path):
     meta = one_checkpoint / ".metadata"
     meta.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match=r"\.metadata: .*blake2b differs from the commit"):
-        verify(one_checkpoint, "metadata")  # first line of defence: the marker's size/checksum
+        verify_checkpoint(
+            one_checkpoint, "metadata"
+        )  # first line of defence: the marker's size/checksum
     marker = read_marker(one_checkpoint)
     with pytest.raises(CheckpointError, match=r"refers to the global (posix|os)\.system"):
         read_metadata(one_checkpoint, marker, check_sum=False)  # second: the unpickler
@@ -99,7 +101,7 @@ def test_full_disk_fails_loudly_and_keeps_last_good(tmp_path, monkeypatch):
             Trainer(cfg).train()
         found, bad = latest(disk)
         assert found is not None and found.step == 2 and not bad  # torn step 4 removed
-        verify(found.path, "full")
+        verify_checkpoint(found.path, "full")
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=False)

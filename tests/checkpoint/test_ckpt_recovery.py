@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from ckpt_common import attempts, tiny_config, train_run
 from crafted import zero_first_tensor
-from distributed import run_distributed
+from multiproc import run_distributed
 
 from eurotrain.checkpoint import CheckpointConfig, CheckpointError
-from eurotrain.checkpoint.layout import FORMAT, MARKER
+from eurotrain.checkpoint.directory import FORMAT, MARKER
 from eurotrain.checkpoint.resume import candidates
 from eurotrain.train import Trainer
 

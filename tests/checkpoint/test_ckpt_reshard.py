@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ckpt_common import resume_run, save_dp4_then_hsdp
-from distributed import run_distributed
+from multiproc import run_distributed
 
 REL = 1e-5  # fp32; the reduction order differs between layouts
 

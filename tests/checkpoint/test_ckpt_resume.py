@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ckpt_common import straight_and_saved, train_run
-from distributed import run_distributed
+from multiproc import run_distributed
 
 
 def test_resume_is_bit_exact_with_the_data_order(tmp_path):

@@ -23,7 +23,7 @@ from crafted import (
     resign,
     torch_saved,
 )
-from distributed import run_torchrun
+from multiproc import run_torchrun
 from torch.distributed.checkpoint.metadata import Metadata
 
 from eurotrain.checkpoint import CheckpointError

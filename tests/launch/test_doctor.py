@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distributed import free_port
+from multiproc import free_port
 
 from eurotrain.doctor import main
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from distributed import read_metrics, run_torchrun
 from harness import COMMON, TINY
+from multiproc import read_metrics, run_torchrun
 
 
 def test_torchrun_pipeline_x_tensor_parallel(tmp_path):

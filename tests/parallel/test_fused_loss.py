@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from distributed import run_distributed
 from harness import train_layouts
+from multiproc import run_distributed
 
 # Two blocks: Triton's interpreter runs every kernel call in Python on the CPU.
 SMALL = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from distributed import run_distributed
 from harness import train_layouts
+from multiproc import run_distributed
 
 SMALL = {"train.steps": 2, "data.seq_len": 16, "train.global_batch_size": 4}
 

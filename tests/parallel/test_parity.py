@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from distributed import run_distributed
 from harness import TINY, overrides, train_layouts
+from multiproc import run_distributed
 
 from eurotrain.config import load_config
 from eurotrain.train import Trainer

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from distributed import run_distributed
 from harness import TINY, overrides
+from multiproc import run_distributed
 
 from eurotrain.config import load_config
 

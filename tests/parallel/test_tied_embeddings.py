@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from distributed import run_distributed
 from harness import TINY
+from multiproc import run_distributed
 
 from eurotrain.checkpoint.convert import main as convert
 from eurotrain.cli import main as cli

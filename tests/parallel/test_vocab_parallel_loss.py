@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_distributed
+from multiproc import run_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from kernel_testing import assert_close, bound_ratio, linear_ce_exact, measure

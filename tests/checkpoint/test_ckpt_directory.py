@@ -7,7 +7,7 @@ import json
 import pytest
 
 from eurotrain.checkpoint import CheckpointConfig
-from eurotrain.checkpoint.layout import FORMAT, MARKER, apply_retention, latest, to_delete
+from eurotrain.checkpoint.directory import FORMAT, MARKER, apply_retention, latest, to_delete
 from eurotrain.checkpoint.storage import detect_fs
 from eurotrain.configtools import ConfigError
 

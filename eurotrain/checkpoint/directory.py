@@ -1,4 +1,4 @@
-"""The on-disk layout of a checkpoint directory, its commit marker, discovery and retention.
+"""A checkpoint directory on disk: its files, its commit marker, discovery and retention.
 
     <dir>/step-000120/            committed: holds COMMITTED.json
           .metadata               DCP's global plan (pickled by DCP; verified before loading)
