@@ -91,7 +91,7 @@ class CallbackList:
             if fn is not None:
                 fn(*args)
 
-    def call_on_error(self, trainer: Any, error: BaseException) -> BaseException | None:
+    def call_on_error(self, trainer: Trainer, error: BaseException) -> BaseException | None:
         """on_error on every callback, even when one raises; the first error raised."""
         raised: BaseException | None = None
         for cb in self:
