@@ -20,8 +20,14 @@ def _engine(stage: int) -> dict:
     return {"engine": "deepspeed", "zero_stage": stage}
 
 
-def saved_then_resumed(rank: int, world: int, out: str, stages: list[int]) -> dict:
-    """Per ZeRO stage: 6 steps saving at step 3, then a fresh trainer resuming step 3."""
+STEPS, SAVED = 4, 2  # 4 steps saving at step 2; resumed runs do steps 3 and 4
+ELSEWHERE = [("z1", _engine(3)), ("z2", {"engine": "fsdp", "dp_shard": 2})]
+"""Checkpoints resumed, in the same two processes, under another ZeRO stage and under FSDP."""
+
+
+def saved_then_resumed(rank: int, world: int, out: str, stages: list[int]) -> tuple[dict, dict]:
+    """Per ZeRO stage: STEPS steps saving at SAVED, then a fresh trainer resuming SAVED; then
+    the ELSEWHERE resumes (one group of processes for all of it)."""
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -29,14 +35,21 @@ def saved_then_resumed(rank: int, world: int, out: str, stages: list[int]) -> di
 
     results = {}
     for stage in stages:
-        ckpt = {"interval": 3, "keep_last": 0}
-        first = Trainer(tiny_config(Path(out), f"z{stage}", 6, parallel=_engine(stage),
+        ckpt = {"interval": SAVED, "keep_last": 0}
+        first = Trainer(tiny_config(Path(out), f"z{stage}", STEPS, parallel=_engine(stage),
                                     checkpoint=ckpt)).train()  # fmt: skip
-        resume = {"resume": str(Path(out) / f"z{stage}" / "checkpoints" / "step-000003")}
-        again = Trainer(tiny_config(Path(out), f"z{stage}-again", 6, parallel=_engine(stage),
-                                    checkpoint=resume)).train()  # fmt: skip
+        again = Trainer(tiny_config(Path(out), f"z{stage}-again", STEPS, parallel=_engine(stage),
+                                    checkpoint=_resume(out, f"z{stage}"))).train()  # fmt: skip
         results[stage] = (first.losses, again.losses)
-    return results
+    elsewhere = {
+        (source, str(parallel)): resume_elsewhere(rank, world, out, source, parallel)
+        for source, parallel in ELSEWHERE
+    }
+    return results, elsewhere
+
+
+def _resume(out: str, source: str) -> dict:
+    return {"resume": str(Path(out) / source / "checkpoints" / f"step-{SAVED:06d}")}
 
 
 def resume_elsewhere(rank: int, world: int, out: str, source: str, parallel: dict) -> list:
@@ -45,9 +58,8 @@ def resume_elsewhere(rank: int, world: int, out: str, source: str, parallel: dic
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from eurotrain.train import Trainer
 
-    resume = {"resume": str(Path(out) / source / "checkpoints" / "step-000003")}
     run = f"{source}-as-{'-'.join(f'{k}{v}' for k, v in parallel.items())}-{world}"
-    cfg = tiny_config(Path(out), run, 4, parallel=parallel, checkpoint=resume)
+    cfg = tiny_config(Path(out), run, SAVED + 1, parallel=parallel, checkpoint=_resume(out, source))
     return Trainer(cfg).train().losses
 
 
@@ -60,24 +72,28 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_is_bit_exact(saved, stage):
     _, per_rank = saved
-    for results in per_rank:
+    for results, _ in per_rank:
         first, again = results[stage]
-        assert len(first) == 6 and len(again) == 3
-        assert again == first[3:], f"ZeRO-{stage}: {again} != {first[3:]}"
+        assert len(first) == STEPS and len(again) == STEPS - SAVED
+        assert again == first[SAVED:], f"ZeRO-{stage}: {again} != {first[SAVED:]}"
 
 
-@pytest.mark.parametrize(
-    "source, world, parallel",
-    [
-        ("z1", 2, _engine(3)),  # another ZeRO stage
-        ("z3", 1, _engine(2)),  # another data-parallel size
-        ("z2", 2, {"engine": "fsdp", "dp_shard": 2}),  # the other engine
-    ],
-    ids=["zero1-to-zero3", "two-ranks-to-one", "deepspeed-to-fsdp"],
-)
-def test_reshards(saved, source, world, parallel):
+def _next_loss_of_the_saved_run(per_rank: list, source: str) -> float:
+    return per_rank[0][0][int(source[1])][0][SAVED]  # the uninterrupted run's step SAVED + 1
+
+
+@pytest.mark.parametrize("case", range(len(ELSEWHERE)), ids=["zero1-to-zero3", "deepspeed-to-fsdp"])
+def test_reshards_to_another_stage_and_engine(saved, case):
+    _, per_rank = saved
+    source, parallel = ELSEWHERE[case]
+    want = _next_loss_of_the_saved_run(per_rank, source)
+    for _, elsewhere in per_rank:
+        losses = elsewhere[(source, str(parallel))]
+        assert losses[0] == pytest.approx(want, rel=REL), (source, parallel, losses)
+
+
+def test_reshards_to_another_data_parallel_size(saved):
     out, per_rank = saved
-    stage = int(source[1])
-    want = per_rank[0][stage][0][3]  # the uninterrupted run's step 4
-    losses = run_distributed(resume_elsewhere, world, str(out), source, parallel)[0]
-    assert losses[0] == pytest.approx(want, rel=REL), (source, parallel, losses)
+    want = _next_loss_of_the_saved_run(per_rank, "z3")
+    losses = run_distributed(resume_elsewhere, 1, str(out), "z3", _engine(2))[0]
+    assert losses[0] == pytest.approx(want, rel=REL), losses

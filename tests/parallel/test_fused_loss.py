@@ -12,7 +12,7 @@ from multiproc import run_distributed
 
 # Two blocks: Triton's interpreter runs every kernel call in Python on the CPU.
 SMALL = {
-    "train.steps": 2, "data.seq_len": 16, "train.global_batch_size": 4, "model.num_layers": 2
+    "train.steps": 2, "data.seq_len": 8, "train.global_batch_size": 4, "model.num_layers": 2
 }  # fmt: skip
 TRITON = {**SMALL, "model.kernels": "triton"}
 REL = 1e-5  # fp32; only the reduction order differs between layouts
