@@ -215,8 +215,8 @@ class TorchEngine:
             y = self._to_device(torch.cat(batch.labels))
             kwargs = {}
             if batch.positions is not None:
-                positions = self._to_device(torch.cat(batch.positions))
-                kwargs = {"positions": positions, "documents": document_ids(positions)}
+                pos = self._to_device(torch.cat(batch.positions))
+                kwargs = {"positions": pos, "documents": document_ids(pos)}
             with self.precision.context():
                 return self.pipeline.step(x, y, num_tokens, **kwargs)
         loss_sum = torch.zeros((), device=self.device)
@@ -224,8 +224,8 @@ class TorchEngine:
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
             if self.sharded:  # reduce-scatter gradients only after the last micro-batch
                 cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
-            positions = batch.positions[i] if batch.positions is not None else None
-            x, y, kwargs, ring = self._model_inputs(x, y, positions)
+            doc_positions = batch.positions[i] if batch.positions is not None else None
+            x, y, kwargs, ring = self._model_inputs(x, y, doc_positions)
             with ring:
                 with self.precision.context():
                     loss = self.model(x, y, **kwargs)

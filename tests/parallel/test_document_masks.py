@@ -15,7 +15,23 @@ from eurotrain.config import load_config
 from eurotrain.train import Trainer
 
 RTOL = 1e-5
-WORDS = "the a of model token train rank shard mask data loss step seed grad norm".split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "model",
+    "token",
+    "train",
+    "rank",
+    "shard",
+    "mask",
+    "data",
+    "loss",
+    "step",
+    "seed",
+    "grad",
+    "norm",
+]
 TWO_RANKS = {
     "dp_shard=2": {"parallel.dp_shard": 2},
     "tp=2 sp": {"parallel.tp": 2, "parallel.dp_shard": 1},
