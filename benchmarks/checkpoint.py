@@ -63,9 +63,12 @@ def dd(path: Path, nbytes: int, block: int = 64 << 20) -> float:
 
 
 def checkpoint_parts(model: nn.Module) -> dict[str, Stateful]:
-    """What a trainer hands the checkpointer, around a bare model and an optimizer without
-    state (SGD without momentum: the bytes are the model's)."""
+    """What a trainer hands the checkpointer, around a bare model and an optimizer with one
+    scalar of state (SGD without momentum: the bytes are the model's). Without any state, DCP's
+    get_optimizer_state_dict would initialise it at every save (a zero-gradient step over the
+    whole model), which a trained optimizer never does."""
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.state[next(iter(model.parameters()))]["step"] = torch.zeros(())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return {
         "model": ModelState(model),
