@@ -38,9 +38,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eurotrain.config import load_config  # noqa: E402
-from eurotrain.models.llama import build_model  # noqa: E402
-from eurotrain.train import Trainer  # noqa: E402
+from eurotrain.config import load_config
+from eurotrain.models.llama import build_model
+from eurotrain.train import Trainer
 
 DEFAULT = [
     "--model.dim", "256", "--model.ffn_dim", "768", "--model.num_layers", "4",

@@ -27,7 +27,7 @@ import sys
 import threading
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, Union
+from typing import Any
 
 FILE_MODE = 0o640
 """Checkpoint files: readable by the project group, writable by the owner only."""
@@ -35,7 +35,7 @@ CHUNK = 32 << 20
 """Bytes written, handed to the disk and hashed at a time."""
 _SYNC_FILE_RANGE_WRITE = 2
 
-Segment = Union[bytes, tuple[int, int, int]]
+Segment = bytes | tuple[int, int, int]
 """Bytes to write as they are, or (buffer id, offset, length) into a staging buffer."""
 
 

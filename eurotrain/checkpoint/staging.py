@@ -15,6 +15,7 @@ over exactly its bytes (``torch.frombuffer``), so that torch.save writes it alon
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -65,10 +66,8 @@ class HostBuffer:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
         del self.base
-        try:
-            self.map.close()
-        except BufferError:  # a staged tensor still refers to it: freed with that tensor
-            pass
+        with contextlib.suppress(BufferError):  # a staged tensor still refers to it: freed
+            self.map.close()  # with that tensor
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

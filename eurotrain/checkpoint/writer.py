@@ -13,6 +13,7 @@ where no memfd exists). Either returns the file's size and blake2b, computed whi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import io
@@ -25,7 +26,7 @@ import threading
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -155,11 +156,8 @@ class ProcessSink:
                 raise self._dead() from None
 
     def drop_buffer(self, buffer: HostBuffer) -> None:
-        with self._lock:
-            try:
-                self._conn.send(("forget", buffer.id))
-            except OSError:
-                pass  # gone already: nothing to forget
+        with self._lock, contextlib.suppress(OSError):  # gone already: nothing to forget
+            self._conn.send(("forget", buffer.id))
 
     def write(self, path: Path, segments: list[byte_writer.Segment]) -> tuple[int, str]:
         with self._lock:
@@ -216,14 +214,14 @@ class HashingWriter(FileSystemWriter):
         try:
             for item in items:
                 offset = recorder.pos
-                data = planner.resolve_data(item)
+                data: Any = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
                     recorder.write(data.getbuffer())
                 else:
                     tensor = data.detach()
                     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
                         tensor = tensor.clone()  # torch.save writes a view's whole storage
-                    torch.save(tensor, recorder)
+                    torch.save(tensor, cast(IO[bytes], recorder))
                 info = _StorageInfo(name, offset, recorder.pos - offset)
                 results.append(WriteResult(item.index, recorder.pos - offset, info))
         finally:

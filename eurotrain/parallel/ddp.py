@@ -10,6 +10,7 @@ loss by the global token count, as under FSDP (fsdp.py).
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,12 +36,12 @@ def apply_ddp(model: nn.Module, group: dist.ProcessGroup, device: torch.device) 
     first forward, after the parameters are materialised and initialised)."""
     # Buffers (RoPE tables) are computed identically on every rank: no broadcast per step
     # (forward_sync_buffers from torch 2.13 on, which deprecates broadcast_buffers).
-    no_buffer_sync = (
+    no_buffer_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         else {"broadcast_buffers": False}
     )
-    replicate(
+    replicate(  # type: ignore[arg-type]
         model,
         process_group=group,
         device_id=device,
