@@ -17,7 +17,7 @@ one that matches the layout: ddp for replicas only, fsdp for other data-parallel
 
 It prints the step time of each (min and median over the measured steps) and the ratios
 eurotrain / bare: min over min and median over median (1.00 = no overhead). The default model
-is configs/tiny.yaml widened (dim 256, 4 layers, seq_len 256, global batch 8 = 1 micro-batch);
+is configs/tiny.yaml widened (dim 256, 4 layers, seq_len 256, global batch 8, micro-batch 4);
 any config and override can be given.
 """
 
@@ -45,7 +45,7 @@ from eurotrain.train import Trainer
 DEFAULT = [
     "--model.dim", "256", "--model.ffn_dim", "768", "--model.num_layers", "4",
     "--model.max_seq_len", "256", "--data.seq_len", "256",
-    "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
+    "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
     "--logging.log_interval", "10", "--logging.progress", "lines",
 ]  # fmt: skip
 
