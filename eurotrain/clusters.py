@@ -195,6 +195,17 @@ def _checked_env(env: dict) -> dict[str, str]:
 
 
 @dataclass
+class Links:
+    """Nominal bandwidths per GPU (one direction, GB = 1e9 bytes), what `eurotrain bench comms`
+    compares its bus bandwidths with; null where the profile has no sourced figure."""
+
+    intra_node_GBps: float | None = None
+    """GPU-to-GPU within a node (NVLink, Infinity Fabric), per GPU."""
+    inter_node_GBps: float | None = None
+    """Across nodes: the node's NIC bandwidth divided by its GPUs."""
+
+
+@dataclass
 class FileSystem:
     path: str
     """Mount point or path pattern ($USER, project names left as placeholders)."""
@@ -252,6 +263,8 @@ class ClusterProfile:
     sbatch_extra: list[str] = field(default_factory=list)
     """Further #SBATCH options this machine needs (memory, exclusivity)."""
     filesystems: list[FileSystem] = field(default_factory=list)
+    links: Links = field(default_factory=Links)
+    """Nominal link bandwidths for `eurotrain bench comms`."""
 
     def __post_init__(self) -> None:
         self.env = _checked_env(self.env)

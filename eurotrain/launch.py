@@ -64,7 +64,8 @@ class LaunchRequest:
     cluster: str
     nodes: int
     time: str
-    config: str
+    config: str | None
+    """The training config (YAML); None only for a --bench comms job."""
     overrides: list[str] = field(default_factory=list)
     account: str | None = None
     partition: str | None = None
@@ -75,6 +76,10 @@ class LaunchRequest:
     job_name: str | None = None
     log_dir: str = "logs"
     signal_seconds: int = 300
+    bench: str | None = None
+    """Instead of training: "train" (a node sweep, `eurotrain bench train`) or "comms"."""
+    bench_args: list[str] = field(default_factory=list)
+    """Options of that `eurotrain bench` command (--nodes 1,2,4, --sizes ...)."""
 
 
 @dataclass
@@ -122,8 +127,12 @@ def plan(req: LaunchRequest) -> Plan:
             f"`sacctmgr show assoc user=$USER` or the centre's portal lists yours"
         )
     world = req.nodes * gpus
-    layout, model_name = _check_config(req, world, cuda=profile.accelerator.vendor != "cpu")
-    train_args = [req.config]
+    cuda = profile.accelerator.vendor != "cpu"
+    if req.bench is not None:
+        layout, model_name = _check_bench(req, gpus, cuda)
+    else:
+        layout, model_name = _check_config(req, world, cuda=cuda)
+    train_args = [req.config] if req.config is not None else []
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
     if profile.accelerator.peak_bf16_tflops:
@@ -149,7 +158,9 @@ def _check_text(req: LaunchRequest) -> None:
         )
     words = {"--cluster": req.cluster, "--time": req.time, "--python": req.python,
              "--container": req.container, "config": req.config}  # fmt: skip
-    for what, word in [*words.items(), *(("config override", w) for w in req.overrides)]:
+    extra = [*(("config override", w) for w in req.overrides),
+             *(("bench option", w) for w in req.bench_args)]  # fmt: skip
+    for what, word in [*words.items(), *extra]:
         if word is None:
             continue
         if word == "" and what in ("--python", "--container", "config"):
@@ -246,6 +257,29 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, str]
     return dims.describe(), cfg.model.name
 
 
+def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str]:
+    """A benchmark job: a sweep's every size fits the config (checked as the trainer will);
+    comms needs no config. Returns what the script's comment and job name show."""
+    if req.bench == "comms":
+        return "collectives", "comms"
+    if req.bench != "train" or req.config is None:
+        raise LaunchError(f"--bench {req.bench!r}: choose train (with a CONFIG) or comms")
+    from eurotrain.bench.sweep import parse_nodes, plan_sizes
+
+    option = dict(zip(req.bench_args[::2], req.bench_args[1::2]))
+    nodes = parse_nodes(option.get("--nodes", str(req.nodes)))
+    if max(nodes) > req.nodes:
+        raise LaunchError(
+            f"--sweep {','.join(map(str, nodes))}: the job has --nodes {req.nodes}; ask for "
+            f"--nodes {max(nodes)} or sweep fewer"
+        )
+    sizes = plan_sizes(req.config, req.overrides, nodes, gpus, option.get("--mode", "weak"), cuda)
+    from eurotrain.config import load_config
+
+    name = load_config(req.config, req.overrides).model.name
+    return f"sweep over {', '.join(str(s.nodes) for s in sizes)} node(s)", f"bench-{name}"
+
+
 def _default_job_name(model_name: str) -> str:
     """eurotrain-<model.name>, with what may not stand in a job name (see _check_text) made '-'."""
     control = control_character(model_name)
@@ -333,8 +367,14 @@ def _rank_command(p: Plan) -> list[Word]:
             "--rdzv-id", RDZV_ID, "--max-restarts", "0",
             "-m", "eurotrain.train", *p.train_args,
         ]  # fmt: skip
+    elif req.bench == "comms":
+        cmd = [req.python, "-m", "eurotrain", "bench", "comms", "--cluster", p.profile.name,
+               *req.bench_args]  # fmt: skip
     else:
         cmd = [req.python, "-m", "eurotrain.train", *p.train_args]
+    if req.launcher == "torchrun" and req.bench == "comms":
+        cmd = [*cmd[: cmd.index("eurotrain.train")], "eurotrain", "bench", "comms",
+               "--cluster", p.profile.name, *req.bench_args]  # fmt: skip
     if req.container is not None:
         c = p.profile.container
         binds = ["--bind", _profile_word(",".join(c.binds))] if c.binds else []
@@ -392,6 +432,13 @@ def render(p: Plan) -> str:
         ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
         "",
     ]
+    if req.bench == "train":
+        # The sweep runs one srun step per node count itself (eurotrain/bench/sweep.py).
+        sweep: list[Word] = [req.python, "-m", "eurotrain", "bench", "train", "--cluster", prof.name,
+                 "--gpus-per-node", str(p.gpus_per_node), *req.bench_args,
+                 *p.train_args]  # fmt: skip
+        lines += ["# Scaling benchmark: one job step per node count", _shell_words(sweep), ""]
+        return "\n".join(lines)
     srun = ["srun", "--kill-on-bad-exit=1"]
     if req.launcher == "torchrun":
         srun += ["--ntasks-per-node=1", f"--cpus-per-task={prof.cpus_per_task * p.gpus_per_node}"]
@@ -469,13 +516,47 @@ def parser() -> argparse.ArgumentParser:
                     help="USR1 this many seconds before the walltime")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     ap.add_argument("--wait", action="store_true", help="sbatch --wait: block until the job ends")
-    ap.add_argument("config", help="training config (YAML)")
+    ap.add_argument(
+        "--bench",
+        choices=("train", "comms"),
+        help="a benchmark job instead of training: a scaling sweep of CONFIG "
+        "(eurotrain bench train) or the collectives (eurotrain bench comms)",
+    )
+    ap.add_argument(
+        "--sweep",
+        help="--bench train: node counts, e.g. 1,2,4,8 (default: powers of two up to --nodes)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=("weak", "strong"),
+        default="weak",
+        help="--bench train: keep the per-GPU batch (weak) or the global batch",
+    )
+    ap.add_argument("--bench-steps", type=int, default=20, help="--bench train: steps per size")
+    ap.add_argument("--sizes", default="8K:1G", help="--bench comms: message sizes")
+    ap.add_argument("--bench-out", help="--bench: results directory (default bench/<kind>-<job>)")
+    ap.add_argument("config", nargs="?", help="training config (YAML); not with --bench comms")
     ap.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     return ap
 
 
+def _bench_args(args: argparse.Namespace) -> list[str]:
+    """The `eurotrain bench` options a --bench job passes on."""
+    out = ["--out", args.bench_out] if args.bench_out else []  # default: bench/<kind>-<time>
+    if args.bench == "comms":
+        return ["--sizes", args.sizes, *out]
+    if args.bench == "train":
+        sweep = args.sweep or ",".join(
+            str(2**i) for i in range(args.nodes.bit_length()) if 2**i <= args.nodes
+        )
+        return ["--nodes", sweep, "--mode", args.mode, "--steps", str(args.bench_steps), *out]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.config is None and args.bench != "comms":
+        raise LaunchError("CONFIG missing: give the training config (YAML) after the options")
     if args.python is not None:
         python = args.python
     else:
@@ -485,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=list(args.overrides), account=args.account, partition=args.partition,
         container=args.container, gpus_per_node=args.gpus_per_node, launcher=args.launcher,
         python=python, job_name=args.job_name, log_dir=args.log_dir,
-        signal_seconds=args.signal_seconds,
+        signal_seconds=args.signal_seconds, bench=args.bench, bench_args=_bench_args(args),
     )  # fmt: skip
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).

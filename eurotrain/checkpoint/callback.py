@@ -33,6 +33,11 @@ class SaveCheckpoints(Callback):
         for step, path in self.checkpointer.committed():
             trainer.callbacks.call("on_checkpoint_saved", trainer, step, str(path))
 
+    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        # An async save's copy to host memory overlaps this step's forward and backward; the
+        # update must not change the tensors before it is complete.
+        self.checkpointer.wait_staged()
+
     def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
         if self.interval and trainer.finished:
             self._save(trainer, sync=True)  # the final save: committed before training ends
