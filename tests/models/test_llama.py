@@ -1,4 +1,5 @@
-"""The model against HF transformers (same weights -> same logits), and its construction."""
+"""The model against HF transformers (same weights -> same logits and the same greedy
+generations), and its construction."""
 
 from __future__ import annotations
 
@@ -24,22 +25,37 @@ VARIANTS = {
         max_seq_len=96,
     ),
     "qwen2-qkv-bias": ModelConfig(qkv_bias=True, num_kv_heads=1, rope_theta=1e6, max_seq_len=96),
+    "qwen2-sliding-window": ModelConfig(qkv_bias=True, sliding_window=24, max_seq_len=96),
+    "qwen3-qk-norm": ModelConfig(qk_norm=True, head_dim=16, rope_theta=1e6, max_seq_len=96),
+    "qwen3-qk-norm-bias-window": ModelConfig(
+        qk_norm=True, attention_bias=True, sliding_window=20, max_seq_len=96
+    ),
+    "mistral-sliding-window": ModelConfig(sliding_window=16, head_dim=16, max_seq_len=96),
+    "llama-attention-mlp-bias": ModelConfig(attention_bias=True, mlp_bias=True, max_seq_len=96),
+}
+HF_TYPES = {
+    "qwen2-sliding-window": "qwen2",
+    "qwen3-qk-norm": "qwen3",
+    "qwen3-qk-norm-bias-window": "qwen3",
+    "mistral-sliding-window": "mistral",
+    "llama-attention-mlp-bias": "llama",
 }
 
 
 def hf_twin(cfg: ModelConfig, seed: int = 7):
     ours = build_model(cfg, "cpu")
     ours.init_weights(seed)
-    if cfg.qkv_bias:  # zero-initialised biases would not test the mapping
-        with torch.no_grad():
-            for name, p in ours.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.1)
+    # Zero-initialised biases and norm weights of ones would not test the mapping.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=gen)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5, generator=gen)
     hf_cfg = AutoConfig.for_model(**to_hf_config(cfg))
     hf = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=torch.float32).eval()
-    result = hf.load_state_dict(
-        to_hf_state_dict(ours.state_dict(), cfg.tie_embeddings), strict=False
-    )
+    result = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not result.unexpected_keys
     assert set(result.missing_keys) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
     return ours.eval(), hf
@@ -55,17 +71,36 @@ def test_logits_match_hf_transformers(variant: str) -> None:
     assert diff <= 1e-5, f"{variant}: max abs logit difference {diff}"
 
 
+@pytest.mark.parametrize("variant", list(HF_TYPES))
+def test_greedy_generation_matches_hf_transformers(variant: str) -> None:
+    """40 greedy tokens after a 6-token prompt: past every sliding window, through HF's KV
+    cache (windowed where the model has a window) against our full recomputation."""
+    cfg = VARIANTS[variant]
+    ours, hf = hf_twin(cfg)
+    assert hf.config.model_type == HF_TYPES[variant]
+    prompt = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    new = 40
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        got = prompt
+        for _ in range(new):
+            next_token = ours(got)[:, -1].argmax(-1, keepdim=True)
+            got = torch.cat([got, next_token], dim=1)
+    assert torch.equal(got, want), f"{variant}: first difference at {(got != want).nonzero()[:1]}"
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hf_mapping_round_trips(variant: str) -> None:
     cfg = VARIANTS[variant]
     ours, hf = hf_twin(cfg)
     back = from_hf_config(hf.config.to_dict())
     assert back.num_params() == cfg.num_params()
-    assert (back.rope_scaling, back.tie_embeddings, back.qkv_bias) == (
-        cfg.rope_scaling,
-        cfg.tie_embeddings,
-        cfg.qkv_bias,
-    )
+    for key in (
+        "rope_scaling", "tie_embeddings", "qkv_bias", "attention_bias", "mlp_bias", "qk_norm",
+        "sliding_window",
+    ):  # fmt: skip
+        assert getattr(back, key) == getattr(cfg, key), key
     state = from_hf_state_dict(hf.state_dict(), cfg)
     for name, p in ours.state_dict().items():
         assert torch.equal(state[name], p), name
