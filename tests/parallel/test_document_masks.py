@@ -1,6 +1,9 @@
 """Document-masked attention (data.document_positions) under every layout that splits the
 model or the sequence: the same losses and gradient norms as one process with masks, and not
-those of one process without them."""
+those of one process without them. The layouts that split heads or the sequence also run a
+model with Qwen3's per-head q/k norms, Llama's attention and MLP biases and Mistral's sliding
+window (a norm weight shared by heads split over tp ranks needs its gradient summed over them;
+a window, like the document mask, applies to the whole sequence under Ulysses)."""
 
 from __future__ import annotations
 
@@ -38,6 +41,13 @@ TWO_RANKS = {
     "cp=2 ulysses": {"parallel.cp": 2, "parallel.dp_shard": 1},
     "pp=2 1f1b": {"parallel.pp": 2, "parallel.dp_shard": 1},
 }
+VARIANT = {
+    "model.qk_norm": True,
+    "model.attention_bias": True,
+    "model.mlp_bias": True,
+    "model.sliding_window": 12,  # sequences of 32 tokens
+}
+VARIANT_LAYOUTS = ("tp=2 sp", "cp=2 ulysses")  # the others keep the plain model
 
 
 def _single(tmp_path, layout: dict, name: str) -> tuple[list[float], list[float]]:
@@ -55,7 +65,7 @@ def short_documents(root: Path) -> str:
     return str(root)
 
 
-def test_layouts_match_one_process_with_document_masks(tmp_path):
+def test_layouts_match_one_process_with_document_masks_and_model_variants(tmp_path):
     # Adam turns gradients that are pure rounding noise (a document's first token attends only
     # to itself: the flash-style softmax backward's dP - rowsum(dO * O) is then noise, not 0)
     # into full-size updates whose noise differs between layouts: eps 1e-6 keeps those
@@ -66,17 +76,21 @@ def test_layouts_match_one_process_with_document_masks(tmp_path):
     plain = _single(tmp_path, corpus, "plain")
     masked = _single(tmp_path, MASKED, "masked")
     assert not all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(plain[0], masked[0]))
-    names = list(TWO_RANKS)
-    per_rank = run_distributed(
-        train_layouts, 2, [{**MASKED, **TWO_RANKS[n]} for n in names], str(tmp_path)
-    )
+    variant = _single(tmp_path, {**MASKED, **VARIANT}, "variant")
+    cases = [
+        (f"variant {n}", {**MASKED, **VARIANT, **TWO_RANKS[n]}, variant)
+        if n in VARIANT_LAYOUTS
+        else (n, {**MASKED, **TWO_RANKS[n]}, masked)
+        for n in TWO_RANKS
+    ]
+    per_rank = run_distributed(train_layouts, 2, [c[1] for c in cases], str(tmp_path))
     bad = []
-    for i, name in enumerate(names):
+    for i, (name, _, single) in enumerate(cases):
         for rank, results in enumerate(per_rank):
             got = results[i]
-            for key, want in (("losses", masked[0]), ("grad_norms", masked[1])):
+            for key, want in (("losses", single[0]), ("grad_norms", single[1])):
                 assert len(got[key]) == len(want) == 5
                 for step, (a, b) in enumerate(zip(got[key], want)):
                     if not math.isclose(a, b, rel_tol=RTOL):
                         bad.append(f"{name} rank {rank} {key}[{step}]: {a} != {b} (single)")
-    assert not bad, "masked layouts drift from the single-process run:\n" + "\n".join(bad)
+    assert not bad, "layouts drift from the single-process run:\n" + "\n".join(bad)
