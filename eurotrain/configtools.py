@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
+from eurotrain import resources
 from eurotrain.errors import ConfigError
 
 __all__ = ["ConfigError", "from_dict", "merge", "parse_overrides", "read_yaml", "to_dict"]
@@ -202,7 +203,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
 
     ``base: other.yaml`` (relative to the file) starts from another file; ``_chain`` holds the
     files that led here, so files that include each other are named instead of recursing."""
-    p = Path(path)
+    p = resources.config_file(path)
     via = f" (named by 'base:' in {str(_chain[-1])!r})" if _chain else ""
     if p.is_dir():
         inside = sorted(c.name for c in p.iterdir() if c.suffix in (".yaml", ".yml"))
@@ -217,9 +218,13 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1)
             if near:
                 hint = f" Did you mean {str(p.parent / near[0])!r}?"
+        presets = list(resources.presets())
+        if not hint and len(p.parts) == 1:
+            near = difflib.get_close_matches(p.name.removesuffix(".yaml"), presets, n=1)
+            hint = f" Did you mean the preset {near[0]!r}?" if near else ""
         raise ConfigError(
-            f"config file {str(p)!r}{via} does not exist.{hint} Pass the path of a YAML config, "
-            f"for example configs/tiny.yaml."
+            f"config file {str(p)!r}{via} does not exist.{hint} Pass the path of a YAML config "
+            f"or the name of a preset (presets: {', '.join(presets)})."
         )
     try:
         data = yaml.safe_load(p.read_bytes().decode("utf-8"))
@@ -252,6 +257,8 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         )
     chain = (*_chain, p)
     target = p.parent / base
+    if not target.exists():  # 'base: tiny' names a preset unless a file of that name is there
+        target = resources.preset_file(base) or target
     seen = [c.resolve() for c in chain]
     if target.resolve() in seen:
         cycle = [*chain[seen.index(target.resolve()) :], target]

@@ -35,6 +35,7 @@ from eurotrain.clusters import (
     control_character,
     load_profile,
     parse_walltime,
+    profile_listing,
     sbatch_problem,
 )
 from eurotrain.distributed import PORT_BASE, PORT_SPAN
@@ -453,7 +454,8 @@ def parser() -> argparse.ArgumentParser:
         description="Render (and submit) an sbatch job that trains CONFIG on a EuroHPC machine. "
         "Launch options come before CONFIG; everything after CONFIG is a config override.",
     )
-    ap.add_argument("--cluster", required=True, help="profile name (launch/clusters/NAME.yaml)")
+    ap.add_argument("--list", action="store_true", help="list the cluster profiles and exit")
+    ap.add_argument("--cluster", required=True, help="profile name (see --list)")
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--time", required=True, help="walltime [D-]HH:MM:SS")
     ap.add_argument("--account", help="project account to charge")
@@ -475,6 +477,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list" in argv and "--help" not in argv and "-h" not in argv:
+        print(profile_listing())
+        return 0
     args = parser().parse_args(argv)
     if args.python is not None:
         python = args.python
