@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "launch": ("eurotrain.launch", "main", "render/submit an sbatch job for a EuroHPC machine"),
     "doctor": ("eurotrain.doctor", "main", "preflight checks of a node/allocation before a run"),
+    "bundle": ("eurotrain.bundle", "main", "wheels + install.sh for a cluster without internet"),
 }
 
 

@@ -249,11 +249,18 @@ class ClusterProfile:
     sbatch_extra: list[str] = field(default_factory=list)
     """Further #SBATCH options this machine needs (memory, exclusivity)."""
     filesystems: list[FileSystem] = field(default_factory=list)
+    torch_index: str | None = None
+    """The package index serving a torch build for this machine (pip --index-url; "pypi": the
+    default index), used by `eurotrain bundle`; null: none is known to, pass --wheels."""
+    torch_note: str = ""
+    """Which torch build that is and what it needs of the machine (driver, plugins)."""
 
     def __post_init__(self) -> None:
         self.env = _checked_env(self.env)
-        for key in ("name", "description", "cpu_bind"):
+        for key in ("name", "description", "cpu_bind", "torch_note"):
             _check(key, getattr(self, key), _one_line)
+        if self.torch_index is not None:
+            _check("torch_index", self.torch_index, _one_line)
         for i, text in enumerate(self.modules):
             _check(f"modules[{i}]", text, _one_line)
         for i, text in enumerate(self.setup):
