@@ -256,9 +256,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"to this one), not {base!r}"
         )
     chain = (*_chain, p)
-    target = p.parent / base
-    if not target.exists():  # 'base: tiny' names a preset unless a file of that name is there
-        target = resources.preset_file(base) or target
+    target = _base_file(p, base)
     seen = [c.resolve() for c in chain]
     if target.resolve() in seen:
         cycle = [*chain[seen.index(target.resolve()) :], target]
@@ -271,3 +269,31 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"{' -> '.join(str(c) for c in cycle)}; remove one of these 'base:' lines"
         )
     return merge(read_yaml(target, chain), data)
+
+
+def _base_file(config: Path, base: str) -> Path:
+    """The file ``base: NAME`` in `config` names: relative to `config`, or a preset when no
+    such file is there ('base: tiny')."""
+    target = config.parent / base
+    if not target.exists():
+        target = resources.preset_file(base) or target
+    return target
+
+
+def config_chain(path: str | Path) -> list[Path]:
+    """The config file `path` names, then each file its ``base:`` lines include, in order
+    (for what must be visible to the ranks; read_yaml reports any problem with them)."""
+    chain = [resources.config_file(path)]
+    while chain[-1].is_file():
+        try:
+            data = yaml.safe_load(chain[-1].read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            break
+        base = data.get("base") if isinstance(data, dict) else None
+        if not isinstance(base, str) or not base:
+            break
+        target = _base_file(chain[-1], base)
+        if target.resolve() in {c.resolve() for c in chain}:
+            break
+        chain.append(target)
+    return chain
