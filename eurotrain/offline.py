@@ -68,11 +68,10 @@ def check_env(profile: ClusterProfile | None, in_job: bool) -> Finding:
     if profile is not None and internet:
         return Finding("PASS", f"compute nodes of {profile.name} reach the internet; not "
                        f"offline: {', '.join(unset)}")  # fmt: skip
-    where = (
-        f"{profile.name} compute nodes have no internet"
-        if internet is False
-        else "whether compute nodes reach the internet is unknown"
-    )
+    if profile is not None and internet is False:
+        where = f"{profile.name} compute nodes have no internet"
+    else:
+        where = "whether compute nodes reach the internet is unknown"
     status = "FAIL" if in_job and internet is False else "WARN"
     return Finding(
         status,
