@@ -384,8 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     p = plan(args)  # BundleError/ConfigError: one line, exit 2, nothing downloaded
     profile = load_profile(p.cluster)
-    wheels = build(p)
-    write_files(p, wheels, profile)
+    existed = p.output.exists()
+    try:
+        wheels = build(p)
+        write_files(p, wheels, profile)
+    except BaseException:
+        # A half-built bundle is not left behind to be copied to a cluster by mistake.
+        shutil.rmtree(p.output if not existed else p.output / "wheels", ignore_errors=True)
+        raise
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"eurotrain bundle: {len(wheels)} wheels ({size:,.0f} MiB) for {p.cluster}, CPython "
           f"{p.python} on {p.arch}, in {p.output}; copy it to the cluster and run "

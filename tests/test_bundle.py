@@ -172,3 +172,19 @@ def test_bundle_installs_offline_and_trains(tmp_path):
     )  # fmt: skip
     assert where.stdout.startswith(str(venv)), where  # the installed copy, not this checkout
     print(f"bundle built in {built_s:.0f} s, installed in {installed_s:.0f} s")
+
+
+def test_a_failed_download_leaves_no_bundle(tmp_path, capsys, monkeypatch):
+    """pip's own failure is one line naming what failed, and the half-built output is gone."""
+
+    def wheel_then_fail(args, what):
+        if args[0] == "wheel":  # eurotrain's wheel builds; the first download fails
+            Path(args[args.index("-w") + 1], "eurotrain-0.1.0-py3-none-any.whl").write_text("")
+            return ""
+        raise bundle.BundleError(f"{what} failed: ERROR: No matching distribution found for x")
+
+    monkeypatch.setattr(bundle, "_pip", wheel_then_fail)
+    out = tmp_path / "out"
+    err = _refused(capsys, tmp_path, "--cluster", "local", "--output", str(out))
+    assert "downloading torch==2.13.0 failed: ERROR: No matching distribution" in err
+    assert not out.exists()
