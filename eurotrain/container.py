@@ -21,12 +21,15 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eurotrain import resources
 from eurotrain.clusters import control_character
-from eurotrain.config import Config
 from eurotrain.configtools import config_chain
 from eurotrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from eurotrain.config import Config
 
 HERE = "."
 """The job's working directory, as a relative path."""
