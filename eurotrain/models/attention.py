@@ -85,6 +85,22 @@ class AttentionMask:
             self._cache[key] = keep
         return self._cache[key]
 
+    def mask_mod(self, device: torch.device) -> Any:
+        """FlexAttention's mask_mod of the pattern ``dense`` builds: True where query q_idx of
+        row b may attend to key kv_idx."""
+        docs = None if self.documents is None else self.documents.to(device)
+        window = self.window
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = q_idx >= kv_idx
+            if window is not None:
+                keep = keep & (q_idx - kv_idx < window)
+            if docs is not None:
+                keep = keep & (docs[b, q_idx] == docs[b, kv_idx])
+            return keep
+
+        return mask_mod
+
     @torch.compiler.disable
     def block_mask(self, seq_len: int, device: torch.device) -> Any:
         """FlexAttention's BlockMask of the same pattern (CUDA)."""
@@ -93,20 +109,9 @@ class AttentionMask:
             from torch.nn.attention.flex_attention import create_block_mask
 
             self._check(seq_len)
-            docs = None if self.documents is None else self.documents.to(device)
-            window = self.window
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                keep = q_idx >= kv_idx
-                if window is not None:
-                    keep = keep & (q_idx - kv_idx < window)
-                if docs is not None:
-                    keep = keep & (docs[b, q_idx] == docs[b, kv_idx])
-                return keep
-
-            batch = None if docs is None else docs.shape[0]
+            batch = None if self.documents is None else self.documents.shape[0]
             self._cache[key] = create_block_mask(
-                mask_mod, batch, None, seq_len, seq_len, device=device, _compile=True
+                self.mask_mod(device), batch, None, seq_len, seq_len, device=device, _compile=True
             )
         return self._cache[key]
 

@@ -91,3 +91,18 @@ def test_mask_pattern():
     assert torch.equal(mask[0, 0], expected)
     with pytest.raises(ValueError, match="attention sees 8 tokens per row but the documents"):
         AttentionMask(docs).dense(8, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("documents", [False, True])
+def test_flex_attention_mask_mod_is_the_dense_pattern(window, documents):
+    """The mask_mod behind CUDA's FlexAttention block mask keeps exactly what the dense mask of
+    the SDPA path keeps (evaluated on the CPU through FlexAttention's own create_mask)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    cpu = torch.device("cpu")
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1]]) if documents else None
+    mask = AttentionMask(docs, window)
+    dense = mask.dense(8, cpu).expand(2, 1, 8, 8)
+    flex = create_mask(mask.mask_mod(cpu), 2, 1, 8, 8, device=cpu)
+    assert torch.equal(flex, dense)
