@@ -11,10 +11,12 @@ import math
 import random
 from pathlib import Path
 
+import torch
 from harness import TINY, overrides, train_layouts
 from multiproc import run_distributed
 
 from eurotrain.config import load_config
+from eurotrain.models.attention import document_ids
 from eurotrain.train import Trainer
 
 RTOL = 1e-5
@@ -94,3 +96,30 @@ def test_layouts_match_one_process_with_document_masks_and_model_variants(tmp_pa
                     if not math.isclose(a, b, rel_tol=RTOL):
                         bad.append(f"{name} rank {rank} {key}[{step}]: {a} != {b} (single)")
     assert not bad, "layouts drift from the single-process run:\n" + "\n".join(bad)
+
+
+def test_validation_loss_is_masked_per_document(tmp_path):
+    """Validation batches carry per-document positions too, and evaluation masks with them:
+    Trainer.evaluate() is the mean of the model's masked per-token losses."""
+    layout = {
+        "data.corpus": short_documents(tmp_path / "docs"),
+        "data.document_positions": True,
+        "data.validation_fraction": 0.2,
+        "train.steps": 1,
+        "train.eval_batches": 2,
+    }
+    trainer = Trainer(load_config(TINY, overrides(layout, str(tmp_path), "eval")))
+    got = trainer.evaluate()
+    assert trainer.val_loader is not None
+    trainer.val_loader.step = 0
+    masked = plain = tokens = 0.0
+    with torch.no_grad():
+        for _ in range(2):
+            batch = next(trainer.val_loader)
+            assert batch.positions is not None
+            for x, y, pos in zip(batch.inputs, batch.labels, batch.positions):
+                masked += float(trainer.model(x, y, positions=pos, documents=document_ids(pos)))
+                plain += float(trainer.model(x, y))
+            tokens += batch.num_tokens
+    assert math.isclose(got, masked / tokens, rel_tol=1e-6)
+    assert not math.isclose(got, plain / tokens, rel_tol=1e-4)
