@@ -40,6 +40,7 @@ WORDS = [
 TWO_RANKS = {
     "dp_shard=2": {"parallel.dp_shard": 2},
     "tp=2 sp": {"parallel.tp": 2, "parallel.dp_shard": 1},
+    "tp=2 no sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "parallel.sequence_parallel": False},
     "cp=2 ulysses": {"parallel.cp": 2, "parallel.dp_shard": 1},
     "pp=2 1f1b": {"parallel.pp": 2, "parallel.dp_shard": 1},
 }
@@ -49,7 +50,7 @@ VARIANT = {
     "model.mlp_bias": True,
     "model.sliding_window": 12,  # sequences of 32 tokens
 }
-VARIANT_LAYOUTS = ("tp=2 sp", "cp=2 ulysses")  # the others keep the plain model
+VARIANT_LAYOUTS = ("tp=2 sp", "tp=2 no sp", "cp=2 ulysses")  # the others keep the plain model
 
 
 def _single(tmp_path, layout: dict, name: str) -> tuple[list[float], list[float]]:
