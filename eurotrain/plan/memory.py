@@ -1,0 +1,324 @@
+"""Memory per GPU of one layout: the peak of a training step on the busiest rank, by component.
+
+What the code does, and the model follows (docs/planner.md has the derivations):
+
+- Master weights, gradients and AdamW's two moments are fp32, sharded by FSDP2 over
+  dp_shard x cp (each parameter's dim 0 padded to a multiple of the shard count), whole
+  otherwise; tensor parallelism splits them first (eurotrain/plan/shapes.py).
+- FSDP2 gathers one block at a time in the compute dtype (two while the next is prefetched in
+  backward), the root group (embedding, final norm, output) for the whole forward and again
+  for the whole backward. Gradient accumulation skips the reduce-scatter until the last
+  micro-batch (eurotrain/parallel/engine.py), so FSDP then holds every unsharded gradient in
+  fp32 from the first micro-batch on.
+- Under pipelining the schedule (torch.distributed.pipelining) keeps FSDP's gathered parameters
+  and unsharded gradients for the whole step (no reshard, no gradient sync before the last
+  backward), preallocates one receive buffer per micro-batch for activations and one for
+  gradients per stage, and keeps some micro-batches' activations in flight: 1F1B pp - rank,
+  GPipe all of them, the interleaved and zero-bubble schedules by their warm-up.
+- Without FSDP on a GPU, autocast keeps a bf16 copy of every weight from forward to backward.
+- DeepSpeed ZeRO 1/2/3: bf16 parameters and gradients, fp32 master weights and moments
+  partitioned by stage, and DeepSpeed's default buckets.
+- Outside what the model allocates: an allowance for the caching allocator's fragmentation and
+  a fixed runtime share (CUDA context, NCCL buffers) on GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from eurotrain.config import Config
+from eurotrain.parallel.checks import pipeline_microbatches
+from eurotrain.parallel.dims import ParallelDims
+from eurotrain.plan import activations as act
+from eurotrain.plan.shapes import RankShare, fsdp_shards, rank_shares
+
+GIB = 1024**3
+FP32 = 4
+ALLOCATOR_FRACTION = 0.10
+"""Caching-allocator allowance: reserved minus allocated bytes at the peak, as a fraction of the
+allocated peak (fragmentation; typically 5-20 % for LLM training steps)."""
+RUNTIME_BYTES = int(1.0 * GIB)
+"""CUDA/ROCm context, cuBLAS workspaces and the first communicator's buffers: memory the
+allocator never sees. Each further communicator (mesh axis > 1) adds COMMUNICATOR_BYTES."""
+COMMUNICATOR_BYTES = int(0.25 * GIB)
+DEEPSPEED_BUCKET = 500_000_000
+"""DeepSpeed's default reduce / all-gather bucket (elements), ZeRO-1 and 2."""
+DEEPSPEED_LIVE_PARAMS = 1_000_000_000
+"""DeepSpeed's default stage3_max_live_parameters (elements), ZeRO-3."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU at the peak of a step on the busiest rank. The first eight add up to what
+    the model allocates (``model_bytes``); allocator and runtime come on top."""
+
+    params: int = 0
+    """Master weights (and buffers) this rank keeps."""
+    optimizer: int = 0
+    """AdamW's moments (and step counters)."""
+    grads: int = 0
+    """Gradients at the peak: sharded ones, and unsharded ones kept for accumulation."""
+    activations: int = 0
+    """Saved for backward, over all micro-batches in flight."""
+    loss: int = 0
+    """The loss's buffers and temporaries at the peak."""
+    gathered: int = 0
+    """Unsharded parameters (FSDP2 all-gathers, DeepSpeed's live parameters, autocast copies)."""
+    buffers: int = 0
+    """Pipeline receive buffers and DeepSpeed's buckets."""
+    workspace: int = 0
+    """Backward temporaries (activation gradients, recomputed blocks)."""
+    allocator: int = 0
+    runtime: int = 0
+    pp_rank: int = 0
+    """The pipeline rank this peak belongs to."""
+
+    @property
+    def model_bytes(self) -> int:
+        return (
+            self.params + self.optimizer + self.grads + self.activations + self.loss
+            + self.gathered + self.buffers + self.workspace
+        )  # fmt: skip
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.allocator + self.runtime
+
+    def as_gib(self) -> dict[str, float]:
+        out = {k: round(v / GIB, 3) for k, v in asdict(self).items() if k != "pp_rank"}
+        out["total"] = round(self.total / GIB, 3)
+        return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the memory of a layout depends on besides the config: the device kind."""
+
+    cuda: bool
+    """GPU run (bf16 by default, NCCL, caching allocator) or CPU (fp32, no allowance)."""
+
+
+def estimate(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimate:
+    """The peak per GPU of one layout (the busiest pipeline rank's)."""
+    return max(estimate_ranks(cfg, dims, setting), key=lambda e: e.total)
+
+
+def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[MemoryEstimate]:
+    """The peak of each pipeline rank (one entry without pipelining)."""
+    if cfg.parallel.engine == "deepspeed":
+        ests = [_deepspeed(cfg, dims, setting)]
+    else:
+        ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
+    for est in ests:
+        _add_overheads(est, dims, setting)
+    return ests
+
+
+def _add_overheads(est: MemoryEstimate, dims: ParallelDims, setting: Setting) -> None:
+    if setting.cuda:
+        est.allocator = int(ALLOCATOR_FRACTION * est.model_bytes)
+        axes = sum(1 for v in dims.degrees().values() if v > 1)
+        est.runtime = RUNTIME_BYTES + max(0, axes - 1) * COMMUNICATOR_BYTES
+
+
+def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
+    """Whether the engine wraps the model in FSDP2 (eurotrain/parallel/parallelize.py
+    uses_fsdp): gradients reduced over data or context-parallel ranks, except replicas only
+    (DDP)."""
+    replicas_only = dims.dp_replicate > 1 and (dims.dp_shard, dims.cp, dims.tp, dims.pp) == (
+        1, 1, 1, 1,
+    )  # fmt: skip
+    return cfg.parallel.engine == "fsdp" and dims.dp * dims.cp > 1 and not replicas_only
+
+
+def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precision:
+    """The byte sizes of eurotrain's precision policy (eurotrain/parallel/engine.py Precision):
+    FSDP2 (and DeepSpeed) cast the parameters themselves; autocast only runs on GPUs."""
+    mp = cfg.train.mixed_precision
+    casts_itself = cfg.parallel.engine == "deepspeed" or uses_fsdp(cfg, dims)
+    bf16 = mp == "bf16" or (mp == "auto" and setting.cuda)
+    return act.Precision.of(bf16 and (setting.cuda or casts_itself), fsdp=casts_itself)
+
+
+def _shape(cfg: Config, dims: ParallelDims, micro_batch: int, setting: Setting) -> act.Shape:
+    p, kernels = cfg.parallel, cfg.model.kernels
+    sp = p.sequence_parallel if p.sequence_parallel is not None else True
+    # Triton runs on GPUs only (the references run elsewhere); compiled ops and compiled blocks
+    # save about what the fused kernels save.
+    fused_ops = (kernels == "triton" and setting.cuda) or kernels == "compile" or p.compile
+    fused_loss = dims.tp > 1 or kernels == "triton"
+    tokens = micro_batch * cfg.data.seq_len // dims.cp
+    return act.Shape(tokens, dims.tp, sp, dims.cp, fused_ops, fused_loss)
+
+
+def _rope_bytes(cfg: Config) -> int:
+    assert cfg.model.head_dim is not None
+    return 2 * cfg.model.max_seq_len * (cfg.model.head_dim // 2) * FP32
+
+
+def _torch_rank(
+    cfg: Config, dims: ParallelDims, setting: Setting, share: RankShare
+) -> MemoryEstimate:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    shards = fsdp_shards(dims, p.engine)
+    fsdp = uses_fsdp(cfg, dims)
+    prec = precision(cfg, dims, setting)
+    local_batch = t.global_batch_size // dims.dp
+    if dims.pp > 1:
+        num_micro = pipeline_microbatches(cfg, dims)
+        micro = local_batch // num_micro
+    else:
+        micro = t.micro_batch_size
+        num_micro = local_batch // micro
+    shape = _shape(cfg, dims, micro, setting)
+
+    est = MemoryEstimate(pp_rank=share.pp_rank)
+    master = share.shard_numel(shards) * FP32
+    est.params = master + len(share.stages) * _rope_bytes(cfg)
+    est.optimizer = 2 * master + FP32 * share.num_tensors()
+    if dims.pp > 1:
+        est.buffers = _pipeline_buffers(cfg, shape, prec, share, num_micro)
+    padded = share.shard_numel(shards) * shards  # unsharded, as FSDP2 gathers it (padded)
+    block_padded = sum(q.shard_numel(shards) * shards for q in share.block)
+    root_padded = padded - share.num_blocks * block_padded
+    head = act.head(m, shape, prec) if share.has_head else act.HeadActivations(0, 0, 0)
+
+    # Activations: one micro-batch of each stage of this rank, times the micro-batches in flight.
+    stages = []
+    offsets = _stage_offsets(cfg, share)
+    for stage, first, count, k in zip(share.stages, offsets, share.blocks, _in_flight(
+        cfg, dims, share, num_micro
+    )):  # fmt: skip
+        blocks = [
+            act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every)
+            for i in range(first, first + count)
+        ]
+        ends = (shape.tokens * 8 if stage == 0 else 0) + (
+            head.saved if stage == share.num_stages - 1
+            else _boundary(cfg, shape, prec) if dims.pp > 1 else 0  # the stage output, kept
+        )  # fmt: skip
+        stages.append((blocks, ends, k))
+    saved = sum(k * (sum(b.saved for b in blocks) + ends) for blocks, ends, k in stages)
+
+    # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
+    # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
+    if fsdp:
+        keep = dims.pp > 1 or num_micro > 1  # no reduce-scatter before the last backward
+        kept = padded * FP32 if keep else 0
+        done_per_block = 0 if keep else sum(q.shard_numel(shards) for q in share.block) * FP32
+        running = block_padded * prec.gathered_param
+        # root group and two blocks (the running one and the next, gathered ahead), or all of
+        # them under pipelining (the schedule does not reshard between micro-batches)
+        gathered = (root_padded + 2 * block_padded) * prec.gathered_param
+        if dims.pp > 1:
+            gathered = padded * prec.gathered_param
+    else:
+        # DDP's gradients are views into its buckets, which live for the whole run
+        keep = dims.pp > 1 or num_micro > 1 or dims.dp_replicate > 1
+        kept = share.numel() * FP32 if keep else 0
+        done_per_block = 0 if keep else sum(q.numel for q in share.block) * FP32
+        running = 0
+        gathered = share.numel() * prec.gathered_param if prec.autocast else 0
+    head_grads = 0 if keep else sum(
+        q.shard_numel(shards) if fsdp else q.numel for q in share.root if q.name != "tok_embeddings"
+    ) * FP32  # fmt: skip
+
+    phases = [
+        # the optimizer step: every gradient, sharded
+        replace(est, grads=master),
+        # the loss's forward and the start of backward, with the loss's temporaries
+        replace(est, activations=saved - head.saved, grads=kept, gathered=gathered,
+                loss=head.saved + max(head.forward_peak, head.backward_peak)),
+    ]  # fmt: skip
+    # the backward of each block of the stage with the most activations (of the micro-batch
+    # being processed): its recomputation and gradient temporaries, the gradients so far
+    blocks, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[1])
+    others = saved - sum(b.saved for b in blocks) - ends
+    done = head_grads
+    workspace = act.block_backward_workspace(m, shape, prec)
+    for j in reversed(range(len(blocks))):
+        acts = others + sum(b.saved for b in blocks[: j + 1])
+        phases.append(replace(
+            est, activations=acts, grads=kept + done + running, gathered=gathered,
+            workspace=blocks[j].recompute + workspace,
+        ))  # fmt: skip
+        done += done_per_block
+    return max(phases, key=lambda e: e.model_bytes)
+
+
+def _stage_offsets(cfg: Config, share: RankShare) -> list[int]:
+    """Global index of the first block of each of this rank's stages."""
+    from eurotrain.parallel.checks import balanced_split
+
+    layers = cfg.parallel.pp_layers or balanced_split(cfg.model.num_layers, share.num_stages)
+    return [sum(layers[:s]) for s in share.stages]
+
+
+def _boundary(cfg: Config, shape: act.Shape, prec: act.Precision) -> int:
+    """One micro-batch of hidden states at a stage boundary (sequence-sharded under SP)."""
+    return shape.residual_rows * cfg.model.dim * prec.residual
+
+
+def _pipeline_buffers(
+    cfg: Config, shape: act.Shape, prec: act.Precision, share: RankShare, num_micro: int
+) -> int:
+    """One receive buffer per micro-batch: activations into every stage but the first,
+    gradients into every stage but the last (torch.distributed.pipelining, made once)."""
+    per = _boundary(cfg, shape, prec)
+    count = sum((s > 0) + (s < share.num_stages - 1) for s in share.stages)
+    return count * num_micro * per
+
+
+def _in_flight(cfg: Config, dims: ParallelDims, share: RankShare, num_micro: int) -> list[int]:
+    """Micro-batches whose activations each of this rank's stages holds at once."""
+    if dims.pp == 1:
+        return [1]
+    pp, rank, sched = dims.pp, share.pp_rank, cfg.parallel.pp_schedule
+    if sched == "gpipe":
+        return [num_micro]
+    if sched == "1f1b":
+        return [min(num_micro, pp - rank)]
+    if sched == "zbv":
+        return [min(num_micro, 2 * pp - rank - 1), min(num_micro, rank + 1)]
+    # interleaved 1F1B / zero bubble: forwards before the first backward, round-robin over the
+    # rank's stages in groups of one round's micro-batches
+    v = len(share.stages)
+    rounds = max(1, num_micro // pp)
+    per_round = num_micro // rounds
+    factor = 2 if sched == "interleaved_1f1b" else 1
+    warmup = min((v - 1) * per_round + factor * (pp - 1 - rank), num_micro * v) + 1
+    counts = [0] * v
+    for op in range(min(warmup, num_micro * v)):
+        counts[(op // per_round) % v] += 1
+    return [min(c, num_micro) for c in counts]
+
+
+def _deepspeed(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimate:
+    """ZeRO 1/2/3 (data parallel only): the ZeRO paper's accounting with DeepSpeed's buckets."""
+    m, t = cfg.model, cfg.train
+    stage, n = cfg.parallel.zero_stage, dims.dp
+    prec = precision(cfg, dims, setting)
+    half = prec.compute  # the module's dtype (bf16 on GPUs, fp32 on CPUs)
+    psi = m.num_params()
+    part = math.ceil(psi / n)
+    est = MemoryEstimate()
+    est.params = (part if stage == 3 else psi) * half + _rope_bytes(cfg)
+    # fp32 master partition (a copy, even in fp32) and the two moments
+    est.optimizer = part * FP32 * 3
+    est.grads = (psi if stage == 1 else part) * half
+    if stage == 3:
+        est.gathered = min(DEEPSPEED_LIVE_PARAMS, psi) * half
+    else:
+        est.buffers = min(DEEPSPEED_BUCKET, psi) * half  # contiguous gradient bucket
+    shape = _shape(cfg, dims, t.micro_batch_size, setting)
+    p = cfg.parallel
+    blocks = [
+        act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every)
+        for i in range(m.num_layers)
+    ]
+    h = act.head(m, shape, prec)
+    est.activations = sum(b.saved for b in blocks) + h.saved + shape.tokens * 8
+    est.loss = max(h.forward_peak, h.backward_peak)
+    est.workspace = max(b.recompute for b in blocks) + act.block_backward_workspace(m, shape, prec)
+    return est

@@ -1,0 +1,29 @@
+"""Layouts whose predicted memory the tests compare with a real step's (tests/plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+BASE = [
+    "--train.device", "cpu",
+    "--data.seq_len", "64",
+    "--model.max_seq_len", "64",
+]  # fmt: skip
+
+
+def load(overrides: list[str]) -> Any:
+    from eurotrain.config import load_config
+
+    return load_config(TINY, [*BASE, *overrides])
+
+
+def measure_cases(rank: int, world_size: int, cases: list[tuple[int, list[str]]]) -> list[Any]:
+    """Each case's measured bytes on this rank, in one process group (reused); every case
+    takes the whole group (``world_size`` ranks)."""
+    from memtrace import measure_step
+
+    assert all(ranks == world_size for ranks, _ in cases)
+    return [measure_step(load(overrides), world_size) for _, overrides in cases]
