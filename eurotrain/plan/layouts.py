@@ -1,0 +1,102 @@
+"""The candidate layouts for a world size: every combination of the axes and settings the
+planner varies that eurotrain's own ``check_layout`` accepts.
+
+Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
+only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved
+1F1B schedules, dp_replicate (1, or one replica per node: HSDP), the micro-batch (1, 2, 4, 8),
+activation checkpointing (none, selective, full) and, without tp/pp/cp, DeepSpeed ZeRO 1-3 when
+DeepSpeed is installed. Everything else is the config's own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from eurotrain.config import Config
+from eurotrain.configtools import ConfigError, divisors
+from eurotrain.parallel.checks import check_layout
+from eurotrain.parallel.dims import ParallelDims
+
+MICRO_BATCHES = (1, 2, 4, 8)
+AC_MODES: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")
+MAX_PP = 16
+CP_MIN_SEQ = 8192
+
+
+@dataclass
+class Candidate:
+    cfg: Config
+    """The config with this layout's settings."""
+    dims: ParallelDims
+    overrides: dict[str, Any]
+    """The settings that differ from the config (dotted keys, as `eurotrain train` takes)."""
+
+
+def _pipelines(num_layers: int, pp_options: list[int]) -> Iterator[dict[str, Any]]:
+    for pp in pp_options:
+        if pp == 1:
+            yield {"pp": 1}
+        elif pp <= min(MAX_PP, num_layers):
+            yield {"pp": pp, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
+            if 2 * pp <= num_layers:
+                yield {"pp": pp, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}
+
+
+def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[dict[str, Any]]:
+    m, seq = cfg.model, cfg.data.seq_len
+    nodes = world // gpus_per_node
+    for tp in divisors(gpus_per_node):
+        cps = [c for c in divisors(gpus_per_node // tp) if c == 1 or seq >= CP_MIN_SEQ]
+        for cp in cps:
+            rest = world // (tp * cp)
+            for pipe in _pipelines(m.num_layers, [d for d in divisors(rest)]):
+                dp = rest // int(pipe["pp"])  # type: ignore[call-overload]
+                reps = [1] + ([nodes] if nodes > 1 and dp % nodes == 0 and dp > nodes else [])
+                for rep in reps:
+                    base = {"tp": tp, "cp": cp, **pipe, "dp_replicate": rep, "dp_shard": dp // rep}
+                    yield {**base, "engine": "fsdp"}
+    if importlib.util.find_spec("deepspeed") is not None:
+        for stage in (1, 2, 3):
+            yield {"tp": 1, "cp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": world,
+                   "engine": "deepspeed", "zero_stage": stage}  # fmt: skip
+
+
+def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candidate], list[str]]:
+    """The layouts ``check_layout`` accepts, and the distinct reasons it gave for the others."""
+    out: list[Candidate] = []
+    reasons: list[str] = []
+    for par in _parallel_options(cfg, world, gpus_per_node):
+        for micro in MICRO_BATCHES:
+            for ac in AC_MODES:
+                if par["engine"] == "deepspeed" and ac == "selective":
+                    continue  # DeepSpeed's path applies eurotrain's AC too; one mode is enough
+                overrides = {f"parallel.{k}": v for k, v in par.items()}
+                overrides["parallel.activation_checkpointing"] = ac
+                overrides["train.micro_batch_size"] = micro
+                try:
+                    c = replace(
+                        cfg,
+                        parallel=replace(cfg.parallel, **par, activation_checkpointing=ac),
+                        train=replace(cfg.train, micro_batch_size=micro),
+                    )
+                    dims = check_layout(c, world, cuda=True)
+                except ConfigError as e:
+                    if str(e) not in reasons:
+                        reasons.append(str(e))
+                    continue
+                out.append(Candidate(c, dims, _differing(cfg, overrides)))
+    return out, reasons
+
+
+def _differing(cfg: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides whose value differs from the config's (dp_shard always: the config's may
+    be -1, which resolves differently on another world size)."""
+    out = {}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        if name == "dp_shard" or getattr(getattr(cfg, section), name) != value:
+            out[key] = value
+    return out

@@ -1,0 +1,121 @@
+"""The planner: every candidate layout for each node count, its memory per GPU against the
+device, its speed, and the ranking; what would fit when nothing does."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from eurotrain.config import Config
+from eurotrain.configtools import ConfigError
+from eurotrain.plan.hardware import Hardware
+from eurotrain.plan.layouts import Candidate, candidates
+from eurotrain.plan.memory import GIB, MemoryEstimate, Setting, estimate
+from eurotrain.plan.speed import StepTime, Throughput, step_time, throughput
+
+MAX_SUGGESTED_NODES = 1024
+
+
+@dataclass
+class Option:
+    nodes: int
+    candidate: Candidate
+    memory: MemoryEstimate
+    fits: bool
+    time: StepTime
+    speed: Throughput
+
+    def layout(self) -> str:
+        """A short description: the axes > 1, schedule, micro-batch, checkpointing, engine."""
+        d, p = self.candidate.dims, self.candidate.cfg.parallel
+        axes = [f"{k}={v}" for k, v in d.degrees().items() if v > 1]
+        if d.pp > 1:
+            axes.append(
+                p.pp_schedule + (f"x{p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "")
+            )
+        if p.engine == "deepspeed":
+            axes.append(f"zero{p.zero_stage}")
+        axes.append(f"mb={self.candidate.cfg.train.micro_batch_size}")
+        axes.append(f"ac={p.activation_checkpointing}")
+        return " ".join(axes)
+
+
+@dataclass
+class Request:
+    cfg: Config
+    hw: Hardware
+    nodes: list[int]
+    steps: int
+    max_memory_fraction: float
+    overrides: list[str]
+    """--seq-len / --global-batch as config overrides."""
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.hw.memory_gib * GIB * self.max_memory_fraction
+
+
+def evaluate(req: Request, nodes: int) -> tuple[list[Option], list[str]]:
+    """Every layout ``check_layout`` accepts on ``nodes`` nodes, fitting or not."""
+    world = nodes * req.hw.gpus_per_node
+    cands, reasons = candidates(req.cfg, world, req.hw.gpus_per_node)
+    options = []
+    for c in cands:
+        mem = estimate(c.cfg, c.dims, Setting(cuda=True))
+        st = step_time(c.cfg, c.dims, req.hw)
+        speed = throughput(st, c.dims, req.hw, req.steps)
+        options.append(Option(nodes, c, mem, mem.total <= req.usable_bytes, st, speed))
+    return options, reasons
+
+
+def ranked(options: list[Option]) -> list[Option]:
+    """Fitting layouts, fastest first (then the least memory)."""
+    fit = [o for o in options if o.fits]
+    return sorted(fit, key=lambda o: (-o.speed.tokens_per_s_per_gpu, o.memory.total))
+
+
+def recommend(best: list[Option]) -> Option:
+    """Among the best layout of each node count: the fewest GPU-hours, then the shortest run
+    (more nodes than needed cost more hours for less time)."""
+    return min(best, key=lambda o: (round(o.speed.gpu_hours, 1), o.speed.days))
+
+
+def nothing_fits(req: Request, options: list[Option], reasons: list[str]) -> ConfigError:
+    """The error when no layout fits any node count: the closest one and what would fit."""
+    asked = ", ".join(str(n) for n in req.nodes)
+    usable = req.usable_bytes / GIB
+    if not options:
+        why = reasons[0] if reasons else "no candidate layouts"
+        return ConfigError(
+            f"no layout of {req.cfg.model.name} passes the layout checks on {asked} node(s) of "
+            f"{req.hw.gpus_per_node} GPUs; the first reason: {why}"
+        )
+    low = min(options, key=lambda o: o.memory.total)
+    more = _nodes_that_fit(req)
+    hint = (
+        f"it fits from {more.nodes} nodes ({more.layout()}, {more.memory.total / GIB:.1f} GiB)"
+        if more
+        else f"no node count up to {MAX_SUGGESTED_NODES} fits: use a shorter --seq-len, a smaller "
+        f"model, or a device with more memory"
+    )
+    return ConfigError(
+        f"nothing fits on {asked} node(s) of {req.hw.cluster}: the smallest layout ({low.layout()}, "
+        f"on {low.nodes} nodes) needs {low.memory.total / GIB:.1f} GiB per GPU, "
+        f"{usable:.1f} GiB usable ({req.hw.memory_gib:g} GiB x --max-memory-fraction "
+        f"{req.max_memory_fraction:g}); every layout tried already includes full activation "
+        f"checkpointing and micro-batch 1; {hint}"
+    )
+
+
+def _nodes_that_fit(req: Request) -> Option | None:
+    """The smallest power-of-two node count past the asked ones where some layout fits."""
+    nodes = 2 ** math.ceil(math.log2(max(req.nodes) + 1))
+    while nodes <= MAX_SUGGESTED_NODES:
+        opts, _ = evaluate(req, nodes)
+        fit = [o for o in opts if o.fits]
+        if fit:
+            return min(fit, key=lambda o: o.memory.total)
+        if not opts:  # the global batch no longer divides: more nodes cannot help
+            return None
+        nodes *= 2
+    return None

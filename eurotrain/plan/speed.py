@@ -1,0 +1,184 @@
+"""Step time of one layout: compute from FLOPs, the communication the code does and how much of
+it the code overlaps, and the pipeline bubble (docs/planner.md states every assumption).
+
+- Compute: the model's FLOPs (models/config.py flops_per_token: 6 N + attention) plus what
+  activation checkpointing recomputes (a block's forward, a third of its training FLOPs, under
+  "full"; "selective" recomputes only element-wise ops), at peak x efficiency.
+- Tensor parallelism with sequence parallelism: per block and micro-batch, two all-gathers and
+  two reduce-scatters of the [tokens, dim] activations in forward and again in backward, on the
+  node's links, not overlapped (plain DTensor TP, no asynchronous TP).
+- Context parallelism (Ulysses): all-to-alls of q, k, v and the attention output in forward and
+  of their gradients in backward, not overlapped.
+- FSDP2: the blocks' parameters all-gathered (bf16) per micro-batch in forward and again in
+  backward (reshard_after_forward), gradients reduce-scattered (fp32) after the last
+  micro-batch; prefetching overlaps them with compute, so only what exceeds the compute, plus
+  the first block's gather, shows.
+- Replicas (HSDP's replicate axis, DDP, DeepSpeed's data parallelism): gradients all-reduced
+  (fp32) during backward, overlapped with it the same way.
+- Pipelines: the bubble (p - 1) / m for 1F1B and GPipe, (p - 1) / (v m) interleaved,
+  (p - 1) / (3 m) for the zero-bubble schedules; point-to-point transfers are neglected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eurotrain.config import Config
+from eurotrain.parallel.checks import pipeline_microbatches
+from eurotrain.parallel.dims import ParallelDims
+from eurotrain.plan.hardware import Hardware
+from eurotrain.plan.shapes import rank_shares
+
+GB = 1e9
+BF16, FP32 = 2, 4
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    tp_s: float
+    cp_s: float
+    dp_s: float
+    """Exposed FSDP / replica communication (after overlap)."""
+    bubble_s: float
+    tokens: int
+    """Tokens per step (all ranks)."""
+    model_flops: float
+    """Model FLOPs per step (all ranks), recomputation excluded: MFU's numerator."""
+    hardware_flops: float
+    """FLOPs executed per step (all ranks), recomputation included."""
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.tp_s + self.cp_s + self.dp_s + self.bubble_s
+
+
+def _recompute_fraction(cfg: Config) -> float:
+    p = cfg.parallel
+    if p.activation_checkpointing != "full":
+        return 0.0
+    m = cfg.model
+    checkpointed = len(range(0, m.num_layers, p.ac_every)) / m.num_layers
+    return checkpointed / 3  # one more forward of the blocks: 2 of their 6 N FLOPs
+
+
+def _group(hw: Hardware, inner: int, size: int) -> tuple[int, bool]:
+    """(members per node, whether it spans nodes) of a mesh axis of ``size`` whose inner axes
+    (closer to tp, the innermost) multiply to ``inner``."""
+    gpn = hw.gpus_per_node
+    spans = inner * size > gpn
+    per_node = max(1, min(size, gpn // inner)) if spans else size
+    return per_node, spans
+
+
+def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
+    m, t = cfg.model, cfg.train
+    seq = cfg.data.seq_len
+    tokens = t.global_batch_size * seq
+    model_flops = m.flops_per_token(seq) * tokens
+    blocks_share = 1 - m.vocab_size * m.dim * 6 / max(1.0, m.flops_per_token(seq))
+    hw_flops = model_flops * (1 + _recompute_fraction(cfg) * blocks_share)
+    rate = hw.peak_tflops * 1e12 * hw.efficiency
+    compute = hw_flops / dims.world_size / rate
+
+    # tokens one rank's blocks see per step (its data-parallel share, split by cp)
+    local_tokens = tokens // dims.dp // dims.cp
+    layers = max(s.num_blocks for s in rank_shares(cfg, dims))
+    act = BF16 if hw.peak_tflops else FP32
+
+    tp_s = 0.0
+    if dims.tp > 1:
+        volume = 8 * layers * local_tokens * m.dim * act * (dims.tp - 1) / dims.tp
+        tp_s = volume / (hw.intra_GBps * GB)
+    cp_s = 0.0
+    if dims.cp > 1:
+        assert m.head_dim is not None and m.num_kv_heads is not None
+        width = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim // dims.tp
+        volume = 2 * layers * local_tokens * width * act * (dims.cp - 1) / dims.cp
+        per_node, spans = _group(hw, dims.tp, dims.cp)
+        cp_s = volume / (hw.bus_GBps(per_node, spans) * GB)
+
+    dp_s = _data_parallel_exposed(cfg, dims, hw, compute)
+    bubble = _bubble(cfg, dims) * (compute + tp_s + cp_s)
+    return StepTime(compute, tp_s, cp_s, dp_s, bubble, tokens, model_flops, hw_flops)
+
+
+def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float) -> float:
+    """Exposed time of FSDP's gathers and reduce-scatters and of the replicas' all-reduce."""
+    p, t = cfg.parallel, cfg.train
+    share = max(rank_shares(cfg, dims), key=lambda s: s.numel())
+    numel = share.numel()  # this rank's parameters after tp and pp
+    shards = dims.dp_shard * dims.cp if p.engine == "fsdp" else 1
+    replicas = dims.dp_replicate if p.engine == "fsdp" else dims.dp
+    busy = 0.0
+    gather_first = 0.0
+    if shards > 1:
+        per_node, spans = _group(hw, dims.tp, shards)
+        bw = hw.bus_GBps(per_node, spans) * GB
+        frac = (shards - 1) / shards
+        local_batch = t.global_batch_size // dims.dp
+        micro = 1 if dims.pp > 1 else local_batch // t.micro_batch_size
+        gathers = micro * (2 if p.reshard_after_forward else 1)
+        gather = numel * BF16 * frac / bw
+        busy += gathers * gather + numel * FP32 * frac / bw  # + one reduce-scatter
+        gather_first = gather / max(1, share.num_blocks)
+    if p.engine == "deepspeed" and dims.dp > 1:
+        per_node, spans = _group(hw, 1, dims.dp)
+        bw = hw.bus_GBps(per_node, spans) * GB
+        frac = (dims.dp - 1) / dims.dp
+        stage = p.zero_stage
+        # gradients reduce-scattered, parameters all-gathered after the step (ZeRO-1/2), or
+        # gathered in forward and backward (ZeRO-3)
+        busy += numel * BF16 * frac / bw * (3 if stage == 3 else 2)
+    elif replicas > 1:
+        inner = dims.tp * dims.cp * dims.dp_shard
+        per_node, spans = _group(hw, inner, replicas)
+        bw = hw.bus_GBps(per_node, spans) * GB
+        busy += 2 * (numel / shards) * FP32 * (replicas - 1) / replicas / bw
+    return gather_first + max(0.0, busy - compute)
+
+
+def _bubble(cfg: Config, dims: ParallelDims) -> float:
+    """Idle time of the pipeline as a fraction of its busy time."""
+    if dims.pp == 1:
+        return 0.0
+    p = cfg.parallel
+    micro = pipeline_microbatches(cfg, dims)
+    if p.pp_schedule in ("zbv", "interleaved_zb"):
+        return (dims.pp - 1) / (3 * micro)
+    if p.pp_schedule == "interleaved_1f1b":
+        return (dims.pp - 1) / (p.pp_virtual_stages * micro)
+    return (dims.pp - 1) / micro
+
+
+@dataclass
+class Throughput:
+    step_s: float
+    tokens_per_s_per_gpu: float
+    tflops_per_gpu: float
+    """Model FLOPs (MFU's convention)."""
+    hardware_tflops_per_gpu: float
+    """Executed FLOPs, recomputation included (what Megatron's papers report)."""
+    mfu: float
+    steps: int
+    days: float
+    gpu_hours: float
+    node_hours: float
+
+
+def throughput(st: StepTime, dims: ParallelDims, hw: Hardware, steps: int) -> Throughput:
+    gpus = dims.world_size
+    tps = st.tokens / st.total_s / gpus
+    tflops = st.model_flops / st.total_s / gpus / 1e12
+    seconds = steps * st.total_s
+    return Throughput(
+        step_s=st.total_s,
+        tokens_per_s_per_gpu=tps,
+        tflops_per_gpu=tflops,
+        hardware_tflops_per_gpu=st.hardware_flops / st.total_s / gpus / 1e12,
+        mfu=tflops / hw.peak_tflops if hw.peak_tflops else 0.0,
+        steps=steps,
+        days=seconds / 86400,
+        gpu_hours=seconds * gpus / 3600,
+        node_hours=seconds * gpus / hw.gpus_per_node / 3600,
+    )

@@ -1,0 +1,144 @@
+"""`eurotrain plan`: the ranked layouts, the recommendation and its command lines, and clear
+errors for bad input and for "nothing fits" (pure CPU arithmetic: no model is built)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eurotrain.clusters import load_profile
+from eurotrain.config import load_config
+from eurotrain.configtools import ConfigError
+from eurotrain.parallel.checks import check_layout
+from eurotrain.plan.cli import main
+from eurotrain.plan.memory import GIB, Setting, estimate
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA_8B = str(REPO / "configs" / "llama3-8b.yaml")
+LLAMA_70B = str(REPO / "configs" / "llama3-70b.yaml")
+
+
+def plan_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def leonardo_8b() -> list[str]:
+    return [LLAMA_8B, "--cluster", "leonardo-booster", "--nodes", "2,4", "--tokens", "1e11"]
+
+
+def test_plan_ranks_layouts_that_fit_and_pass_check_layout(
+    capsys: pytest.CaptureFixture[str], leonardo_8b: list[str]
+) -> None:
+    out = plan_json(capsys, *leonardo_8b)
+    usable = out["hardware"]["usable_gib"]
+    assert out["steps"] == math.ceil(1e11 / (256 * 8192))
+    assert set(out["layouts"]) == {"2", "4"}
+    for nodes, rows in out["layouts"].items():
+        assert rows, f"nothing listed for {nodes} nodes"
+        speeds = [r["tokens_per_s_per_gpu"] for r in rows]
+        assert speeds == sorted(speeds, reverse=True)
+        for row in rows:
+            assert row["fits"] and row["memory_gib"]["total"] <= usable
+            # every listed layout is one eurotrain itself accepts, with the memory reported
+            words = [w for k, v in row["overrides"].items() for w in (f"--{k}", str(v))]
+            cfg = load_config(LLAMA_8B, words)
+            dims = check_layout(cfg, int(nodes) * 4, cuda=True)
+            mem = estimate(cfg, dims, Setting(cuda=True))
+            assert round(mem.total / GIB, 3) == row["memory_gib"]["total"]
+            # more nodes for the same tokens: fewer days
+    best = {n: rows[0] for n, rows in out["layouts"].items()}
+    assert best["4"]["days"] < best["2"]["days"]
+
+
+def test_recommendation_as_overrides_and_launch_line(
+    capsys: pytest.CaptureFixture[str], leonardo_8b: list[str]
+) -> None:
+    out = plan_json(capsys, *leonardo_8b, "--seq-len", "4096", "--global-batch", "512")
+    rec = out["recommended"]
+    assert (out["seq_len"], out["global_batch"]) == (4096, 512)
+    assert out["steps"] == math.ceil(1e11 / (512 * 4096))
+    cfg = load_config(LLAMA_8B, rec["train_overrides"])
+    assert cfg.train.steps == out["steps"] and cfg.data.seq_len == 4096
+    dims = check_layout(cfg, rec["nodes"] * 4, cuda=True)
+    assert estimate(cfg, dims, Setting(cuda=True)).total / GIB <= out["hardware"]["usable_gib"]
+    words = shlex.split(rec["launch"])
+    assert words[:8] == ["eurotrain", "launch", "--cluster", "leonardo-booster", "--nodes",
+                         str(rec["nodes"]), "--time", "1-00:00:00"]  # fmt: skip
+    assert words[8] == LLAMA_8B and words[9:] == rec["train_overrides"]
+    # the recommendation is the cheapest of the node counts' best layouts
+    bests = [rows[0]["gpu_hours"] for rows in out["layouts"].values()]
+    assert rec["gpu_hours"] == min(bests)
+
+
+def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [LLAMA_8B, "--cluster", "mn5-acc", "--nodes", "2", "--steps", "1000", "--top", "3"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "planner defaults: peak_tflops, intra_GBps, efficiency" in text  # MN5 has no peak
+    assert "recommended (fewest GPU-hours): 2 nodes" in text
+    assert "eurotrain launch --cluster mn5-acc --nodes 2 --time 3-00:00:00" in text
+    assert len([line for line in text.splitlines() if line.startswith("    2  ")]) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cluster", "leonardo", "--nodes", "1", "--tokens", "1e9"],
+         "unknown cluster 'leonardo'. Did you mean 'leonardo-booster'?"),
+        (["--cluster", "lumi-g", "--nodes", "1", "--tokens", "0"],
+         "--tokens 0: the token budget must be a positive number"),
+        (["--cluster", "lumi-g", "--nodes", "1", "--tokens", "lots"], "--tokens 'lots'"),
+        (["--cluster", "lumi-g", "--nodes", "1", "--steps", "0"], "--steps 0"),
+        (["--cluster", "lumi-g", "--nodes", "0,2", "--steps", "5"], "--nodes '0,2'"),
+        (["--cluster", "lumi-g", "--nodes", "1", "--steps", "5", "--max-memory-fraction", "1.5"],
+         "--max-memory-fraction 1.5"),
+        (["--cluster", "local", "--nodes", "1", "--steps", "5"], "the planner is for GPU clusters"),
+        (["--cluster", "lumi-g", "--nodes", "1", "--steps", "5", "--seq-len", "99999"],
+         "data.seq_len (99999) exceeds model.max_seq_len"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_clear_error(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        main([LLAMA_8B, *args])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_nothing_fits_says_what_would() -> None:
+    with pytest.raises(ConfigError) as e:
+        main([LLAMA_70B, "--cluster", "leonardo-booster", "--nodes", "1,2", "--tokens", "1e12"])
+    msg = str(e.value)
+    assert "nothing fits on 1, 2 node(s) of leonardo-booster" in msg
+    assert "57.6 GiB usable" in msg and "full activation checkpointing and micro-batch 1" in msg
+    nodes = int(msg.split("it fits from ")[1].split()[0])
+    assert nodes > 2
+    # and it does: planning on that many nodes succeeds
+    assert main([LLAMA_70B, "--cluster", "leonardo-booster", "--nodes", str(nodes),
+                 "--tokens", "1e12", "--json"]) == 0  # fmt: skip
+
+
+def test_a_batch_that_no_layout_accepts_quotes_check_layout() -> None:
+    with pytest.raises(ConfigError) as e:
+        main([LLAMA_8B, "--cluster", "lumi-g", "--nodes", "8", "--steps", "5",
+              "--global-batch", "4"])  # fmt: skip
+    assert "passes the layout checks on 8 node(s) of 8 GPUs" in str(e.value)
+    assert "train.global_batch_size (4) must be a multiple" in str(e.value)
+
+
+def test_profile_figures_and_defaults() -> None:
+    from eurotrain.plan.hardware import from_profile
+
+    lumi = from_profile(load_profile("lumi-g"))
+    assert (lumi.peak_tflops, lumi.inter_GBps, lumi.memory_gib) == (191.5, 12.5, 64)
+    assert lumi.sources["peak_tflops"] == "profile" and lumi.sources["intra_GBps"] == "default"
+    # a group spanning nodes shares the node's NICs: 8 GCDs of a node in one group get them all
+    assert lumi.bus_GBps(8, spans_nodes=True) == min(lumi.intra_GBps, 100.0)
+    assert lumi.bus_GBps(1, spans_nodes=True) == 12.5
+    assert lumi.bus_GBps(8, spans_nodes=False) == lumi.intra_GBps
