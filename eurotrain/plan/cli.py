@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--tokens", help="tokens to train on (e.g. 2e12)")
     budget.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--seq-len", type=int, help="sequence length (default: the config's)")
-    ap.add_argument("--global-batch", type=int, help="sequences per step (default: the config's)")
+    ap.add_argument(
+        "--global-batch", type=int, help="sequences (not tokens) per step (default: the config's)"
+    )
     ap.add_argument("--max-memory-fraction", type=float, default=0.9,
                     help="share of each GPU's memory a layout may use (default 0.9)")  # fmt: skip
     ap.add_argument("--calibrate", help="a directory of `eurotrain bench` results for this cluster")

@@ -91,31 +91,36 @@ def nothing_fits(req: Request, options: list[Option], reasons: list[str]) -> Con
             f"{req.hw.gpus_per_node} GPUs; the first reason: {why}"
         )
     low = min(options, key=lambda o: o.memory.total)
-    more = _nodes_that_fit(req)
-    hint = (
-        f"it fits from {more.nodes} nodes ({more.layout()}, {more.memory.total / GIB:.1f} GiB)"
-        if more
-        else f"no node count up to {MAX_SUGGESTED_NODES} fits: use a shorter --seq-len, a smaller "
-        f"model, or a device with more memory"
-    )
     return ConfigError(
         f"nothing fits on {asked} node(s) of {req.hw.cluster}: the smallest layout ({low.layout()}, "
         f"on {low.nodes} nodes) needs {low.memory.total / GIB:.1f} GiB per GPU, "
         f"{usable:.1f} GiB usable ({req.hw.memory_gib:g} GiB x --max-memory-fraction "
         f"{req.max_memory_fraction:g}); every layout tried already includes full activation "
-        f"checkpointing and micro-batch 1; {hint}"
+        f"checkpointing and micro-batch 1; {_what_would_fit(req)}"
     )
 
 
-def _nodes_that_fit(req: Request) -> Option | None:
-    """The smallest power-of-two node count past the asked ones where some layout fits."""
+def _what_would_fit(req: Request) -> str:
+    """The smallest power-of-two node count past the asked ones where some layout fits, or
+    why more nodes do not help."""
     nodes = 2 ** math.ceil(math.log2(max(req.nodes) + 1))
     while nodes <= MAX_SUGGESTED_NODES:
         opts, _ = evaluate(req, nodes)
         fit = [o for o in opts if o.fits]
         if fit:
-            return min(fit, key=lambda o: o.memory.total)
-        if not opts:  # the global batch no longer divides: more nodes cannot help
-            return None
+            more = min(fit, key=lambda o: o.memory.total)
+            return (
+                f"it fits from {more.nodes} nodes ({more.layout()}, "
+                f"{more.memory.total / GIB:.1f} GiB)"
+            )
+        if not opts:
+            return (
+                f"on {nodes} nodes or more the global batch of {req.cfg.train.global_batch_size} "
+                f"sequences no longer covers the data-parallel ranks: raise --global-batch, use "
+                f"a shorter --seq-len or a device with more memory"
+            )
         nodes *= 2
-    return None
+    return (
+        f"no node count up to {MAX_SUGGESTED_NODES} fits: use a shorter --seq-len, a smaller "
+        f"model, or a device with more memory"
+    )

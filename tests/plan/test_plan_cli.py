@@ -142,3 +142,21 @@ def test_profile_figures_and_defaults() -> None:
     assert lumi.bus_GBps(8, spans_nodes=True) == min(lumi.intra_GBps, 100.0)
     assert lumi.bus_GBps(1, spans_nodes=True) == 12.5
     assert lumi.bus_GBps(8, spans_nodes=False) == lumi.intra_GBps
+
+
+def test_when_more_nodes_cannot_help_it_says_why() -> None:
+    with pytest.raises(ConfigError) as e:
+        main([LLAMA_70B, "--cluster", "leonardo-booster", "--nodes", "1", "--tokens", "1e11",
+              "--global-batch", "4"])  # fmt: skip
+    assert "the global batch of 4 sequences no longer covers the data-parallel ranks" in str(
+        e.value
+    )
+
+
+def test_the_eurotrain_command_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from eurotrain.cli import main as eurotrain
+
+    assert eurotrain(["plan", LLAMA_8B, "--cluster", "mn5", "--nodes", "1", "--steps", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eurotrain plan: ") and "unknown cluster 'mn5'" in err
+    assert len(err.splitlines()) == 1
