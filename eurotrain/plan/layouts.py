@@ -2,10 +2,13 @@
 planner varies that eurotrain's own ``check_layout`` accepts.
 
 Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
-only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved
-1F1B schedules, dp_replicate (1, or one replica per node: HSDP), the micro-batch (1, 2, 4, 8),
-activation checkpointing (none, selective, full) and, without tp/pp/cp, DeepSpeed ZeRO 1-3 when
-DeepSpeed is installed. Everything else is the config's own.
+only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved 1F1B
+(2 stages per rank) schedules, dp_replicate (1, or one replica per node: HSDP), the micro-batch
+(1, 2, 4, 8), activation checkpointing (none, selective, full) and, without tp/pp/cp, DeepSpeed
+ZeRO 1-3 when DeepSpeed is installed. Everything else is the config's own. The zero-bubble
+schedules are left out: their split backward fails under selective checkpointing and keeps
+what full checkpointing would free (measured in docs/planner.md), which the memory model does
+not describe.
 """
 
 from __future__ import annotations

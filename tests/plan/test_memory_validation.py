@@ -44,6 +44,7 @@ CASES: list[tuple[int, list[str]]] = [
     ),
     (2, PP),
     (2, [*PP, "--parallel.activation_checkpointing", "full"]),
+    (2, [*PP, "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"]),
     (2, ["--parallel.dp_shard", "1", "--parallel.cp", "2"]),
 ]
 
