@@ -4,16 +4,15 @@ planner varies that eurotrain's own ``check_layout`` accepts.
 Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
 only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved 1F1B
 (2 stages per rank) schedules, dp_replicate (1, or one replica per node: HSDP), the micro-batch
-(1, 2, 4, 8), activation checkpointing (none, selective, full) and, without tp/pp/cp, DeepSpeed
-ZeRO 1-3 when DeepSpeed is installed. Everything else is the config's own. The zero-bubble
-schedules are left out: their split backward fails under selective checkpointing and keeps
-what full checkpointing would free (measured in docs/planner.md), which the memory model does
-not describe.
+(1, 2, 4, 8) and activation checkpointing (none, selective, full), on the FSDP engine. Everything
+else is the config's own. Left out, because the memory model does not describe what the code
+then allocates (measured in docs/planner.md): the zero-bubble schedules (their split backward
+fails under selective checkpointing and keeps what full checkpointing would free) and DeepSpeed
+(buckets allocated at full size, and again under accumulation or selective checkpointing).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -61,10 +60,6 @@ def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
                 for rep in reps:
                     base = {"tp": tp, "cp": cp, **pipe, "dp_replicate": rep, "dp_shard": dp // rep}
                     yield {**base, "engine": "fsdp"}
-    if importlib.util.find_spec("deepspeed") is not None:
-        for stage in (1, 2, 3):
-            yield {"tp": 1, "cp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": world,
-                   "engine": "deepspeed", "zero_stage": stage}  # fmt: skip
 
 
 def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candidate], list[str]]:
@@ -74,8 +69,6 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candid
     for par in _parallel_options(cfg, world, gpus_per_node):
         for micro in MICRO_BATCHES:
             for ac in AC_MODES:
-                if par["engine"] == "deepspeed" and ac == "selective":
-                    continue  # DeepSpeed's path applies eurotrain's AC too; one mode is enough
                 overrides = {f"parallel.{k}": v for k, v in par.items()}
                 overrides["parallel.activation_checkpointing"] = ac
                 overrides["train.micro_batch_size"] = micro

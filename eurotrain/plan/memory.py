@@ -16,18 +16,16 @@ What the code does, and the model follows (docs/planner.md has the derivations):
   gradients per stage, and keeps some micro-batches' activations in flight: 1F1B pp - rank,
   GPipe all of them, the interleaved and zero-bubble schedules by their warm-up.
 - Without FSDP on a GPU, autocast keeps a bf16 copy of every weight from forward to backward.
-- DeepSpeed ZeRO 1/2/3: bf16 parameters and gradients, fp32 master weights and moments
-  partitioned by stage, and DeepSpeed's default buckets.
 - Outside what the model allocates: an allowance for the caching allocator's fragmentation and
   a fixed runtime share (CUDA context, NCCL buffers) on GPUs.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 from eurotrain.config import Config
+from eurotrain.configtools import ConfigError
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
@@ -42,10 +40,6 @@ RUNTIME_BYTES = int(1.0 * GIB)
 """CUDA/ROCm context, cuBLAS workspaces and the first communicator's buffers: memory the
 allocator never sees. Each further communicator (mesh axis > 1) adds COMMUNICATOR_BYTES."""
 COMMUNICATOR_BYTES = int(0.25 * GIB)
-DEEPSPEED_BUCKET = 500_000_000
-"""DeepSpeed's default reduce / all-gather bucket (elements), ZeRO-1 and 2."""
-DEEPSPEED_LIVE_PARAMS = 1_000_000_000
-"""DeepSpeed's default stage3_max_live_parameters (elements), ZeRO-3."""
 
 
 @dataclass
@@ -64,9 +58,9 @@ class MemoryEstimate:
     loss: int = 0
     """The loss's buffers and temporaries at the peak."""
     gathered: int = 0
-    """Unsharded parameters (FSDP2 all-gathers, DeepSpeed's live parameters, autocast copies)."""
+    """Unsharded parameters (FSDP2 all-gathers, autocast copies)."""
     buffers: int = 0
-    """Pipeline receive buffers and DeepSpeed's buckets."""
+    """Pipeline receive buffers."""
     workspace: int = 0
     """Backward temporaries (activation gradients, recomputed blocks)."""
     allocator: int = 0
@@ -106,10 +100,12 @@ def estimate(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimat
 
 def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[MemoryEstimate]:
     """The peak of each pipeline rank (one entry without pipelining)."""
-    if cfg.parallel.engine == "deepspeed":
-        ests = [_deepspeed(cfg, dims, setting)]
-    else:
-        ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
+    if cfg.parallel.engine != "fsdp":
+        raise ConfigError(
+            f"parallel.engine = {cfg.parallel.engine}: the planner models the fsdp engine only "
+            f"(docs/planner.md); set parallel.engine = fsdp"
+        )
+    ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
     for est in ests:
         _add_overheads(est, dims, setting)
     return ests
@@ -134,9 +130,9 @@ def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
 
 def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precision:
     """The byte sizes of eurotrain's precision policy (eurotrain/parallel/engine.py Precision):
-    FSDP2 (and DeepSpeed) cast the parameters themselves; autocast only runs on GPUs."""
+    FSDP2 casts the parameters itself; autocast only runs on GPUs."""
     mp = cfg.train.mixed_precision
-    casts_itself = cfg.parallel.engine == "deepspeed" or uses_fsdp(cfg, dims)
+    casts_itself = uses_fsdp(cfg, dims)
     bf16 = mp == "bf16" or (mp == "auto" and setting.cuda)
     return act.Precision.of(bf16 and (setting.cuda or casts_itself), fsdp=casts_itself)
 
@@ -292,33 +288,3 @@ def _in_flight(cfg: Config, dims: ParallelDims, share: RankShare, num_micro: int
     for op in range(min(warmup, num_micro * v)):
         counts[(op // per_round) % v] += 1
     return [min(c, num_micro) for c in counts]
-
-
-def _deepspeed(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimate:
-    """ZeRO 1/2/3 (data parallel only): the ZeRO paper's accounting with DeepSpeed's buckets."""
-    m, t = cfg.model, cfg.train
-    stage, n = cfg.parallel.zero_stage, dims.dp
-    prec = precision(cfg, dims, setting)
-    half = prec.compute  # the module's dtype (bf16 on GPUs, fp32 on CPUs)
-    psi = m.num_params()
-    part = math.ceil(psi / n)
-    est = MemoryEstimate()
-    est.params = (part if stage == 3 else psi) * half + _rope_bytes(cfg)
-    # fp32 master partition (a copy, even in fp32) and the two moments
-    est.optimizer = part * FP32 * 3
-    est.grads = (psi if stage == 1 else part) * half
-    if stage == 3:
-        est.gathered = min(DEEPSPEED_LIVE_PARAMS, psi) * half
-    else:
-        est.buffers = min(DEEPSPEED_BUCKET, psi) * half  # contiguous gradient bucket
-    shape = _shape(cfg, dims, t.micro_batch_size, setting)
-    p = cfg.parallel
-    blocks = [
-        act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every)
-        for i in range(m.num_layers)
-    ]
-    h = act.head(m, shape, prec)
-    est.activations = sum(b.saved for b in blocks) + h.saved + shape.tokens * 8
-    est.loss = max(h.forward_peak, h.backward_peak)
-    est.workspace = max(b.recompute for b in blocks) + act.block_backward_workspace(m, shape, prec)
-    return est

@@ -33,8 +33,6 @@ class Option:
             axes.append(
                 p.pp_schedule + (f"x{p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "")
             )
-        if p.engine == "deepspeed":
-            axes.append(f"zero{p.zero_stage}")
         axes.append(f"mb={self.candidate.cfg.train.micro_batch_size}")
         axes.append(f"ac={p.activation_checkpointing}")
         return " ".join(axes)

@@ -126,7 +126,7 @@ def rank_shares(cfg: Config, dims: ParallelDims) -> list[RankShare]:
 
 def fsdp_shards(dims: ParallelDims, engine: str) -> int:
     """Ranks each parameter is sharded over: FSDP2 shards over dp_shard x cp (HSDP replicates
-    those shards dp_replicate times); 1 without FSDP (and for DeepSpeed, counted apart)."""
+    those shards dp_replicate times); 1 without FSDP."""
     if engine != "fsdp" or dims.dp * dims.cp == 1:
         return 1
     return dims.dp_shard * dims.cp

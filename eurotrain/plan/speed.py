@@ -13,7 +13,7 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
   backward (reshard_after_forward), gradients reduce-scattered (fp32) after the last
   micro-batch; prefetching overlaps them with compute, so only what exceeds the compute, plus
   the first block's gather, shows.
-- Replicas (HSDP's replicate axis, DDP, DeepSpeed's data parallelism): gradients all-reduced
+- Replicas (HSDP's replicate axis, DDP): gradients all-reduced
   (fp32) during backward, overlapped with it the same way.
 - Pipelines: the bubble (p - 1) / m for 1F1B and GPipe, (p - 1) / (v m) interleaved,
   (p - 1) / (3 m) for the zero-bubble schedules; point-to-point transfers are neglected.
@@ -108,8 +108,8 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
     p, t = cfg.parallel, cfg.train
     share = max(rank_shares(cfg, dims), key=lambda s: s.numel())
     numel = share.numel()  # this rank's parameters after tp and pp
-    shards = dims.dp_shard * dims.cp if p.engine == "fsdp" else 1
-    replicas = dims.dp_replicate if p.engine == "fsdp" else dims.dp
+    shards = dims.dp_shard * dims.cp
+    replicas = dims.dp_replicate
     busy = 0.0
     gather_first = 0.0
     if shards > 1:
@@ -122,15 +122,7 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
         gather = numel * BF16 * frac / bw
         busy += gathers * gather + numel * FP32 * frac / bw  # + one reduce-scatter
         gather_first = gather / max(1, share.num_blocks)
-    if p.engine == "deepspeed" and dims.dp > 1:
-        per_node, spans = _group(hw, 1, dims.dp)
-        bw = hw.bus_GBps(per_node, spans) * GB
-        frac = (dims.dp - 1) / dims.dp
-        stage = p.zero_stage
-        # gradients reduce-scattered, parameters all-gathered after the step (ZeRO-1/2), or
-        # gathered in forward and backward (ZeRO-3)
-        busy += numel * BF16 * frac / bw * (3 if stage == 3 else 2)
-    elif replicas > 1:
+    if replicas > 1:
         inner = dims.tp * dims.cp * dims.dp_shard
         per_node, spans = _group(hw, inner, replicas)
         bw = hw.bus_GBps(per_node, spans) * GB

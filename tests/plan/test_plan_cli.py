@@ -160,3 +160,14 @@ def test_the_eurotrain_command_prints_one_line(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip()
     assert err.startswith("eurotrain plan: ") and "unknown cluster 'mn5'" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_deepspeed_config_is_planned_on_fsdp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DeepSpeed's memory is not modelled (docs/planner.md): the plan says to switch."""
+    config = tmp_path / "ds.yaml"
+    config.write_text(f"base: {LLAMA_8B}\nparallel:\n  engine: deepspeed\n")
+    out = plan_json(capsys, str(config), "--cluster", "lumi-g", "--nodes", "2", "--steps", "10")
+    assert out["recommended"]["overrides"]["parallel.engine"] == "fsdp"
+    assert "--parallel.engine" in out["recommended"]["train_overrides"]
