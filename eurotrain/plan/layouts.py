@@ -54,8 +54,8 @@ def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
         cps = [c for c in divisors(gpus_per_node // tp) if c == 1 or seq >= CP_MIN_SEQ]
         for cp in cps:
             rest = world // (tp * cp)
-            for pipe in _pipelines(m.num_layers, [d for d in divisors(rest)]):
-                dp = rest // int(pipe["pp"])  # type: ignore[call-overload]
+            for pipe in _pipelines(m.num_layers, divisors(rest)):
+                dp = rest // pipe["pp"]
                 reps = [1] + ([nodes] if nodes > 1 and dp % nodes == 0 and dp > nodes else [])
                 for rep in reps:
                     base = {"tp": tp, "cp": cp, **pipe, "dp_replicate": rep, "dp_shard": dp // rep}
