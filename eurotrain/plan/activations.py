@@ -151,11 +151,16 @@ def block(
     full = block_saved(m, shape, prec)
     if mode == "none" or index % every:
         return Block(full, 0)
+    # The rebuilt attention norm keeps its input as it is when that is fp32 already, and that
+    # input is the one the checkpoint kept: not a second copy.
+    kept = block_input(m, shape, prec)
+    shared = kept if prec.residual == FP32 and not _fused_norm(shape) else 0
     if mode == "full":
-        return Block(block_input(m, shape, prec), full)
+        return Block(kept, full - shared)
     # What the backward rebuilds: all it would have kept, less what selective checkpointing
     # cached (SDPA's outputs and the SwiGLU inputs w1 and w3 made).
-    return Block(selective_saved(m, shape, prec), full - _cached_and_kept(m, shape, prec))
+    cached = _cached_and_kept(m, shape, prec)
+    return Block(selective_saved(m, shape, prec), full - cached - shared)
 
 
 def _cached_and_kept(m: ModelConfig, shape: Shape, prec: Precision) -> int:
