@@ -10,9 +10,9 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
 - Context parallelism (Ulysses): all-to-alls of q, k, v and the attention output in forward and
   of their gradients in backward, not overlapped.
 - FSDP2: the blocks' parameters all-gathered (bf16) per micro-batch in forward and again in
-  backward (reshard_after_forward), gradients reduce-scattered (fp32) after the last
-  micro-batch; prefetching overlaps them with compute, so only what exceeds the compute, plus
-  the first block's gather, shows.
+  backward (reshard_after_forward; once per step under pipelining), gradients reduce-scattered
+  (fp32) after the last micro-batch; prefetching overlaps them with compute, so only what
+  exceeds the compute, plus the first block's gather, shows.
 - Replicas (HSDP's replicate axis, DDP): gradients all-reduced
   (fp32) during backward, overlapped with it the same way.
 - Pipelines: the bubble (p - 1) / m for 1F1B and GPipe, (p - 1) / (v m) interleaved,
@@ -116,9 +116,9 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
         per_node, spans = _group(hw, dims.tp, shards)
         bw = hw.bus_GBps(per_node, spans) * GB
         frac = (shards - 1) / shards
-        local_batch = t.global_batch_size // dims.dp
-        micro = 1 if dims.pp > 1 else local_batch // t.micro_batch_size
-        gathers = micro * (2 if p.reshard_after_forward else 1)
+        micro = t.global_batch_size // dims.dp // t.micro_batch_size
+        # a pipeline schedule gathers once per step and never reshards in between
+        gathers = 1 if dims.pp > 1 else micro * (2 if p.reshard_after_forward else 1)
         gather = numel * BF16 * frac / bw
         busy += gathers * gather + numel * FP32 * frac / bw  # + one reduce-scatter
         gather_first = gather / max(1, share.num_blocks)
