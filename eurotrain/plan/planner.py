@@ -90,8 +90,8 @@ def nothing_fits(req: Request, options: list[Option], reasons: list[str]) -> Con
         )
     low = min(options, key=lambda o: o.memory.total)
     return ConfigError(
-        f"nothing fits on {asked} node(s) of {req.hw.cluster}: the smallest layout ({low.layout()}, "
-        f"on {low.nodes} nodes) needs {low.memory.total / GIB:.1f} GiB per GPU, "
+        f"nothing fits on {asked} node(s) of {req.hw.cluster}: the smallest layout "
+        f"({low.layout()}, on {low.nodes} nodes) needs {low.memory.total / GIB:.1f} GiB per GPU, "
         f"{usable:.1f} GiB usable ({req.hw.memory_gib:g} GiB x --max-memory-fraction "
         f"{req.max_memory_fraction:g}); every layout tried already includes full activation "
         f"checkpointing and micro-batch 1; {_what_would_fit(req)}"
