@@ -126,13 +126,24 @@ def overrides_of(option: Option, req: Request) -> list[str]:
     return [*words, "--train.steps", str(req.steps)]
 
 
-def launch_line(req: Request, option: Option, args: argparse.Namespace) -> str:
+def _walltime(req: Request) -> str:
     from eurotrain.clusters import load_profile
 
     _, queue = load_profile(req.hw.cluster).queue(None)
-    walltime = queue.max_time or "24:00:00"
+    return queue.max_time or "24:00:00"
+
+
+def jobs(req: Request, option: Option) -> int:
+    """Jobs of the default queue's walltime the run needs (each resumes from the last
+    checkpoint; the time to restart is not counted)."""
+    from eurotrain.clusters import parse_walltime
+
+    return max(1, math.ceil(option.speed.days * 86400 / parse_walltime(_walltime(req))))
+
+
+def launch_line(req: Request, option: Option, args: argparse.Namespace) -> str:
     words = ["eurotrain", "launch", "--cluster", req.hw.cluster, "--nodes", str(option.nodes),
-             "--time", walltime, args.config, *overrides_of(option, req)]  # fmt: skip
+             "--time", _walltime(req), args.config, *overrides_of(option, req)]  # fmt: skip
     return shlex.join(words)
 
 
@@ -189,6 +200,7 @@ def to_json(
             **_row(pick),
             "train_overrides": overrides_of(pick, req),
             "launch": launch_line(req, pick, args),
+            "jobs": jobs(req, pick),
         },
     }
 
@@ -227,6 +239,8 @@ def render(
         f"recommended (fewest GPU-hours): {pick.nodes} nodes, {pick.layout()}",
         "  overrides: " + shlex.join(overrides_of(pick, req)),
         "  " + launch_line(req, pick, args),
+        f"  {pick.speed.days:.2f} days: {jobs(req, pick)} job(s) of the default queue's "
+        f"{_walltime(req)}, each resuming from the last checkpoint",
     ]
     return "\n".join(lines)
 

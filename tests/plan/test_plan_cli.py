@@ -72,6 +72,7 @@ def test_recommendation_as_overrides_and_launch_line(
     assert words[:8] == ["eurotrain", "launch", "--cluster", "leonardo-booster", "--nodes",
                          str(rec["nodes"]), "--time", "1-00:00:00"]  # fmt: skip
     assert words[8] == LLAMA_8B and words[9:] == rec["train_overrides"]
+    assert rec["jobs"] == math.ceil(rec["days"] / 1.0 - 1e-9)  # Leonardo's 24 h production queue
     # the recommendation is the cheapest of the node counts' best layouts
     bests = [rows[0]["gpu_hours"] for rows in out["layouts"].values()]
     assert rec["gpu_hours"] == min(bests)
@@ -84,6 +85,8 @@ def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert "planner defaults: peak_tflops, intra_GBps, efficiency" in text  # MN5 has no peak
     assert "recommended (fewest GPU-hours): 2 nodes" in text
     assert "eurotrain launch --cluster mn5-acc --nodes 2 --time 3-00:00:00" in text
+    days = float(text.split("\n  ")[-1].split(" days: ")[0])
+    assert f"days: {math.ceil(days / 3)} job(s) of the default queue's 3-00:00:00" in text
     assert len([line for line in text.splitlines() if line.startswith("    2  ")]) == 3
 
 
