@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "launch": ("eurotrain.launch", "main", "render/submit an sbatch job for a EuroHPC machine"),
     "doctor": ("eurotrain.doctor", "main", "preflight checks of a node/allocation before a run"),
+    "status": ("eurotrain.status", "main", "steps, jobs, last checkpoint, goodput of a run dir"),
 }
 
 
