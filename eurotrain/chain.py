@@ -232,6 +232,7 @@ def script_lines(
         "    # The failing node: as the ranks named it (a peer or hang report), else srun's first.",
         "    suspects=$(sed -n 's/^suspect \\([A-Za-z0-9][A-Za-z0-9._-]*\\)$/\\1/p'"
         ' <<<"$events" | sort -u | tr "\\n" " ")',
+        "    suspects=${suspects% }",
         '    if [ -z "$suspects" ]; then',
         "        suspects=$(sed -n 's/^srun: error: \\([A-Za-z0-9][A-Za-z0-9._-]*\\): task"
         ' [0-9]*: .*/\\1/p\' "$srun_log" | sed -n 1p)',
