@@ -1,16 +1,20 @@
 """Checkpoint bandwidth and training stall, against the file system's raw write speed.
 
-    python benchmarks/checkpoint.py --params 1e9 --dir /scratch/me/bench [--steps 6]
+    python benchmarks/checkpoint.py --params 1e9 --dir /scratch/me/bench [--steps 6] [--runs 3]
 
 One process, fp32 model of --params parameters split into 64 tensors (plus nothing else, so
-bytes = 4 x params). It measures, on --dir:
+bytes = 4 x params). It measures, on --dir, --runs times (dd and save alternating, so that both
+see the same load on a shared machine), and prints each figure and the min / median of the
+ratios:
   * dd-style: the same bytes written in 64 MiB blocks to one file, fsynced (the ceiling);
-  * save: eurotrain's sync save (DCP write + fsync + blake2b + commit) -> GB/s, ratio to dd;
+  * save: eurotrain's sync save (staging, DCP write, blake2b while writing, fsync, commit)
+    -> GB/s, ratio to dd (the dd of the same run);
   * verify: checkpoint.verify metadata, and full (blake2b of every file; one rank does all)
     -> s/GB, with the page cache dropped first when --cold (needs root) or warm otherwise;
   * load: DCP load through the safe reader into preallocated tensors -> GB/s (cache warm);
-  * stall: training steps (a matmul loop of fixed length) with a save at step 1, sync vs async:
-    the extra time the loop sees, and the ratio async/sync.
+  * stall: --steps training steps, each a fixed amount of compute (a matmul loop) and then an
+    in-place update of every parameter, preceded by the checkpointer's wait_staged() as in the
+    trainer; a save after step 2, sync vs async: the extra time the loop sees, ratio async/sync.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -58,9 +63,12 @@ def dd(path: Path, nbytes: int, block: int = 64 << 20) -> float:
 
 
 def checkpoint_parts(model: nn.Module) -> dict[str, Stateful]:
-    """What a trainer hands the checkpointer, around a bare model and an optimizer without
-    state (SGD without momentum: the bytes are the model's)."""
+    """What a trainer hands the checkpointer, around a bare model and an optimizer with one
+    scalar of state (SGD without momentum: the bytes are the model's). Without any state, DCP's
+    get_optimizer_state_dict would initialise it at every save (a zero-gradient step over the
+    whole model), which a trained optimizer never does."""
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.state[next(iter(model.parameters()))]["step"] = torch.zeros(())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return {
         "model": ModelState(model),
@@ -84,16 +92,33 @@ def drop_page_cache() -> bool:
     return True
 
 
-def run_steps(parts, ck, steps: int, save_at: int, sync: bool, work: torch.Tensor) -> float:
+def run_steps(
+    parts, ck, steps: int, save_at: int, sync: bool, work: torch.Tensor, matmuls: int
+) -> float:
+    """(seconds of the loop, seconds of it spent inside the checkpointer's calls)."""
+    params = list(parts["model"].model.parameters())
+    blocked = 0.0
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        for _ in range(8):
-            work @ work  # a fixed amount of compute per step
+        for _ in range(matmuls):
+            work @ work  # forward and backward: a fixed amount of compute per step
+        t0 = time.perf_counter()
+        ck.wait_staged()  # as the trainer does before the optimizer step
+        blocked += time.perf_counter() - t0
+        with torch.no_grad():
+            torch._foreach_add_(params, 1e-6)  # the update: every saved tensor changes
         if step == save_at:
+            t0 = time.perf_counter()
             ck.save(step, parts, INFO, sync=sync)
+            blocked += time.perf_counter() - t0
     loop = time.perf_counter() - start  # what training sees; an async write may go on
     ck.wait()
-    return loop
+    return loop, blocked
+
+
+def ratios(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"min {ordered[0]:.2f} / median {statistics.median(ordered):.2f}"
 
 
 def main() -> None:
@@ -101,6 +126,8 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=2.5e8)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--matmuls", type=int, default=8, help="512x512 matmuls per step")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions of dd/save and the stall")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before verifying")
     args = ap.parse_args()
     params = int(args.params)
@@ -108,18 +135,26 @@ def main() -> None:
     work_dir = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-bench-", dir=args.dir))
     try:
         model = Blob(params)
-        dd_s = dd(work_dir / "dd.bin", nbytes)
-        t0 = time.perf_counter()
-        checksum(work_dir / "dd.bin")
-        sum_s = time.perf_counter() - t0
-        (work_dir / "dd.bin").unlink()
-
+        dd_s, save_s = [], []
         cfg = CheckpointConfig(dir=str(work_dir / "ck"), interval=1, keep_last=1)
         parts = checkpoint_parts(model)
         ck = Checkpointer(cfg, Path(cfg.dir), 0, 1, log=lambda m: None)
+        # The first save starts the writer process and maps a fresh staging buffer (page
+        # faults); a run's later saves reuse both: measured apart.
         t0 = time.perf_counter()
         ck.save(1, parts, INFO, sync=True)
-        save_s = time.perf_counter() - t0
+        first_s = time.perf_counter() - t0
+        for run in range(args.runs):
+            dd_s.append(dd(work_dir / "dd.bin", nbytes))
+            if run == 0:
+                t0 = time.perf_counter()
+                checksum(work_dir / "dd.bin")
+                sum_s = time.perf_counter() - t0
+            (work_dir / "dd.bin").unlink()
+            ck.last_saved_step = -1
+            t0 = time.perf_counter()
+            ck.save(1, parts, INFO, sync=True)
+            save_s.append(time.perf_counter() - t0)
 
         ckpt = work_dir / "ck" / "step-000001"
         target = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
@@ -136,34 +171,59 @@ def main() -> None:
         load_s = time.perf_counter() - t0
 
         work = torch.randn(512, 512)
-        ck.last_saved_step = -1
-        base = run_steps(parts, ck, args.steps, save_at=-1, sync=True, work=work)
-        ck.last_saved_step = -1
-        sync_s = run_steps(parts, ck, args.steps, save_at=2, sync=True, work=work)
-        ck.last_saved_step = -1
-        # async: only the staging copy stalls the loop; the write overlaps later steps.
-        async_loop = run_steps(parts, ck, args.steps, save_at=2, sync=False, work=work)
+        stalls, blocks = [], []
+        for _ in range(args.runs):
+            ck.last_saved_step = -1
+            base, _ = run_steps(
+                parts, ck, args.steps, save_at=-1, sync=True, work=work, matmuls=args.matmuls
+            )
+            ck.last_saved_step = -1
+            sync_s, sync_blocked = run_steps(
+                parts, ck, args.steps, save_at=2, sync=True, work=work, matmuls=args.matmuls
+            )
+            ck.last_saved_step = -1
+            # async: the loop waits only where the copy to host memory is not done by the
+            # next update; the write overlaps later steps.
+            async_loop, async_blocked = run_steps(
+                parts, ck, args.steps, save_at=2, sync=False, work=work, matmuls=args.matmuls
+            )
+            stalls.append((base, max(sync_s - base, 1e-9), max(async_loop - base, 1e-9)))
+            blocks.append((sync_blocked, async_blocked))
         ck.close()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
     gb = nbytes / 1e9
-    stall_sync, stall_async = max(sync_s - base, 1e-9), max(async_loop - base, 1e-9)
     print(f"# Checkpoint benchmark {date.today()} on {platform.node()} ({os.cpu_count()} cores)")
-    cmd = f"--params {args.params:g} --dir {args.dir} --steps {args.steps}"
+    cmd = (
+        f"--params {args.params:g} --dir {args.dir} --steps {args.steps} --runs {args.runs} "
+        f"--matmuls {args.matmuls}"
+    )
     print(f"command: python benchmarks/checkpoint.py {cmd}" + (" --cold" if args.cold else ""))
     print(f"file system: {detect_fs(args.dir).describe()}; {gb:.2f} GB of fp32 weights")
-    print(f"dd write+fsync      {gb / dd_s:6.2f} GB/s ({dd_s:.2f} s)")
-    print(f"blake2b of the file {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s)")
-    print(f"save (sync, commit) {gb / save_s:6.2f} GB/s ({save_s:.2f} s), {dd_s / save_s:.2f} x dd")
+    for i, (d, s) in enumerate(zip(dd_s, save_s)):
+        print(
+            f"run {i + 1}: dd write+fsync {gb / d:5.2f} GB/s ({d:.2f} s); save (sync, commit) "
+            f"{gb / s:5.2f} GB/s ({s:.2f} s) = {d / s:.2f} x dd"
+        )
+    print(f"save / dd throughput: {ratios([d / s for d, s in zip(dd_s, save_s)])}")
+    print(f"first save of the run (writer start, fresh buffer): {first_s:.2f} s")
+    print(f"blake2b of the file {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
     cache = "page cache dropped" if cold else "page cache warm"
     print(f"verify metadata     {meta_s / gb:6.2f} s/GB ({meta_s:.2f} s, {cache})")
     print(f"verify full         {full_s / gb:6.2f} s/GB ({full_s:.2f} s, {cache}, one rank)")
     print(f"load (DCP, safe)    {gb / load_s:6.2f} GB/s ({load_s:.2f} s, page cache warm)")
-    print(
-        f"stall over {args.steps} steps ({base:.2f} s without saving): sync +{stall_sync:.2f} s,"
-        f" async +{stall_async:.2f} s (loop only; ratio async/sync {stall_async / stall_sync:.2f})"
-    )
+    for i, (base, stall_sync, stall_async) in enumerate(stalls):
+        print(
+            f"run {i + 1}: stall over {args.steps} steps ({base:.2f} s without saving): sync "
+            f"+{stall_sync:.2f} s, async +{stall_async:.2f} s = {stall_async / stall_sync:.3f}"
+        )
+    print(f"async / sync stall (loop time over the loop without saves): "
+          f"{ratios([a / s for _, s, a in stalls])}")  # fmt: skip
+    for i, (sync_b, async_b) in enumerate(blocks):
+        print(f"run {i + 1}: time inside save() and wait_staged(): sync {sync_b:.2f} s, async "
+              f"{async_b:.3f} s = {async_b / sync_b:.3f}")  # fmt: skip
+    print(f"async / sync time blocked in the checkpointer: {ratios([a / s for s, a in blocks])}")
 
 
 if __name__ == "__main__":

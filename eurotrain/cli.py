@@ -24,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "launch": ("eurotrain.launch", "main", "render/submit an sbatch job for a EuroHPC machine"),
     "doctor": ("eurotrain.doctor", "main", "preflight checks of a node/allocation before a run"),
+    "bench": (
+        "eurotrain.bench.cli",
+        "main",
+        "measure an allocation: eurotrain bench {comms|train|report}",
+    ),
     "status": ("eurotrain.status", "main", "steps, jobs, last checkpoint, goodput of a run dir"),
 }
 

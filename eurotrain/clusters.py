@@ -195,6 +195,17 @@ def _checked_env(env: dict) -> dict[str, str]:
 
 
 @dataclass
+class Links:
+    """Nominal bandwidths per GPU (one direction, GB = 1e9 bytes), what `eurotrain bench comms`
+    compares its bus bandwidths with; null where the profile has no sourced figure."""
+
+    intra_node_GBps: float | None = None
+    """GPU-to-GPU within a node (NVLink, Infinity Fabric), per GPU."""
+    inter_node_GBps: float | None = None
+    """Across nodes: the node's NIC bandwidth divided by its GPUs."""
+
+
+@dataclass
 class FileSystem:
     path: str
     """Mount point or path pattern ($USER, project names left as placeholders)."""
@@ -256,6 +267,8 @@ class ClusterProfile:
     """Mean time between failures of one node, hours (a per-node failure rate: 1 / this); a
     job of N nodes fails every node_mtbf_hours / N hours on average. For checkpoint.interval
     auto (passed as fault.mtbf_hours); 0: unknown (the trainer then assumes Llama 3's rate)."""
+    links: Links = field(default_factory=Links)
+    """Nominal link bandwidths for `eurotrain bench comms`."""
 
     def __post_init__(self) -> None:
         self.env = _checked_env(self.env)

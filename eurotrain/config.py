@@ -24,6 +24,7 @@ from eurotrain.metrics import LoggingConfig
 from eurotrain.models.config import ModelConfig
 from eurotrain.optim import OptimConfig, ScheduleConfig
 from eurotrain.parallel.config import ParallelConfig
+from eurotrain.parallel.float8 import Float8Config
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

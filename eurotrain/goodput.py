@@ -97,6 +97,9 @@ class GoodputRecorder(Callback):
         self.first_step: int | None = None
         self.last_step = 0
         self.step_start = 0.0
+        self.charged_at_start = 0.0
+        """The ledger's total at the step's start: stalls charged inside a step (waiting for a
+        checkpoint's staging) are not productive."""
         self.step_end = time.perf_counter()
         self.productive = 0.0
         self.cumulative: dict[int, float] = {}
@@ -116,11 +119,13 @@ class GoodputRecorder(Callback):
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         if step <= self.last_step:  # a rollback: the steps after the checkpoint count again
             self._undo_after(step - 1)
+        self.charged_at_start = sum(self.ledger.seconds.values())
         self.step_start = time.perf_counter()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
         self.step_end = time.perf_counter()
-        self.productive += self.step_end - self.step_start
+        charged = sum(self.ledger.seconds.values()) - self.charged_at_start
+        self.productive += max(0.0, self.step_end - self.step_start - charged)
         self.cumulative[step] = self.productive
         self.first_step = step if self.first_step is None else self.first_step
         self.last_step = step

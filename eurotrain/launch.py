@@ -69,7 +69,8 @@ class LaunchRequest:
     cluster: str
     nodes: int
     time: str
-    config: str
+    config: str | None
+    """The training config (YAML); None only for a --bench comms job."""
     overrides: list[str] = field(default_factory=list)
     account: str | None = None
     partition: str | None = None
@@ -83,6 +84,10 @@ class LaunchRequest:
     chain: int = 1
     """Jobs in the chain (the first one and its requeues); 0: until the run is done."""
     spare_nodes: int = 0
+    bench: str | None = None
+    """Instead of training: "train" (a node sweep, `eurotrain bench train`) or "comms"."""
+    bench_args: list[str] = field(default_factory=list)
+    """Options of that `eurotrain bench` command (--nodes 1,2,4, --sizes ...)."""
 
 
 @dataclass
@@ -133,25 +138,35 @@ def plan(req: LaunchRequest) -> Plan:
             f"`sacctmgr show assoc user=$USER` or the centre's portal lists yours"
         )
     world = req.nodes * gpus
-    layout, cfg = _check_config(req, world, cuda=profile.accelerator.vendor != "cpu")
-    if req.chain != 1 and cfg.checkpoint.interval == 0:
-        raise LaunchError(
-            f"--chain/--until-done: {req.config} saves no checkpoints (checkpoint.interval 0), "
-            f"so each job would start over: set checkpoint.interval (a number of steps, or auto)"
-        )
-    train_args = [req.config]
+    cuda = profile.accelerator.vendor != "cpu"
+    cfg: Config | None = None
+    if req.bench is not None:
+        if req.chain != 1:
+            raise LaunchError("--chain/--until-done: a chain trains; leave it out with --bench")
+        layout, model_name = _check_bench(req, gpus, cuda)
+    else:
+        layout, cfg = _check_config(req, world, cuda=cuda)
+        model_name = cfg.model.name
+        if req.chain != 1 and cfg.checkpoint.interval == 0:
+            raise LaunchError(
+                f"--chain/--until-done: {req.config} saves no checkpoints (checkpoint.interval "
+                f"0), so each job would start over: set checkpoint.interval (a number of steps, "
+                f"or auto)"
+            )
+    train_args = [req.config] if req.config is not None else []
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
     if profile.accelerator.peak_bf16_tflops:
         train_args += ["--train.peak_tflops", f"{profile.accelerator.peak_bf16_tflops:g}"]
-    if cfg.checkpoint.interval == "auto" and not cfg.fault.mtbf_hours and profile.node_mtbf_hours:
+    auto = cfg is not None and cfg.checkpoint.interval == "auto" and not cfg.fault.mtbf_hours
+    if auto and profile.node_mtbf_hours:
         mtbf = profile.node_mtbf_hours / req.nodes  # any node failing stops the job
         train_args += ["--fault.mtbf_hours", f"{mtbf:.6g}"]
     train_args += req.overrides
-    job_name = req.job_name if req.job_name is not None else _default_job_name(cfg.model.name)
+    job_name = req.job_name if req.job_name is not None else _default_job_name(model_name)
     return Plan(
         profile, req, queue_name, queue, gpus, world, layout, job_name, train_args,
-        cfg.fault.max_restarts,
+        cfg.fault.max_restarts if cfg is not None else 0,
     )  # fmt: skip
 
 
@@ -171,7 +186,9 @@ def _check_text(req: LaunchRequest) -> None:
         )
     words = {"--cluster": req.cluster, "--time": req.time, "--python": req.python,
              "--container": req.container, "config": req.config}  # fmt: skip
-    for what, word in [*words.items(), *(("config override", w) for w in req.overrides)]:
+    extra = [*(("config override", w) for w in req.overrides),
+             *(("bench option", w) for w in req.bench_args)]  # fmt: skip
+    for what, word in [*words.items(), *extra]:
         if word is None:
             continue
         if word == "" and what in ("--python", "--container", "config"):
@@ -268,6 +285,29 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Conf
     return dims.describe(), cfg
 
 
+def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str]:
+    """A benchmark job: a sweep's every size fits the config (checked as the trainer will);
+    comms needs no config. Returns what the script's comment and job name show."""
+    if req.bench == "comms":
+        return "collectives", "comms"
+    if req.bench != "train" or req.config is None:
+        raise LaunchError(f"--bench {req.bench!r}: choose train (with a CONFIG) or comms")
+    from eurotrain.bench.sweep import parse_nodes, plan_sizes
+
+    option = dict(zip(req.bench_args[::2], req.bench_args[1::2]))
+    nodes = parse_nodes(option.get("--nodes", str(req.nodes)))
+    if max(nodes) > req.nodes:
+        raise LaunchError(
+            f"--sweep {','.join(map(str, nodes))}: the job has --nodes {req.nodes}; ask for "
+            f"--nodes {max(nodes)} or sweep fewer"
+        )
+    sizes = plan_sizes(req.config, req.overrides, nodes, gpus, option.get("--mode", "weak"), cuda)
+    from eurotrain.config import load_config
+
+    name = load_config(req.config, req.overrides).model.name
+    return f"sweep over {', '.join(str(s.nodes) for s in sizes)} node(s)", f"bench-{name}"
+
+
 def _default_job_name(model_name: str) -> str:
     """eurotrain-<model.name>, with what may not stand in a job name (see _check_text) made '-'."""
     control = control_character(model_name)
@@ -356,8 +396,14 @@ def _rank_command(p: Plan) -> list[Word]:
             "--rdzv-id", RDZV_ID, "--max-restarts", "0",
             "-m", "eurotrain.train", *p.train_args,
         ]  # fmt: skip
+    elif req.bench == "comms":
+        cmd = [req.python, "-m", "eurotrain", "bench", "comms", "--cluster", p.profile.name,
+               *req.bench_args]  # fmt: skip
     else:
         cmd = [req.python, "-m", "eurotrain.train", *p.train_args]
+    if req.launcher == "torchrun" and req.bench == "comms":
+        cmd = [*cmd[: cmd.index("eurotrain.train")], "eurotrain", "bench", "comms",
+               "--cluster", p.profile.name, *req.bench_args]  # fmt: skip
     if req.container is not None:
         c = p.profile.container
         binds = ["--bind", _profile_word(",".join(c.binds))] if c.binds else []
@@ -400,6 +446,27 @@ def render(p: Plan) -> str:
         master = "MASTER_ADDR=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"
     else:
         master = "MASTER_ADDR=$head_node"
+    if req.bench is not None:
+        # A benchmark is no training run: no restarts, no chain; one rendezvous for the job.
+        lines += [
+            "# Rendezvous: the allocation's first node, a port derived from the job id",
+            # sed reads the whole list: `head -n 1` would exit early, and on a long node list
+            # scontrol would then die of SIGPIPE and fail the job (set -o pipefail).
+            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            master,
+            f"MASTER_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+            "export MASTER_ADDR MASTER_PORT",
+            'echo "eurotrain: job $SLURM_JOB_ID, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST;'
+            ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
+            "",
+        ]
+    if req.bench == "train":
+        # The sweep runs one srun step per node count itself (eurotrain/bench/sweep.py).
+        sweep: list[Word] = [req.python, "-m", "eurotrain", "bench", "train", "--cluster", prof.name,
+                 "--gpus-per-node", str(p.gpus_per_node), *req.bench_args,
+                 *p.train_args]  # fmt: skip
+        lines += ["# Scaling benchmark: one job step per node count", _shell_words(sweep), ""]
+        return "\n".join(lines)
     srun = ["srun", "--kill-on-bad-exit=1"]
     if req.launcher == "torchrun":
         srun += ["--ntasks-per-node=1", f"--cpus-per-task={prof.cpus_per_task * p.gpus_per_node}"]
@@ -485,15 +552,49 @@ def parser() -> argparse.ArgumentParser:
                     "node out")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     ap.add_argument("--wait", action="store_true", help="sbatch --wait: block until the job ends")
-    ap.add_argument("config", help="training config (YAML)")
+    ap.add_argument(
+        "--bench",
+        choices=("train", "comms"),
+        help="a benchmark job instead of training: a scaling sweep of CONFIG "
+        "(eurotrain bench train) or the collectives (eurotrain bench comms)",
+    )
+    ap.add_argument(
+        "--sweep",
+        help="--bench train: node counts, e.g. 1,2,4,8 (default: powers of two up to --nodes)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=("weak", "strong"),
+        default="weak",
+        help="--bench train: keep the per-GPU batch (weak) or the global batch",
+    )
+    ap.add_argument("--bench-steps", type=int, default=20, help="--bench train: steps per size")
+    ap.add_argument("--sizes", default="8K:1G", help="--bench comms: message sizes")
+    ap.add_argument("--bench-out", help="--bench: results directory (default bench/<kind>-<job>)")
+    ap.add_argument("config", nargs="?", help="training config (YAML); not with --bench comms")
     ap.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     return ap
+
+
+def _bench_args(args: argparse.Namespace) -> list[str]:
+    """The `eurotrain bench` options a --bench job passes on."""
+    out = ["--out", args.bench_out] if args.bench_out else []  # default: bench/<kind>-<time>
+    if args.bench == "comms":
+        return ["--sizes", args.sizes, *out]
+    if args.bench == "train":
+        sweep = args.sweep or ",".join(
+            str(2**i) for i in range(args.nodes.bit_length()) if 2**i <= args.nodes
+        )
+        return ["--nodes", sweep, "--mode", args.mode, "--steps", str(args.bench_steps), *out]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.chain < 1:
         raise LaunchError(f"--chain {args.chain}: give the number of jobs (>= 1), or --until-done")
+    if args.config is None and args.bench != "comms":
+        raise LaunchError("CONFIG missing: give the training config (YAML) after the options")
     if args.python is not None:
         python = args.python
     else:
@@ -504,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         container=args.container, gpus_per_node=args.gpus_per_node, launcher=args.launcher,
         python=python, job_name=args.job_name, log_dir=args.log_dir,
         signal_seconds=args.signal_seconds, chain=0 if args.until_done else args.chain,
-        spare_nodes=args.spare_nodes,
+        spare_nodes=args.spare_nodes, bench=args.bench, bench_args=_bench_args(args),
     )  # fmt: skip
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue as queue_module
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -53,8 +55,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
+    """Results by rank; fails at once when a rank raises or dies without reporting (a crash in
+    native code, a kill), and after ``timeout`` seconds when a rank hangs, so a broken rank
+    never waits for the test suite's own time limit."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
@@ -63,17 +68,35 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors = []
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
-        if status == "error":
-            errors.append(f"rank {rank}:\n{payload}")
-            break
-        results[rank] = payload
-    for p in procs:
-        p.join(timeout=5 if errors else timeout)
-        if p.is_alive():
-            p.kill()
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank that exited has flushed what it put; one that is dead and silent crashed.
+                dead = [
+                    f"rank {r} exited with code {p.exitcode} without reporting"
+                    for r, p in enumerate(procs)
+                    if r not in results and p.exitcode is not None
+                ]
+                if dead and queue.empty():
+                    errors.extend(dead)
+                elif time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(results))
+                    errors.append(f"ranks {missing} did not report within {timeout:.0f} s (hung)")
+                continue
+            if status == "error":
+                errors.append(f"rank {rank}:\n{payload}")
+            else:
+                results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else max(5.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
     if errors:
         raise AssertionError("distributed worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

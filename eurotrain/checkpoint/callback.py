@@ -39,6 +39,8 @@ class SaveCheckpoints(Callback):
         self.mtbf_source = mtbf_source
         self._since = (0, 0.0)
         """(step, host clock) at the end of the last save: the step time between saves."""
+        self._staging_wait = 0.0
+        """Seconds the training thread waited for the last save's copy to host memory."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"auto": self.auto.state_dict()} if self.auto else {}
@@ -60,7 +62,10 @@ class SaveCheckpoints(Callback):
                 trainer.state.step, trainer.checkpoint_parts(), trainer.run_info(), sync
             )
         if self.auto is not None:
-            self._retune(trainer, start, time.perf_counter() - start)
+            # The stall of a save: its start here, and the wait for its staging before the next
+            # update (known only then: the previous save's wait stands in for this one's).
+            stall = time.perf_counter() - start + self._staging_wait
+            self._retune(trainer, start, stall)
         self._since = (trainer.state.step, time.perf_counter())
         self._announce(trainer)
 
@@ -78,6 +83,15 @@ class SaveCheckpoints(Callback):
     def _announce(self, trainer: Trainer) -> None:
         for step, path in self.checkpointer.committed():
             trainer.callbacks.call("on_checkpoint_saved", trainer, step, str(path))
+
+    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        # An async save's copy to host memory overlaps this step's forward and backward; the
+        # update must not change the tensors before it is complete.
+        start = time.perf_counter()
+        with trainer.ledger.span("checkpoint"):
+            waited = self.checkpointer.wait_staged()
+        if waited:
+            self._staging_wait = time.perf_counter() - start
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
         due = self.auto.due(step) if self.auto else self.interval and step % self.interval == 0

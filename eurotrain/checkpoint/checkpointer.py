@@ -1,10 +1,13 @@
 """Checkpointer: periodic (async) saves with an atomic commit, retention, and resume.
 
-A save stages this rank's state to CPU memory on the training thread (the only pause training
-sees when async), then one background thread per rank writes it with DCP and commits it:
+A save takes the state's references on the training thread and stages it to host memory on a
+background thread (staging.py), which the trainer waits for only before the next optimizer step.
+One worker thread per rank then writes and commits it:
 
-  1. dcp.save into step-N.tmp/ (each rank one file, fsynced), over a dedicated gloo group;
-  2. each rank fsyncs its files and the directory and checksums its own files (in parallel);
+  1. dcp.save into step-N.tmp/ over a dedicated gloo group; this rank's data file is written by
+     its writer process (writer.py, byte_writer.py) straight from the staging buffer, hashed
+     with blake2b as it is written and fsynced (no second read);
+  2. rank 0 also writes config.yaml; every rank fsyncs the directory;
   3. the checksums are gathered on rank 0, which writes COMMITTED.json, fsyncs, renames
      step-N.tmp -> step-N, fsyncs the parent, then applies retention; rank 0 broadcasts the
      outcome so every rank agrees whether step N is committed.
@@ -13,14 +16,13 @@ Why not dcp.async_save: it starts a fresh thread per call, so two saves in fligh
 collectives on one process group from two threads in an order ranks need not agree on; and the
 commit needs collectives of its own after the write. One worker thread per rank runs saves and
 commits strictly in order on a process group nobody else uses (a separate gloo group is also
-what makes this work when the training group is NCCL).
+what makes this work when the training group is NCCL). The bytes themselves, the hashing and
+the system calls run in the writer process, off the training process's GIL.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,28 +34,36 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.config import CheckpointConfig
 from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.resume import Candidate, candidates, checkpoint_root, source_problem
-from eurotrain.checkpoint.safe_reader import load_state
+from eurotrain.checkpoint.safe_reader import METADATA, load_state
+from eurotrain.checkpoint.staging import Staged, Stager
 from eurotrain.checkpoint.state import apply_state, build_state, load_target
 from eurotrain.checkpoint.storage import (
     DIR_MODE,
     FILE_MODE,
     checksum,
     detect_fs,
+    digest,
     fsync_path,
     lustre_setstripe,
     make_dir,
     write_durable,
 )
 from eurotrain.checkpoint.verify import verify_checkpoint
+from eurotrain.checkpoint.writer import (
+    ENOSPC_HOOK,
+    KILL_HOOK,
+    HashingWriter,
+    ProcessSink,
+    Sink,
+    make_sink,
+)
 from eurotrain.state import Stateful
 
 
@@ -74,30 +84,7 @@ class Resumed:
         )
 
 
-KILL_HOOK = "EUROTRAIN_TEST_CKPT_KILL"
-"""Test hook "RANK:STEP": that rank truncates its shard to half and SIGKILLs itself mid-save."""
-ENOSPC_HOOK = "EUROTRAIN_TEST_CKPT_ENOSPC"
-"""Test hook "STEP": every rank's write of that step fails with ENOSPC (where no small tmpfs
-can be mounted to fill up for real)."""
-
-
-class _Writer(FileSystemWriter):
-    """FileSystemWriter plus the two fault-injection hooks the tests use."""
-
-    def __init__(self, path: Path, step: int, rank: int) -> None:
-        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
-        self._step, self._rank = step, rank
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        if os.environ.get(ENOSPC_HOOK) == str(self._step):
-            raise OSError(errno.ENOSPC, f"No space left on device (test hook {ENOSPC_HOOK})")
-        fut = super().write_data(plan, planner)
-        if os.environ.get(KILL_HOOK) == f"{self._rank}:{self._step}":
-            fut.wait()
-            for f in Path(self.path).glob(f"__{self._rank}_*.distcp"):
-                os.truncate(f, f.stat().st_size // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return fut
+__all__ = ["ENOSPC_HOOK", "KILL_HOOK", "Checkpointer", "Resumed"]
 
 
 class Checkpointer:
@@ -127,7 +114,11 @@ class Checkpointer:
         self._inflight: deque[Future] = deque()
         self._committed: deque[tuple[int, Path]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eurotrain-ckpt")
-        self._stager = DefaultStager(StagingOptions(cuda, False, False, False))
+        self._cuda = cuda
+        self._staging: Staged | None = None
+        # The writer (a process, or this process) and its staging buffers, from the first save.
+        self._sink: Sink | None = None
+        self._stager: Stager | None = None
         # A group of its own, used only from the worker thread (and for loading, when idle).
         self.pg = None
         if self.world_size > 1:
@@ -156,9 +147,18 @@ class Checkpointer:
             return
         while len(self._inflight) >= (1 if sync else self.cfg.max_in_flight):
             self._inflight.popleft().result()
+        if self._sink is None or self._stager is None:
+            self._sink = make_sink(self.cfg.writer)
+            self._stager = Stager(
+                shared=isinstance(self._sink, ProcessSink),
+                cuda=self._cuda,
+                max_buffers=self.cfg.max_in_flight,
+                on_new_buffer=self._sink.add_buffer,
+                on_drop_buffer=self._sink.drop_buffer,
+            )
         start = time.perf_counter()
         staged = self._stager.stage(build_state(parts, self.rank))
-        assert not isinstance(staged, Future)  # use_async_staging=False: staged synchronously
+        self._staging = staged
         marker_info = {
             "step": step,
             "tokens_seen": info["tokens_seen"],
@@ -166,14 +166,25 @@ class Checkpointer:
             "layout": info["layout"],
             "config_yaml": info["config_yaml"],
             "config_hash": info.get("config_hash", ""),
-            "stage_s": time.perf_counter() - start,
+            "stage_start": start,
         }
         fut = self._executor.submit(self._write_and_commit, staged, marker_info)
         self.last_saved_step = step
         if sync:
+            self.wait_staged()
             fut.result()
         else:
             self._inflight.append(fut)
+
+    def wait_staged(self) -> bool:
+        """Block until the last save's state is copied to host memory: call it before anything
+        changes the saved tensors (the trainer: before the next optimizer step). Whether a save
+        was staging."""
+        if self._staging is None:
+            return False
+        staging, self._staging = self._staging, None
+        staging.wait()
+        return True
 
     def committed(self) -> list[tuple[int, Path]]:
         """(step, path) of the saves committed since the last call, in order (never blocks)."""
@@ -194,30 +205,40 @@ class Checkpointer:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
-            self._stager.close()
+            self._staging = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
             if self.pg is not None:
                 dist.destroy_process_group(self.pg)
                 self.pg = None
 
-    def _write_and_commit(self, staged: dict[str, Any], info: dict[str, Any]) -> Path:
+    def _write_and_commit(self, staged: Staged, info: dict[str, Any]) -> Path:
         step = info["step"]
         tmp = directory.step_dir(self.root, step, tmp=True)
         final = directory.step_dir(self.root, step)
         start = time.perf_counter()
         try:
+            staged.wait()
+            info["stage_s"] = time.perf_counter() - info["stage_start"]
             if self.rank == 0:
                 for stale in (tmp, final):  # a torn or superseded save of this very step
                     if stale.exists():
                         directory.remove_checkpoint(stale)
                 make_dir(tmp)
             self._barrier()
+            assert self._sink is not None and staged.buffer is not None
+            writer = HashingWriter(tmp, self._sink, [staged.buffer], step, self.rank)
             dcp.save(
-                staged,
-                storage_writer=_Writer(tmp, step, self.rank),
+                staged.state,
+                storage_writer=writer,
                 process_group=self.pg,
                 no_dist=self.pg is None,
             )
-            files = self._seal_local_files(tmp, info)
+            files = self._seal_local_files(tmp, info, writer.files)
             self._commit(tmp, final, files, info, time.perf_counter() - start)
             self._committed.append((step, final))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
@@ -227,24 +248,28 @@ class Checkpointer:
             if self.rank == 0:
                 directory.remove_checkpoint(tmp)  # free the space; the last good one stays
             raise error from e
+        finally:
+            staged.release()
         return final
 
     def _barrier(self) -> None:
         if self.pg is not None:
             dist.barrier(group=self.pg)
 
-    def _seal_local_files(self, tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
-        """Make this rank's files durable and private, and checksum them."""
-        names = [p.name for p in tmp.glob(f"__{self.rank}_*.distcp")]
+    def _seal_local_files(
+        self, tmp: Path, info: dict[str, Any], written: dict[str, Any]
+    ) -> dict[str, Any]:
+        """This rank's files for the marker: its data file (fsynced and hashed as it was
+        written), and on rank 0 config.yaml and DCP's small .metadata; the directory fsynced."""
+        files = dict(written)
         if self.rank == 0:
-            write_durable(tmp / "config.yaml", info["config_yaml"].encode())
-            names += [".metadata", "config.yaml"]
-        files = {}
-        for name in names:
-            path = tmp / name
-            os.chmod(path, FILE_MODE)
-            fsync_path(path)
-            files[name] = {"size": path.stat().st_size, "blake2b": checksum(path)}
+            config = info["config_yaml"].encode()
+            write_durable(tmp / "config.yaml", config)
+            files["config.yaml"] = {"size": len(config), "blake2b": digest(config)}
+            meta = tmp / METADATA
+            os.chmod(meta, FILE_MODE)
+            fsync_path(meta)  # DCP fsyncs it too; cheap, and independent of its options
+            files[METADATA] = {"size": meta.stat().st_size, "blake2b": checksum(meta)}
         fsync_path(tmp)
         return files
 

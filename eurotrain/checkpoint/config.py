@@ -22,6 +22,10 @@ class CheckpointConfig:
     """Stage to CPU memory and write in a background thread while training continues."""
     max_in_flight: int = 1
     """Async saves allowed in flight; starting one more first waits for the oldest."""
+    writer: Literal["process", "thread"] = "process"
+    """Who writes this rank's data file (hashing it as it goes): a writer process per rank,
+    off the training process's GIL (process; Linux), or a thread of the training process
+    (thread; also the fallback where memfd is missing)."""
     keep_last: int = 3
     """Committed checkpoints to keep (newest first); 0 keeps all."""
     keep_every: int = 0
@@ -58,6 +62,8 @@ class CheckpointConfig:
                 raise ConfigError(f"checkpoint.{key}: {getattr(self, key)} must be >= 0 (0 = off)")
         if self.max_in_flight < 1:
             raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")
+        if self.writer not in ("process", "thread"):
+            raise ConfigError(f"checkpoint.writer: {self.writer!r} must be process or thread")
         if not self.resume:
             raise ConfigError("checkpoint.resume: empty; use auto, none or a checkpoint path")
         if self.verify not in ("full", "metadata", "none"):

@@ -64,12 +64,29 @@ def deepspeed_config(
     }
 
 
+def import_deepspeed() -> Any:
+    """Import DeepSpeed for training: the accelerator chosen and its shared-memory all-reduce off.
+
+    On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce when its comm backend
+    starts (about a minute per fresh environment) and maps about 66 MiB of /dev/shm per rank. It
+    serves only DeepSpeed's inference all-reduce; training collectives go through
+    torch.distributed. Where /dev/shm is smaller than the ranks need (64 MiB is Docker's default)
+    a rank waits forever for its peer's segment, so the whole job hangs. We mark the op unusable
+    before the backend starts, so DeepSpeed neither builds nor maps it.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 class DeepSpeedEngine:
     def __init__(
         self, cfg: Config, dims: ParallelDims, device: torch.device, precision: Precision
     ) -> None:
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.device, self.precision = device, precision
         self.dp_size = dims.dp

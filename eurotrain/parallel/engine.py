@@ -9,8 +9,8 @@ branch per parallelism or per library.
     eval_loss(batch)                    -> summed cross-entropy without gradients
     state()                             -> {"model": Stateful, "optim": Stateful} for checkpoints
 
-TorchEngine is PyTorch's own stack (one process, FSDP2/HSDP, TP + SP, pipelining, context
-parallelism). DeepSpeedEngine (eurotrain/parallel/deepspeed.py) runs ZeRO stages 1-3 behind the
+TorchEngine is PyTorch's own stack (one process, DDP for replicas only, FSDP2/HSDP, TP + SP,
+pipelining, context parallelism). DeepSpeedEngine (eurotrain/parallel/deepspeed.py) runs ZeRO stages 1-3 behind the
 same calls. ``build_engine`` picks one from ``parallel.engine``.
 """
 
@@ -33,12 +33,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 
+from eurotrain.configtools import ConfigError
 from eurotrain.optim import build_optimizer
 from eurotrain.parallel import cp as context_parallel
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
+from eurotrain.parallel.float8 import check_float8, precompute_scales
 from eurotrain.parallel.grad import clip_grad_norm_
-from eurotrain.parallel.parallelize import build_parallel_model, uses_fsdp
+from eurotrain.parallel.parallelize import build_parallel_model, uses_ddp, uses_fsdp
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -147,7 +149,9 @@ class TorchEngine:
     ) -> None:
         self.dims, self.mesh, self.device, self.precision = dims, mesh, device, precision
         self.cp_method = cfg.parallel.cp_method
-        self.sharded = uses_fsdp(dims, mesh, cfg.parallel)
+        # FSDP2 and DDP (replicas only) both reduce gradients in backward, on the last
+        # micro-batch only (set_requires_gradient_sync).
+        self.syncs_grads = uses_fsdp(dims, mesh, cfg.parallel) or uses_ddp(dims, mesh, cfg.parallel)
         built = build_parallel_model(
             cfg.model,
             cfg.parallel,
@@ -157,7 +161,10 @@ class TorchEngine:
             precision.compute_dtype,
             cfg.train.seed,
             pipeline_microbatches(cfg, dims) if dims.pp > 1 else 1,
+            cfg.float8,
         )
+        self.float8 = cfg.float8
+        self._fsdp = uses_fsdp(dims, mesh, cfg.parallel)
         self.model_parts = built.parts
         self.pipeline = built.pipeline
         self.model = built.model
@@ -212,7 +219,7 @@ class TorchEngine:
         loss_sum = torch.zeros((), device=self.device)
         last = len(batch.inputs) - 1
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
-            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+            if self.syncs_grads:  # reduce gradients only after the last micro-batch
                 cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
             x, y, positions, ring = self._sequence_shard(self._to_device(x), self._to_device(y))
             with ring:
@@ -236,6 +243,7 @@ class TorchEngine:
         if veto is not None:
             skip = skip | veto(loss, grad_norm)
         apply_update(self.optimizer, skip)
+        precompute_scales(self.model_parts, self.float8, self._fsdp)
         return grad_norm, skip
 
     @torch.no_grad()
@@ -253,8 +261,15 @@ def build_engine(
     cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
 ) -> Engine:
     """The engine ``parallel.engine`` names, with the run's precision policy."""
+    check_float8(cfg.float8, device)
     if cfg.parallel.engine == "deepspeed":
         from eurotrain.parallel.deepspeed import DeepSpeedEngine
+
+        if cfg.float8.enabled:
+            raise ConfigError(
+                "float8.enabled runs with parallel.engine fsdp only (DeepSpeed keeps its own "
+                "module wrappers); set parallel.engine fsdp or float8.enabled false"
+            )
 
         precision = Precision.resolve(cfg.train.mixed_precision, device, casts_itself=False)
         return DeepSpeedEngine(cfg, dims, device, precision)

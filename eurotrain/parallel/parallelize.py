@@ -16,15 +16,40 @@ from eurotrain.models.llama import Transformer, build_model
 from eurotrain.parallel.ac import apply_ac, apply_compile
 from eurotrain.parallel.config import ParallelConfig
 from eurotrain.parallel.cp import apply_ulysses
+from eurotrain.parallel.ddp import apply_ddp
 from eurotrain.parallel.dims import ParallelDims
+from eurotrain.parallel.float8 import Float8Config, apply_float8
 from eurotrain.parallel.fsdp import apply_fsdp
 from eurotrain.parallel.pipeline import Pipeline, merged_view
 from eurotrain.parallel.tp import apply_tp
 
 
+def uses_ddp(dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> bool:
+    """Replicas only (dp_replicate > 1, every other degree 1): DDP's bucketed all-reduce."""
+    others = (dims.dp_shard, dims.cp, dims.tp, dims.pp)
+    return (
+        mesh is not None
+        and cfg.engine == "fsdp"
+        and dims.dp_replicate > 1
+        and others
+        == (
+            1,
+            1,
+            1,
+            1,
+        )
+    )
+
+
 def uses_fsdp(dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> bool:
-    """FSDP2 runs whenever gradients must be reduced over data or context-parallel ranks."""
-    return mesh is not None and cfg.engine == "fsdp" and dims.dp * dims.cp > 1
+    """FSDP2 runs whenever gradients must be reduced over data or context-parallel ranks, except
+    for replicas only (DDP)."""
+    return (
+        mesh is not None
+        and cfg.engine == "fsdp"
+        and dims.dp * dims.cp > 1
+        and not uses_ddp(dims, mesh, cfg)
+    )
 
 
 def parallelize(
@@ -33,8 +58,13 @@ def parallelize(
     mesh: DeviceMesh | None,
     cfg: ParallelConfig,
     param_dtype: torch.dtype,
+    device: torch.device | None = None,
+    float8: Float8Config | None = None,
 ) -> nn.Module:
-    """Apply TP, CP (Ulysses), AC, compile and FSDP2/HSDP to one model (or pipeline stage)."""
+    """Apply FP8 linears, TP, CP (Ulysses), AC, compile and FSDP2/HSDP (or DDP, for replicas
+    only) to one model (or pipeline stage)."""
+    if float8 is not None:
+        apply_float8(model, float8, fsdp=uses_fsdp(dims, mesh, cfg))
     if mesh is not None and dims.tp > 1:
         sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else True
         apply_tp(model, mesh["tp"], sequence_parallel=sp)
@@ -60,6 +90,9 @@ def parallelize(
             reshard_after_forward=cfg.reshard_after_forward,
             cpu_offload=cfg.fsdp_cpu_offload,
         )
+    if uses_ddp(dims, mesh, cfg):
+        assert mesh is not None
+        apply_ddp(model, mesh["dp_replicate"].get_group(), device or torch.device("cpu"))
     return model
 
 
@@ -82,6 +115,7 @@ def build_parallel_model(
     param_dtype: torch.dtype,
     seed: int,
     num_microbatches: int = 1,
+    float8: Float8Config | None = None,
 ) -> ParallelModel:
     """Build on meta, parallelize, materialise on ``device`` and initialise (layout-independent)."""
     pipeline = None
@@ -98,7 +132,7 @@ def build_parallel_model(
     else:
         parts = [build_model(model_cfg, "meta")]
     for part in parts:
-        parallelize(part, dims, mesh, cfg, param_dtype)
+        parallelize(part, dims, mesh, cfg, param_dtype, device, float8)
         # to_empty() gives each module a new plain tensor (a tied weight becomes two), while
         # DTensors (FSDP, TP) are swapped in place and stay shared: re-tie either way.
         part.to_empty(device=device)

@@ -111,3 +111,17 @@ def attempts(rank: int, world: int, out: str, runs: list[tuple[str, int, dict]])
             continue
         results.append({"start": start, "losses": losses, "log": log.getvalue()})
     return results
+
+
+def ddp_round_trip(rank: int, world: int, out: str) -> tuple[list, list, list]:
+    """Replicas only (DDP): resume the dp_shard=4 run's step 2 under it; then a DDP run saves
+    step 2 and FSDP (dp_shard=2) resumes it."""
+    ddp = {"dp_replicate": 2, "dp_shard": 1}
+    from_fsdp = resume_run(rank, world, out, "ddp", ddp)
+    saved = train_run(
+        rank, world, out, "ddp-save", 3, {"parallel": ddp, "checkpoint": {"interval": 2}}
+    )
+    ckpt = str(Path(out) / "ddp-save" / "checkpoints" / "step-000002")
+    sections = {"parallel": {"dp_shard": 2}, "checkpoint": {"resume": ckpt}}
+    to_fsdp = train_run(rank, world, out, "from-ddp", 3, sections)
+    return from_fsdp, saved, to_fsdp

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ckpt_common import resume_run, save_dp4_then_hsdp
+from ckpt_common import ddp_round_trip, resume_run, save_dp4_then_hsdp
 from multiproc import run_distributed
 
 REL = 1e-5  # fp32; the reduction order differs between layouts
@@ -45,3 +45,11 @@ def test_dp_shard4_to_pp2(dp4):
     out = str(dp4[0])
     losses = run_distributed(resume_run, 2, out, "pp2", {"pp": 2, "dp_shard": 1})
     _same_next_loss(dp4, losses[-1])  # the last stage computes the loss
+
+
+def test_ddp_checkpoints_reshard_to_and_from_fsdp(dp4):
+    """Replicas only run through DDP (parallel/ddp.py): same parameter names, so checkpoints
+    move between it and FSDP both ways."""
+    from_fsdp, saved, to_fsdp = run_distributed(ddp_round_trip, 2, str(dp4[0]))[0]
+    _same_next_loss(dp4, from_fsdp)
+    assert len(to_fsdp) == 1 and to_fsdp[0] == pytest.approx(saved[2], rel=REL)

@@ -68,6 +68,17 @@ def describe_loss(part: Any) -> str:
     return "fused-" + fn.ops.impls["linear_cross_entropy"]
 
 
+def data_parallel(model: Any) -> str:
+    """How gradients are reduced across data-parallel ranks: "ddp" (replicate), "fsdp"
+    (fully_shard) or "" (neither)."""
+    from torch.distributed._composable.contract import _get_registry
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return "fsdp"
+    return "ddp" if "replicate" in (_get_registry(model) or {}) else ""
+
+
 def train_layouts(
     rank: int, world_size: int, layouts: list[dict[str, Any]], output_dir: str
 ) -> list[dict[str, Any]]:
@@ -83,6 +94,7 @@ def train_layouts(
         out = trainer.train()
         entry: dict[str, Any] = {"losses": out.losses, "grad_norms": out.grad_norms}
         entry["loss_fns"] = [describe_loss(part) for part in trainer.model_parts]
+        entry["data_parallel"] = data_parallel(trainer.model)
         if layout.get("parallel.engine") != "deepspeed":
             entry["bytes"] = measure_bytes(trainer)
         results.append(entry)

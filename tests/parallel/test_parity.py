@@ -117,8 +117,10 @@ def test_two_ranks(reference, tmp_path):
     for name in ("dp_shard=2", "cp=2 ulysses"):  # FSDP shards over dp_shard x cp
         for got in results[name]:
             assert got["bytes"] == {"params": total // 2, "grads": total // 2, "optim": total}
-    for got in results["dp_replicate=2"]:  # full replicas
+    for got in results["dp_replicate=2"]:  # full replicas, through DDP's bucketed all-reduce
         assert got["bytes"] == {"params": total, "grads": total, "optim": 2 * total}
+        assert got["data_parallel"] == "ddp"
+    assert all(got["data_parallel"] == "fsdp" for got in results["dp_shard=2"])
     for name in ("pp=2 1f1b", "pp=2 zbv"):  # each stage holds its own blocks only
         assert sum(r["bytes"]["params"] for r in results[name]) == total
     # tp: weights split in two; norms (sequence parallel: replicated) kept whole on each rank
@@ -134,8 +136,9 @@ def test_four_ranks(reference, tmp_path):
     total, norms = reference["bytes"], reference["norm_bytes"]
     for got in results["dp_shard=4"]:
         assert got["bytes"] == {"params": total // 4, "grads": total // 4, "optim": total // 2}
-    for got in results["hsdp 2x2"]:
+    for got in results["hsdp 2x2"]:  # a replicate axis with shards stays FSDP2 (HSDP)
         assert got["bytes"] == {"params": total // 2, "grads": total // 2, "optim": total}
+        assert got["data_parallel"] == "fsdp"
     expected = total // 4 + norms // 4  # norms replicated over tp, sharded over dp
     for got in results["dp_shard=2 x tp=2"]:
         assert got["bytes"] == {"params": expected, "grads": expected, "optim": 2 * expected}
