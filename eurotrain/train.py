@@ -194,7 +194,7 @@ class Trainer:
         # Names the ranks that stopped answering when a collective fails.
         builtin: list[Callback] = [PeerWatch(rank, world, cfg.collective_timeout_s)]
         if cfg.watchdog:
-            builtin.append(HangWatchdog(cfg, rank, world, self.run_dir, self.goodput.finish))
+            builtin.append(HangWatchdog(cfg, rank, world, self.run_dir, self.goodput.abort))
         builtin += [self.goodput, StopOnSignal(self.host_group)]
         if cfg.straggler_margin:
             builtin.append(Stragglers(cfg.straggler_margin, rank, world, self.host_group))

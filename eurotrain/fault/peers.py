@@ -15,8 +15,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 
@@ -39,6 +40,31 @@ def node_name() -> str:
 _LOST_PEER = ("Connection reset", "Connection closed", "Broken pipe", "Connection refused")
 _TIMEOUT = ("Timed out", "timed out", "Application timeout")
 _generation = itertools.count()
+T = TypeVar("T")
+
+
+def with_deadline(fn: Callable[[], T], seconds: float) -> T:
+    """fn() in a thread of its own, or TimeoutError after ``seconds``. For the store: when the
+    process that holds it is frozen (SIGSTOP), its connections stay open and a request can
+    wait forever despite the store's timeout. A call that never returns is left behind in a
+    daemon thread (the process is ending anyway)."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="eurotrain-store-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -89,7 +115,9 @@ class PeerWatch(Callback):
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # It polls every poll_s; a store request that never returns (the store's process
+            # frozen) must not hold the error up: the thread is a daemon.
+            self._thread.join(self.answer_s + self.poll_s)
             self._thread = None
         if exc is not None and self._store is not None and is_collective_failure(exc):
             raise self.describe_failure(exc) from exc
@@ -123,22 +151,25 @@ class PeerWatch(Callback):
     def _roll_call(self) -> tuple[dict[int, int], dict[int, str]] | None:
         """{rank: step} of the ranks that answered, and {rank: host}; None when the store
         itself does not answer."""
-        store = self._store
         try:
-            store.set_timeout(timedelta(seconds=self.answer_s))  # never hang on a silent store
-            store.append(self._prefix + "alive", f"{self.rank}:{self.step + 1},")
-            store.set(self._prefix + "roll_call", str(self.step + 1))
-            deadline = time.monotonic() + self.answer_s
-            while True:
-                raw = store.get(self._prefix + "alive").decode()
-                alive = dict(_pair(item, ":") for item in raw.split(",") if item)
-                if len(alive) >= self.world_size or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            raw = store.get(self._prefix + "hosts").decode()
-            hosts = dict(_pair(line, "=") for line in raw.splitlines() if line)
+            return with_deadline(self._ask, self.answer_s + 10)
         except Exception:
             return None
+
+    def _ask(self) -> tuple[dict[int, int], dict[int, str]]:
+        store = self._store
+        store.set_timeout(timedelta(seconds=self.answer_s))  # a silent store: an error
+        store.append(self._prefix + "alive", f"{self.rank}:{self.step + 1},")
+        store.set(self._prefix + "roll_call", str(self.step + 1))
+        deadline = time.monotonic() + self.answer_s
+        while True:
+            raw = store.get(self._prefix + "alive").decode()
+            alive = dict(_pair(item, ":") for item in raw.split(",") if item)
+            if len(alive) >= self.world_size or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        raw = store.get(self._prefix + "hosts").decode()
+        hosts = dict(_pair(line, "=") for line in raw.splitlines() if line)
         return {r: int(s) for r, s in alive.items()}, {r: h for r, h in hosts.items()}
 
     def describe_failure(self, error: BaseException) -> CollectiveError:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from eurotrain.callbacks import Callback, StepMetrics
 from eurotrain.chain import HANG_EXIT_CODE, attempt, report, report_suspects
 from eurotrain.fault.config import FaultConfig
-from eurotrain.fault.peers import _ranks, node_name
+from eurotrain.fault.peers import _ranks, node_name, with_deadline
 
 if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
@@ -158,13 +158,8 @@ class HangWatchdog(Callback):
         )
         try:
             if self._store is not None:
-                self._store.set_timeout(timedelta(seconds=10))
-                self._store.append(self._prefix + "stale", f"{self.rank}:{self.step}:{self.where},")
-                if self._store.add(self._prefix + "caller", 1) == 1:
-                    text = self._roll_call(str(text))
-                else:  # another rank reports; wait for it (srun ends the rest at the first exit)
-                    self._wait_for_report()
-                    text = None
+                # Bounded: a frozen rank 0 keeps the store's connections open but silent.
+                text = with_deadline(lambda: self._talk(str(text)), self._answer_s() + 15)
         except Exception:  # the store is silent: rank 0 (which holds it) is frozen or gone
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             text = (
@@ -178,6 +173,17 @@ class HangWatchdog(Callback):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(HANG_EXIT_CODE)
+
+    def _talk(self, text: str) -> str | None:
+        """Answer the roll call in the store; the first rank there holds it and gets the line
+        to print (the others None)."""
+        self._store.set_timeout(timedelta(seconds=10))
+        mine = f"{self.rank}:{self.step}:{self.where},"
+        with_deadline(lambda: self._store.append(self._prefix + "stale", mine), 10)
+        if self._store.add(self._prefix + "caller", 1) == 1:
+            return self._roll_call(text)
+        self._wait_for_report()  # another rank reports (srun ends the rest at the first exit)
+        return None
 
     def _dump(self, path: Path, stale: float) -> None:
         try:
@@ -258,7 +264,11 @@ class HangWatchdog(Callback):
                 if now and now == size:
                     break
                 size = now
-                time.sleep(0.3)
+                time.sleep(0.1)
+            # Stopped again: a woken rank would go on with the step it froze in, and the job
+            # would train on while this rank reports the hang and exits.
+            with contextlib.suppress(OSError):
+                os.kill(ranks[r][2], signal.SIGSTOP)
             try:
                 text = dump.read_text(errors="replace")
                 (self.dir / f"rank-{r:05d}.txt").write_text(
@@ -275,7 +285,7 @@ class HangWatchdog(Callback):
         report(f"error retry hang: {text}")
         if self._store is not None:
             with contextlib.suppress(Exception):
-                self._store.set(self._prefix + "reported", "1")
+                with_deadline(lambda: self._store.set(self._prefix + "reported", "1"), 10)
 
 
 def _triples(raw: str) -> list[tuple[str, str, str]]:

@@ -37,7 +37,7 @@ def job(tmp_path):
         f"n=$(($(cat {q(str(rec / 'count'))} 2>/dev/null || echo 0) + 1))\n"
         f"echo $n > {q(str(rec / 'count'))}\n"
         f'printf "%s\\n" "$@" > {q(str(rec))}/srun-$n\n'
-        f'[ -f {q(str(starts))}/$n.sh ] || exit 99\n'
+        f"[ -f {q(str(starts))}/$n.sh ] || exit 99\n"
         f"exec bash {q(str(starts))}/$n.sh\n",
     )
     _stub(
@@ -153,7 +153,7 @@ def test_restarts_are_limited_then_the_chain_goes_on(job, monkeypatch, capsys):
         overrides=("--fault.max_restarts", "1"),
     )  # fmt: skip
     crash = f'echo "checkpoint 5" {STATE}; exit 1\n'
-    rc, out, argv, requeued = _run(job, script, [crash, crash], nodes=1)
+    _, out, argv, requeued = _run(job, script, [crash, crash], nodes=1)
     assert len(argv) == 2 and requeued, out
     assert "failed (exit 1) 2 times in this job: requeueing" in out
 
