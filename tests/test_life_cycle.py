@@ -267,3 +267,32 @@ def test_a_stop_signal_at_the_writer_processs_start_leaves_it_running():
     finally:
         for sink in sinks:
             sink.close()
+
+
+# ---- the goodput simulation ----------------------------------------------------------------
+def test_goodput_simulation_ranks_the_policies(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("goodput_bench", REPO / "benchmarks/goodput.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seeds", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["results"]
+    assert out["restart+auto"]["ettr_mean"] > out["restart"]["ettr_mean"] > 0.9
+    assert out["restart"]["calendar_mean"] > out["chain"]["calendar_mean"]
+    assert out["chain"]["calendar_mean"] > out["manual"]["calendar_mean"]
+    # A run's own measurements as inputs: the chaos test's kind of goodput.jsonl.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("checkpoint:\n  interval: 2\n")
+    base = {f"{c}_s": 0.0 for c in CATEGORIES} | {"gap_s": 1.0, "steps": [1, 4]}
+    rows = [base | {"how": "killed", "startup_s": 5.0, "checkpoint_s": 0.4},
+            base | {"how": "hang", "startup_s": 7.0, "resume_s": 0.5, "lost_s": 12.0},
+            base | {"how": "done", "startup_s": 6.0, "resume_s": 0.3, "gap_s": 2.0}]  # fmt: skip
+    (run / FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    measured = bench.from_run(bench.Inputs(), run)
+    assert measured == {"startup_s": 6.0, "resume_s": 0.4, "stall_s": 0.2,
+                        "crash_detect_s": 1.0, "hang_timeout_s": 14.0}  # fmt: skip
