@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "measure an allocation: eurotrain bench {comms|train|report}",
     ),
     "status": ("eurotrain.status", "main", "steps, jobs, last checkpoint, goodput of a run dir"),
+    "bundle": ("eurotrain.bundle", "main", "wheels + install.sh for a cluster without internet"),
 }
 
 

@@ -1,4 +1,6 @@
-"""Cluster profiles: what eurotrain knows about a machine, loaded from ``launch/clusters/NAME.yaml``.
+"""Cluster profiles: what eurotrain knows about a machine, loaded from ``NAME.yaml`` (shipped in
+the package from ``launch/clusters/``, or from a directory named by ``EUROTRAIN_CLUSTERS``;
+see eurotrain/resources.py).
 
 A profile is data (one YAML file per machine, each fact with its public source in a comment);
 this module gives it a typed, validated shape so a typo in a profile fails as loudly as a typo
@@ -13,18 +15,13 @@ or ``${NAME}`` references (``expansion_problem``): a profile can say $SCRATCH, n
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
+from eurotrain import resources
 from eurotrain.configtools import ConfigError, from_dict, read_yaml
-
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "launch" / "clusters"
-"""Where the profiles live in a source checkout; EUROTRAIN_CLUSTERS overrides it."""
-
 
 # ---- text that may go into a job script -------------------------------------------------
 _CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte", "\t": "a tab"}
@@ -269,13 +266,20 @@ class ClusterProfile:
     auto (passed as fault.mtbf_hours); 0: unknown (the trainer then assumes Llama 3's rate)."""
     links: Links = field(default_factory=Links)
     """Nominal link bandwidths for `eurotrain bench comms`."""
+    torch_index: str | None = None
+    """The package index serving a torch build for this machine (pip --index-url; "pypi": the
+    default index), used by `eurotrain bundle`; null: none is known to, pass --wheels."""
+    torch_note: str = ""
+    """Which torch build that is and what it needs of the machine (driver, plugins)."""
 
     def __post_init__(self) -> None:
         self.env = _checked_env(self.env)
         if self.node_mtbf_hours < 0:
             raise ConfigError(f"{self.name}: node_mtbf_hours = {self.node_mtbf_hours} must be >= 0")
-        for key in ("name", "description", "cpu_bind"):
+        for key in ("name", "description", "cpu_bind", "torch_note"):
             _check(key, getattr(self, key), _one_line)
+        if self.torch_index is not None:
+            _check("torch_index", self.torch_index, _one_line)
         for i, text in enumerate(self.modules):
             _check(f"modules[{i}]", text, _one_line)
         for i, text in enumerate(self.setup):
@@ -314,25 +318,23 @@ class ClusterProfile:
         )
 
 
-def profile_dir() -> Path:
-    return Path(os.environ.get("EUROTRAIN_CLUSTERS") or PROFILE_DIR)
-
-
 def known_clusters() -> list[str]:
-    return sorted(p.stem for p in profile_dir().glob("*.yaml"))
+    return list(resources.profiles())
 
 
 def load_profile(name: str) -> ClusterProfile:
-    """Load and validate ``launch/clusters/NAME.yaml``; unknown names list the known ones."""
-    path = profile_dir() / f"{name}.yaml"
-    if not path.is_file():
+    """Load and validate the profile NAME; unknown names list the known ones."""
+    found = resources.profiles().get(name)
+    if found is None:
         known = known_clusters()
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
         hint = f" Did you mean {near[0]!r}?" if near else ""
         raise ConfigError(
             f"unknown cluster {name!r}.{hint} Known clusters: {', '.join(known) or 'none'} "
-            f"(profiles in {profile_dir()}; add NAME.yaml there for a new machine)"
+            f"(profiles in {resources.searched()}; for a new machine add NAME.yaml to a "
+            f"directory named by {resources.FROM_ENV})"
         )
+    path = found.path
     data = read_yaml(path)
     try:
         profile = from_dict(ClusterProfile, data)
@@ -341,6 +343,24 @@ def load_profile(name: str) -> ClusterProfile:
     if profile.name != name:
         raise ConfigError(f"cluster profile {path} says name: {profile.name!r}; expected {name!r}")
     return profile
+
+
+def profile_listing() -> str:
+    """One line per profile: name, description and where it comes from (`eurotrain launch
+    --list`); a profile that does not load says why instead of its description."""
+    found = resources.profiles()
+    width = max((len(n) for n in found), default=0)
+    lines = [f"cluster profiles (searched in order: {resources.searched()}):"]
+    for name, where in found.items():
+        try:
+            about = load_profile(name).description
+        except ConfigError as e:
+            about = f"INVALID: {e}"
+        origin = f"{where.source}: {where.path}"
+        if where.overrides:
+            origin += "; overrides the packaged profile"
+        lines.append(f"{name:<{width}}  {about}  [{origin}]")
+    return "\n".join(lines)
 
 
 _WALLTIME = re.compile(r"(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)")

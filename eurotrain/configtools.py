@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
+from eurotrain import resources
 from eurotrain.errors import ConfigError
 
 __all__ = ["ConfigError", "from_dict", "merge", "parse_overrides", "read_yaml", "to_dict"]
@@ -202,7 +203,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
 
     ``base: other.yaml`` (relative to the file) starts from another file; ``_chain`` holds the
     files that led here, so files that include each other are named instead of recursing."""
-    p = Path(path)
+    p = resources.config_file(path)
     via = f" (named by 'base:' in {str(_chain[-1])!r})" if _chain else ""
     if p.is_dir():
         inside = sorted(c.name for c in p.iterdir() if c.suffix in (".yaml", ".yml"))
@@ -217,9 +218,13 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1)
             if near:
                 hint = f" Did you mean {str(p.parent / near[0])!r}?"
+        presets = list(resources.presets())
+        if not hint and len(p.parts) == 1:
+            near = difflib.get_close_matches(p.name.removesuffix(".yaml"), presets, n=1)
+            hint = f" Did you mean the preset {near[0]!r}?" if near else ""
         raise ConfigError(
-            f"config file {str(p)!r}{via} does not exist.{hint} Pass the path of a YAML config, "
-            f"for example configs/tiny.yaml."
+            f"config file {str(p)!r}{via} does not exist.{hint} Pass the path of a YAML config "
+            f"or the name of a preset (presets: {', '.join(presets)})."
         )
     try:
         data = yaml.safe_load(p.read_bytes().decode("utf-8"))
@@ -251,7 +256,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"to this one), not {base!r}"
         )
     chain = (*_chain, p)
-    target = p.parent / base
+    target = _base_file(p, base)
     seen = [c.resolve() for c in chain]
     if target.resolve() in seen:
         cycle = [*chain[seen.index(target.resolve()) :], target]
@@ -264,3 +269,31 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"{' -> '.join(str(c) for c in cycle)}; remove one of these 'base:' lines"
         )
     return merge(read_yaml(target, chain), data)
+
+
+def _base_file(config: Path, base: str) -> Path:
+    """The file ``base: NAME`` in `config` names: relative to `config`, or a preset when no
+    such file is there ('base: tiny')."""
+    target = config.parent / base
+    if not target.exists():
+        target = resources.preset_file(base) or target
+    return target
+
+
+def config_chain(path: str | Path) -> list[Path]:
+    """The config file `path` names, then each file its ``base:`` lines include, in order
+    (for what must be visible to the ranks; read_yaml reports any problem with them)."""
+    chain = [resources.config_file(path)]
+    while chain[-1].is_file():
+        try:
+            data = yaml.safe_load(chain[-1].read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            break
+        base = data.get("base") if isinstance(data, dict) else None
+        if not isinstance(base, str) or not base:
+            break
+        target = _base_file(chain[-1], base)
+        if target.resolve() in {c.resolve() for c in chain}:
+            break
+        chain.append(target)
+    return chain

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eurotrain import offline
 from eurotrain.checkpoint.storage import detect_fs
 from eurotrain.clusters import ClusterProfile, load_profile
 
@@ -161,29 +162,34 @@ def check_checkpoint_dir(path: str, profile: ClusterProfile | None) -> Check:
     return Check("checkpoint dir", "PASS", msg)
 
 
-def check_wandb_dir(path: str, profile: ClusterProfile | None) -> Check:
+def check_wandb_dir(path: str) -> Check:
+    """Writable; whether wandb runs offline is the "offline env" check's."""
     reason = _writable(Path(path))
     if reason:
         return Check("wandb dir", "FAIL", f"{path} is not writable ({reason})",
                      "set WANDB_DIR to a writable directory")  # fmt: skip
     mode = os.environ.get("WANDB_MODE", "")
-    if profile and profile.internet_on_compute is False and mode not in ("offline", "disabled"):
-        return Check("wandb dir", "WARN", f"{path} writable, WANDB_MODE={mode or 'unset'} but "
-                     f"{profile.name} compute nodes have no internet",
-                     "export WANDB_MODE=offline; `wandb sync` the run from elsewhere later")  # fmt: skip
     return Check("wandb dir", "PASS", f"{path} writable, WANDB_MODE={mode or 'unset'}")
 
 
 def local_checks(
     args: argparse.Namespace, profile: ClusterProfile | None, world: int
 ) -> list[Check]:
-    return [
+    checks = [
         check_gpus(profile, world),
         check_comm(profile, world),
         check_nics(profile),
         check_checkpoint_dir(args.checkpoint_dir, profile),
-        check_wandb_dir(args.wandb_dir, profile),
+        check_wandb_dir(args.wandb_dir),
+        Check("offline env", *offline.check_env(profile, _in_job(world))),
     ]
+    if args.config:  # what the run will read, and whether reading it needs the network
+        from eurotrain.config import load_config
+
+        cfg = load_config(args.config)
+        checks.append(Check("offline paths", *offline.check_paths(cfg, profile)))
+        checks.append(Check("offline load", *offline.check_load(cfg)))
+    return checks
 
 
 # ---- checks across ranks -------------------------------------------------------------------
@@ -320,7 +326,9 @@ def format_report(report: list[Check], world: int, cluster: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eurotrain doctor", description=__doc__.split("\n")[0])
-    ap.add_argument("--cluster", help="check against this profile (launch/clusters/NAME.yaml)")
+    ap.add_argument("--cluster", help="check against this profile (eurotrain launch --list)")
+    ap.add_argument("--config", help="the training config: check that what it reads is local "
+                    "and loads with the network blocked")  # fmt: skip
     ap.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints will go")
     ap.add_argument("--wandb-dir", default=os.environ.get("WANDB_DIR", "runs"),
                     help="where wandb writes offline runs (default: $WANDB_DIR or runs)")  # fmt: skip

@@ -37,8 +37,10 @@ from eurotrain.clusters import (
     control_character,
     load_profile,
     parse_walltime,
+    profile_listing,
     sbatch_problem,
 )
+from eurotrain.container import Bind, binds
 from eurotrain.distributed import PORT_BASE, PORT_SPAN
 from eurotrain.errors import ConfigError, EurotrainError
 
@@ -88,6 +90,8 @@ class LaunchRequest:
     """Instead of training: "train" (a node sweep, `eurotrain bench train`) or "comms"."""
     bench_args: list[str] = field(default_factory=list)
     """Options of that `eurotrain bench` command (--nodes 1,2,4, --sizes ...)."""
+    cpu_bind: str | None = None
+    """srun --cpu-bind for the ranks; None: the profile's."""
 
 
 @dataclass
@@ -103,7 +107,10 @@ class Plan:
     layout: str
     job_name: str
     train_args: list[str]
+    binds: list[Bind] = field(default_factory=list)
+    """With --container: the host paths the run uses (eurotrain/container.py)."""
     max_restarts: int = 0
+    """fault.max_restarts of the config: restarts inside the job (eurotrain/chain.py)."""
 
 
 def plan(req: LaunchRequest) -> Plan:
@@ -143,16 +150,20 @@ def plan(req: LaunchRequest) -> Plan:
     if req.bench is not None:
         if req.chain != 1:
             raise LaunchError("--chain/--until-done: a chain trains; leave it out with --bench")
-        layout, model_name = _check_bench(req, gpus, cuda)
+        layout, name, cfg = _check_bench(req, gpus, cuda)
     else:
         layout, cfg = _check_config(req, world, cuda=cuda)
-        model_name = cfg.model.name
+        name = cfg.model.name
         if req.chain != 1 and cfg.checkpoint.interval == 0:
             raise LaunchError(
                 f"--chain/--until-done: {req.config} saves no checkpoints (checkpoint.interval "
                 f"0), so each job would start over: set checkpoint.interval (a number of steps, "
                 f"or auto)"
             )
+    run_binds = []
+    if req.container is not None and cfg is not None and req.config is not None:
+        log_dir = req.log_dir if req.bench is None else None  # the job-state file
+        run_binds = binds(cfg, req.config, profile.container.binds, log_dir)
     train_args = [req.config] if req.config is not None else []
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
@@ -163,10 +174,12 @@ def plan(req: LaunchRequest) -> Plan:
         mtbf = profile.node_mtbf_hours / req.nodes  # any node failing stops the job
         train_args += ["--fault.mtbf_hours", f"{mtbf:.6g}"]
     train_args += req.overrides
-    job_name = req.job_name if req.job_name is not None else _default_job_name(model_name)
+    job_name = req.job_name if req.job_name is not None else _default_job_name(name)
+    # With --bench, cfg is the swept config (its restarts are not used: no chain, no restart).
+    max_restarts = cfg.fault.max_restarts if cfg is not None and req.bench is None else 0
     return Plan(
-        profile, req, queue_name, queue, gpus, world, layout, job_name, train_args,
-        cfg.fault.max_restarts if cfg is not None else 0,
+        profile, req, queue_name, queue, gpus, world, layout, job_name, train_args, run_binds,
+        max_restarts,
     )  # fmt: skip
 
 
@@ -185,13 +198,14 @@ def _check_text(req: LaunchRequest) -> None:
             f"is the job name, so the name must not hold a directory: choose one without '/'"
         )
     words = {"--cluster": req.cluster, "--time": req.time, "--python": req.python,
-             "--container": req.container, "config": req.config}  # fmt: skip
+             "--container": req.container, "--cpu-bind": req.cpu_bind,
+             "config": req.config}  # fmt: skip
     extra = [*(("config override", w) for w in req.overrides),
              *(("bench option", w) for w in req.bench_args)]  # fmt: skip
     for what, word in [*words.items(), *extra]:
         if word is None:
             continue
-        if word == "" and what in ("--python", "--container", "config"):
+        if word == "" and what in ("--python", "--container", "--cpu-bind", "config"):
             raise LaunchError(f"{what} '': empty; give a value or leave the option out")
         control = control_character(word)
         if control:
@@ -285,11 +299,11 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Conf
     return dims.describe(), cfg
 
 
-def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str]:
+def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str, Config | None]:
     """A benchmark job: a sweep's every size fits the config (checked as the trainer will);
-    comms needs no config. Returns what the script's comment and job name show."""
+    comms needs no config. Returns what the script's comment and job name show, and the config."""
     if req.bench == "comms":
-        return "collectives", "comms"
+        return "collectives", "comms", None
     if req.bench != "train" or req.config is None:
         raise LaunchError(f"--bench {req.bench!r}: choose train (with a CONFIG) or comms")
     from eurotrain.bench.sweep import parse_nodes, plan_sizes
@@ -304,8 +318,9 @@ def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str]:
     sizes = plan_sizes(req.config, req.overrides, nodes, gpus, option.get("--mode", "weak"), cuda)
     from eurotrain.config import load_config
 
-    name = load_config(req.config, req.overrides).model.name
-    return f"sweep over {', '.join(str(s.nodes) for s in sizes)} node(s)", f"bench-{name}"
+    cfg = load_config(req.config, req.overrides)
+    sweep = f"sweep over {', '.join(str(s.nodes) for s in sizes)} node(s)"
+    return sweep, f"bench-{cfg.model.name}", cfg
 
 
 def _default_job_name(model_name: str) -> str:
@@ -329,17 +344,34 @@ class _Expanded:
     text: str
 
 
+@dataclass(frozen=True)
+class _InWorkdir:
+    """A user's relative path anchored at the job's working directory: "$PWD"/'PATH' (the
+    path single-quoted like every user word; "$PWD" is eurotrain's own)."""
+
+    path: str
+
+
 RDZV_ENDPOINT = _Expanded("$MASTER_ADDR:$MASTER_PORT")
 RDZV_ID = _Expanded("$SLURM_JOB_ID")
+WORKDIR = _Expanded("$PWD")
 
-Word = str | _Expanded
+Word = str | _Expanded | _InWorkdir
 
 
 def _profile_word(value: str) -> Word:
     return _Expanded(value) if "$" in value else value
 
 
+def _bind_word(bind: Bind) -> Word:
+    if not bind.relative:
+        return bind.path
+    return WORKDIR if bind.path == "." else _InWorkdir(bind.path)
+
+
 def _shell_word(word: Word) -> str:
+    if isinstance(word, _InWorkdir):
+        return _shell_word(WORKDIR) + "/" + shlex.quote(word.path)
     if isinstance(word, _Expanded):
         escaped = word.text.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
         return f'"{escaped}"'
@@ -406,7 +438,9 @@ def _rank_command(p: Plan) -> list[Word]:
                "--cluster", p.profile.name, *req.bench_args]  # fmt: skip
     if req.container is not None:
         c = p.profile.container
-        binds = ["--bind", _profile_word(",".join(c.binds))] if c.binds else []
+        binds: list[Word] = ["--bind", _profile_word(",".join(c.binds))] if c.binds else []
+        for bind in p.binds:  # the run's own directories, one --bind each
+            binds += ["--bind", _bind_word(bind)]
         cmd = [c.runtime, "exec", *c.flags, *binds, req.container, *cmd]
     return cmd
 
@@ -434,6 +468,10 @@ def render(p: Plan) -> str:
         lines += ["# Machine set-up (see the profile's comments)", *prof.setup, ""]
     if req.container is not None and prof.container.setup:
         lines += [f"# Container runtime ({prof.container.runtime})", *prof.container.setup, ""]
+    made = [b.path for b in p.binds if b.writable]
+    if made:  # a bind whose source is missing stops the container runtime
+        lines += ["# Directories the run writes, bound into the container",
+                  "mkdir -p -- " + _shell_words(list(made)), ""]  # fmt: skip
     if prof.comm.env:
         lines.append(f"# Communication: {prof.comm.library.upper()} on this network")
         lines += [_export(k, v) for k, v in prof.comm.env.items()]
@@ -477,8 +515,9 @@ def render(p: Plan) -> str:
             f"--ntasks-per-node={p.gpus_per_node}",
             f"--cpus-per-task={prof.cpus_per_task}",
         ]
-        if prof.cpu_bind:
-            srun.append(f"--cpu-bind={prof.cpu_bind}")
+        cpu_bind = prof.cpu_bind if req.cpu_bind is None else req.cpu_bind
+        if cpu_bind:
+            srun.append(f"--cpu-bind={cpu_bind}")
         lines.append("# One task per GPU; each rank takes GPU number SLURM_LOCALID.")
         name = "eurotrain-rank"
     lines.append("# Ranks ignore USR1 until the trainer installs its handler (the default kills).")
@@ -528,7 +567,8 @@ def parser() -> argparse.ArgumentParser:
         description="Render (and submit) an sbatch job that trains CONFIG on a EuroHPC machine. "
         "Launch options come before CONFIG; everything after CONFIG is a config override.",
     )
-    ap.add_argument("--cluster", required=True, help="profile name (launch/clusters/NAME.yaml)")
+    ap.add_argument("--list", action="store_true", help="list the cluster profiles and exit")
+    ap.add_argument("--cluster", required=True, help="profile name (see --list)")
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--time", required=True, help="walltime [D-]HH:MM:SS")
     ap.add_argument("--account", help="project account to charge")
@@ -536,6 +576,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--container", help="Apptainer/Singularity image to run the ranks in")
     ap.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: all)")
     ap.add_argument("--launcher", choices=("srun", "torchrun"), default="srun")
+    ap.add_argument("--cpu-bind", help="srun --cpu-bind for the ranks, e.g. none or cores "
+                    "(default: the profile's cpu_bind; compare them with a short run)")  # fmt: skip
     ap.add_argument("--python", help="python on the compute nodes (default: this one, or "
                     "python3 inside --container)")  # fmt: skip
     ap.add_argument("--job-name", help="default: eurotrain-<model.name>")
@@ -590,6 +632,10 @@ def _bench_args(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list" in argv and "--help" not in argv and "-h" not in argv:
+        print(profile_listing())
+        return 0
     args = parser().parse_args(argv)
     if args.chain < 1:
         raise LaunchError(f"--chain {args.chain}: give the number of jobs (>= 1), or --until-done")
@@ -606,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         python=python, job_name=args.job_name, log_dir=args.log_dir,
         signal_seconds=args.signal_seconds, chain=0 if args.until_done else args.chain,
         spare_nodes=args.spare_nodes, bench=args.bench, bench_args=_bench_args(args),
+        cpu_bind=args.cpu_bind,
     )  # fmt: skip
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).

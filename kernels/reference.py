@@ -22,13 +22,15 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding in the rotate-half (HF / GPT-NeoX) convention.
 
-    q: [B, S, Hq, D], k: [B, S, Hkv, D], cos/sin: [S, D // 2] (fp32). For i < D/2:
+    q: [B, S, Hq, D], k: [B, S, Hkv, D], cos/sin: [S, D // 2] (the same positions in every row)
+    or [B, S, D // 2] (positions per row, e.g. restarting at every packed document), fp32.
+    For i < D/2:
     out[i] = x[i] cos[i] - x[i + D/2] sin[i];  out[i + D/2] = x[i + D/2] cos[i] + x[i] sin[i].
     """
+    c = cos[:, :, None, :] if cos.dim() == 3 else cos[None, :, None, :]
+    s = sin[:, :, None, :] if sin.dim() == 3 else sin[None, :, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        c = cos[None, :, None, :]
-        s = sin[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
         return out.to(x.dtype)

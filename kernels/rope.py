@@ -37,6 +37,7 @@ def _rope_kernel(
     stride_ob,
     stride_os,
     stride_oh,
+    stride_cb,
     stride_cs,
     seq_len,
     n_heads,
@@ -52,8 +53,9 @@ def _rope_kernel(
     cols = tl.arange(0, BLOCK_D)[None, :]
     col_mask = cols < half
     mask = (heads < n_heads) & col_mask
-    cos = tl.load(COS + s * stride_cs + cols, mask=col_mask, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + s * stride_cs + cols, mask=col_mask, other=0.0).to(tl.float32) * SIN_SIGN
+    row = b * stride_cb + s * stride_cs  # stride_cb is 0 when every row has the same positions
+    cos = tl.load(COS + row + cols, mask=col_mask, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + row + cols, mask=col_mask, other=0.0).to(tl.float32) * SIN_SIGN
     x_ptr = X + b * stride_xb + s * stride_xs + heads * stride_xh + cols
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
@@ -66,7 +68,8 @@ def _rope_kernel(
 def _rotate(
     x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 ) -> None:
-    """Rotate x [B, S, H, D] into out (which may be x). Both need unit stride on D."""
+    """Rotate x [B, S, H, D] into out (which may be x). Both need unit stride on D; cos/sin are
+    [S, D/2] or [B, S, D/2] with equal strides."""
     batch, seq_len, n_heads, head_dim = x.shape
     half = head_dim // 2
     if batch * seq_len == 0 or n_heads == 0:
@@ -82,7 +85,8 @@ def _rotate(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        cos.stride(0),
+        cos.stride(0) if cos.dim() == 3 else 0,
+        cos.stride(-2),
         seq_len,
         n_heads,
         half,
@@ -147,7 +151,8 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton rotary embedding with the signature of ``reference.apply_rotary``.
 
-    q: [B, S, Hq, D], k: [B, S, Hkv, D] (any strides), cos/sin: [S, D // 2]. ``inplace``:
+    q: [B, S, Hq, D], k: [B, S, Hkv, D] (any strides), cos/sin: [S, D // 2], or [B, S, D // 2]
+    for positions that differ per row (packed documents). ``inplace``:
     None decides per tensor with ``inplace_is_safe``; False never overwrites; True insists
     (and fails the way autograd does where that is not allowed). cos/sin get no gradient.
     """
@@ -156,14 +161,15 @@ def apply_rotary(
     batch, seq_len, _, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim or head_dim % 2:
         raise ValueError(f"apply_rotary: q {tuple(q.shape)} and k {tuple(k.shape)} do not match")
-    if cos.shape != (seq_len, head_dim // 2) or sin.shape != cos.shape:
+    table = (seq_len, head_dim // 2)
+    if cos.shape not in (table, (batch, *table)) or sin.shape != cos.shape:
         raise ValueError(
-            f"apply_rotary: cos/sin must be [{seq_len}, {head_dim // 2}], got "
-            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+            f"apply_rotary: cos/sin must be [{seq_len}, {head_dim // 2}] or [{batch}, {seq_len}, "
+            f"{head_dim // 2}], got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     cos = _unit_last_stride(cos)
     sin = _unit_last_stride(sin)
-    if cos.stride(0) != sin.stride(0):
+    if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     q_inplace = inplace_is_safe(q) if inplace is None else inplace
     k_inplace = inplace_is_safe(k) if inplace is None else inplace

@@ -21,11 +21,13 @@ def test_presets_load(preset: str) -> None:
 
 def test_preset_sizes() -> None:
     sizes = {n: load_config(REPO / f"configs/{n}.yaml").model.num_params() for n in (
-        "tiny", "llama3.2-1b", "llama3-8b", "llama3-70b")}  # fmt: skip
+        "tiny", "llama3.2-1b", "llama3-8b", "llama3-70b", "qwen3-0.6b", "mistral-7b")}  # fmt: skip
     assert 0.5e6 < sizes["tiny"] < 1.5e6
     assert round(sizes["llama3-8b"] / 1e9, 2) == 8.03  # HF Meta-Llama-3-8B: 8.03B
     assert round(sizes["llama3-70b"] / 1e9, 1) == 70.6
     assert round(sizes["llama3.2-1b"] / 1e9, 2) == 1.24
+    assert sizes["qwen3-0.6b"] == 596_049_920  # HF Qwen/Qwen3-0.6B
+    assert sizes["mistral-7b"] == 7_241_732_096  # HF mistralai/Mistral-7B-v0.1
 
 
 def test_overrides_are_typed_and_nested() -> None:

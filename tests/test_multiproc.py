@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-
 from multiproc import run_distributed
 
 

@@ -1,15 +1,18 @@
 """``eurotrain convert``: HF transformers safetensors <-> eurotrain (DCP) checkpoints.
 
     eurotrain convert hf-to-eurotrain HF_DIR OUT_DIR
-        config.json + *.safetensors of a Llama, Qwen2 or Mistral causal LM -> OUT_DIR/step-000000
+        config.json + *.safetensors of a Llama, Qwen2, Qwen3 or Mistral causal LM
+        -> OUT_DIR/step-000000
         (a committed, weights-only checkpoint) + OUT_DIR/config.yaml (the model section and
         checkpoint.init_from) to continue pretraining from. A model eurotrain would compute
-        differently (another architecture, activation, bias, sliding window, RoPE type, or
-        tensors it has no place for) is refused with one line naming what differs.
+        differently (another architecture, activation, a window on some layers only, RoPE type,
+        or tensors it has no place for) is refused with one line naming what differs.
     eurotrain convert eurotrain-to-hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
                                       [--untie]
         any eurotrain checkpoint, saved under any layout (or a checkpoints directory: its newest
-        committed one) -> config.json + model.safetensors (sharded with an index when large).
+        committed one) -> config.json + model.safetensors (sharded with an index when large),
+        as the HF model type that computes the same function (mistral for a sliding window,
+        qwen3 for q/k norms, qwen2 for q/k/v biases, else llama).
 
 Both run in one process on the CPU and hold the whole model in memory once. Nothing is
 unpickled without restriction: safetensors in; a DCP checkpoint is verified fully and read
@@ -199,7 +202,7 @@ def eurotrain_to_hf(
     if untie:
         model_cfg.tie_embeddings = False
     weights = read_model_weights(ckpt, metadata)
-    hf_state = to_hf_state_dict(weights, model_cfg.tie_embeddings)
+    hf_state = to_hf_state_dict(weights, model_cfg)
     hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
     make_dir(out_dir)
     hf_cfg = to_hf_config(model_cfg)

@@ -52,8 +52,10 @@ class DataConfig:
     demo_bytes: int = 2_000_000
     """Size of the demo corpus in bytes (the first files of the standard library, sorted)."""
     document_positions: bool = False
-    """Also serve per-document position ids and cu_seqlens with every micro-batch, so attention
-    can be masked per document."""
+    """Packed documents stay apart: every micro-batch also carries per-document position ids
+    (and cu_seqlens), the model restarts RoPE positions at each document and attention is
+    masked so that a token attends only to earlier tokens of its own document (training and
+    validation)."""
     verify: Literal["size", "checksum"] = "checksum"
     """How prepared shards are checked when opened: sizes only, or sizes and SHA-256 (reads
     every shard once; choose "size" for corpora of many terabytes)."""

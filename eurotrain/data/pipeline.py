@@ -130,4 +130,5 @@ class DataPipeline:
             dp_size,
             SPLIT_SEED,
             weights=self.validation_weights,
+            document_positions=self.cfg.document_positions,
         )

@@ -1,4 +1,4 @@
-"""Model configuration: the shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2 style)."""
+"""Model configuration: the shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3 style)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ class ModelConfig:
     """Share the input embedding with the output projection (Llama 3.2 1B/3B style)."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2 style)."""
+    attention_bias: bool = False
+    """Bias on all four attention projections, q/k/v and the output (HF Llama's and Qwen3's
+    attention_bias)."""
+    mlp_bias: bool = False
+    """Bias on the three projections of the SwiGLU MLP (HF Llama's mlp_bias)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key before RoPE (Qwen3), one weight of head_dim each."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral): a token attends to itself and the sliding_window - 1
+    tokens before it, in every layer; null attends to the whole causal context."""
     init_std: float = 0.02
     """Standard deviation of the (truncated) normal init of linear and embedding weights."""
     kernels: Literal["torch", "triton", "compile"] = "torch"
@@ -94,6 +104,10 @@ class ModelConfig:
             self.head_dim = self.dim // self.num_heads
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim: {self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(
+                f"model.sliding_window: {self.sliding_window} must be >= 1 (null: no window)"
+            )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
 
@@ -101,9 +115,16 @@ class ModelConfig:
         """Parameter count of the decoder (the output projection counts unless tied)."""
         assert self.head_dim is not None and self.num_kv_heads is not None
         attn = self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        if self.qkv_bias:
+        if self.qkv_bias or self.attention_bias:
             attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        if self.attention_bias:
+            attn += self.dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        mlp = 3 * self.dim * self.ffn_dim
+        if self.mlp_bias:
+            mlp += 2 * self.ffn_dim + self.dim
+        block = attn + mlp + 2 * self.dim
         n = self.num_layers * block + self.dim
         embed = self.vocab_size * self.dim
         if not exclude_embedding:

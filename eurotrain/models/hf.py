@@ -1,4 +1,5 @@
-"""HF transformers interop: weight names and config for LlamaForCausalLM-family models.
+"""HF transformers interop: weight names and config for the Llama-family causal LMs (Llama, Qwen2,
+Qwen3, Mistral).
 
 Our layout keeps HF's rotate-half RoPE convention, so weights map one to one by name, with no
 permutation of the q/k projections.
@@ -11,15 +12,16 @@ from typing import Any
 
 import torch
 
-from eurotrain.errors import CheckpointError
+from eurotrain.errors import CheckpointError, ConfigError
 from eurotrain.models.config import ModelConfig
-from eurotrain.models.hf_config import from_hf_config
+from eurotrain.models.hf_config import CAUSAL_LM, from_hf_config
 from eurotrain.models.llama import build_model
 
 __all__ = [
     "from_hf_config",
     "from_hf_name",
     "from_hf_state_dict",
+    "hf_model_type",
     "to_hf_config",
     "to_hf_name",
     "to_hf_state_dict",
@@ -30,6 +32,8 @@ _LAYER_MAP = {
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
+    "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm",
     "feed_forward.w1": "mlp.gate_proj",
     "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
@@ -43,6 +47,34 @@ _TOP_MAP = {
 }
 _OURS = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
 _THEIRS = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The HF model_type whose modelling code computes what ``cfg`` describes: qwen3 for q/k
+    norms, qwen2 for q/k/v biases alone, mistral for a sliding window, else llama. A
+    ConfigError names what the closest HF model has no place for."""
+    c = cfg
+    if c.qk_norm:
+        model_type = "qwen3"
+    elif c.qkv_bias and not c.attention_bias:
+        model_type = "qwen2"
+    elif c.sliding_window is not None:
+        model_type = "mistral"
+    else:
+        model_type = "llama"
+    problems = []
+    if c.qkv_bias and not c.attention_bias and model_type != "qwen2":
+        problems.append("q/k/v biases without an o_proj bias (model.qkv_bias)")
+    if c.attention_bias and model_type not in ("llama", "qwen3"):
+        problems.append("model.attention_bias")
+    if c.mlp_bias and model_type != "llama":
+        problems.append("model.mlp_bias")
+    if problems:
+        raise ConfigError(
+            f"model: {', '.join(problems)} has no place in HF's {CAUSAL_LM[model_type]} (the "
+            f"closest HF model); export is refused rather than written as a different model"
+        )
+    return model_type
 
 
 def to_hf_name(name: str) -> str:
@@ -65,8 +97,10 @@ def from_hf_name(name: str) -> str:
     return f"layers.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], tie: bool) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF names for eurotrain weights; a tied model stores the embedding once (no lm_head)."""
+    hf_model_type(cfg)  # refuses what HF's classes have no place for
+    tie = cfg.tie_embeddings
     unknown = [k for k in state if not _has_hf_name(k)]
     if unknown:
         raise CheckpointError(
@@ -104,8 +138,8 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     if unknown:
         raise CheckpointError(
             f"HF weights: {len(unknown)} tensor(s) a {cfg.name!r} eurotrain model has no place "
-            f"for: {_some(unknown)}; the weights are not those of a plain Llama/Qwen2/Mistral "
-            f"causal LM as config.json describes it"
+            f"for: {_some(unknown)}; the weights are not those of a plain "
+            f"{CAUSAL_LM[hf_model_type(cfg)]} as config.json describes it"
         )
     if cfg.tie_embeddings and "tok_embeddings.weight" in out:
         lm_head = out.pop("output.weight", None)  # some tied exports store it anyway
@@ -151,14 +185,10 @@ def _some(names: list[str], limit: int = 6) -> str:
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A LlamaConfig dict (Qwen2-style qkv bias maps to attention_bias)."""
-    # q/k/v biases without an o_proj bias is Qwen2's attention; HF Llama's attention_bias
-    # would put a bias on o_proj too.
-    arch, model_type = (
-        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
-    )
+    """The config.json of the HF model type that computes ``cfg`` (``hf_model_type``)."""
+    model_type = hf_model_type(cfg)
     d: dict[str, Any] = {
-        "architectures": [arch],
+        "architectures": [CAUSAL_LM[model_type]],
         "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -171,16 +201,20 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
     }
+    window = cfg.sliding_window
+    if model_type == "llama":
+        d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    if model_type == "qwen3":
+        d["attention_bias"] = cfg.attention_bias
+    if model_type == "mistral":
+        d["sliding_window"] = window
+    if model_type in ("qwen2", "qwen3"):
+        # max_window_layers 0: the window (when there is one) applies from the first layer on.
+        d.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)
     rs = cfg.rope_scaling
-    if cfg.qkv_bias:
-        d.pop("attention_bias")
-        d.pop("mlp_bias")
-        d["use_sliding_window"] = False
     if rs.enabled:
         d["rope_scaling"] = {
             "rope_type": "llama3",

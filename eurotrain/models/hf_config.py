@@ -1,12 +1,13 @@
 """Reading a HF transformers config.json: which models eurotrain can represent, and refusing the rest.
 
 eurotrain's decoder is HF's LlamaForCausalLM math (RMSNorm, rotate-half RoPE with optional
-Llama-3.1 scaling, grouped-query causal attention, SwiGLU), plus Qwen2's q/k/v biases. A config
-that asks for anything else would import to a *different* model without a word (Gemma's (1 + w)
-norm, a Mistral sliding window, GELU, o_proj or MLP biases, YaRN RoPE...), so every field HF's
-Llama, Qwen2 or Mistral code reads is checked here, and each refusal is one line naming the field,
-its value and what is supported. The config is treated as untrusted input: wrong types are errors,
-not tracebacks.
+Llama-3.1 scaling, grouped-query causal attention, SwiGLU) with Llama's optional attention and
+MLP biases, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral's sliding window (in every
+layer). A config that asks for anything else would import to a *different* model without a
+word (Gemma's (1 + w) norm, a window on some layers only, GELU, YaRN RoPE, experts...), so every
+field HF's code for these types reads is checked here, and each refusal is one line naming the
+field, its value and what is supported. The config is treated as untrusted input: wrong types
+are errors, not tracebacks.
 """
 
 from __future__ import annotations
@@ -20,16 +21,26 @@ from eurotrain.models.config import ModelConfig, RopeScaling
 CAUSAL_LM = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
-SUPPORTED = "supported model types: llama, qwen2, mistral (without sliding window)"
+SUPPORTED = "supported model types: llama, qwen2, qwen3, mistral"
+_NO_MOE = "eurotrain does not implement mixture-of-experts layers yet"
 
 # Why the common relatives differ; any other model_type gets the general reason.
 _OTHER_TYPES = {
     "gemma": "Gemma's RMSNorm scales by (1 + weight) and it multiplies embeddings by sqrt(dim)",
     "gemma2": "Gemma 2 adds (1 + weight) norms after each sublayer and logit soft-capping",
     "gemma3": "Gemma 3 adds (1 + weight) norms, q/k norms and local attention layers",
-    "qwen3": "Qwen3 normalises queries and keys per head (q_norm, k_norm)",
+    "mixtral": f"Mixtral's MLPs are mixtures of experts; {_NO_MOE}",
+    "qwen3_moe": f"Qwen3-MoE's MLPs are mixtures of experts; {_NO_MOE}",
+    "qwen2_moe": f"Qwen2-MoE's MLPs are mixtures of experts; {_NO_MOE}",
+    "deepseek_v2": "DeepSeek-V2 uses multi-head latent attention and experts",
+    "deepseek_v3": "DeepSeek-V3 uses multi-head latent attention and experts",
+    "olmoe": f"OLMoE normalises queries and keys over all heads together; {_NO_MOE}",
+    "gpt_oss": "gpt-oss has attention sinks, biased experts and a clamped SwiGLU",
+    "qwen3_next": "Qwen3-Next mixes linear (gated delta-net) attention layers and gated experts",
+    "jamba": "Jamba interleaves Mamba layers",
     "phi": "Phi uses LayerNorm, a GELU MLP, biases and partial rotary embeddings",
     "phi3": "Phi-3 fuses q/k/v and gate/up projections and may use LongRoPE",
     "olmo2": "OLMo 2 normalises after each sublayer and normalises queries and keys",
@@ -39,6 +50,7 @@ _OTHER_TYPES = {
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"max_position_embeddings": 2048},
     "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
     "mistral": {
         "max_position_embeddings": 131072,
         "num_key_value_heads": 8,
@@ -111,19 +123,10 @@ def check_model_type(d: dict[str, Any]) -> str:
 
 
 def _check_math(d: dict[str, Any], model_type: str) -> None:
-    """Fields of the three supported types that would change the computed function."""
+    """Fields of the supported types that would change the computed function."""
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise _refuse("hidden_act", act, "eurotrain's MLP is SwiGLU (silu)")
-    if model_type == "llama":  # only HF's Llama reads these; Qwen2/Mistral fix their biases
-        if _flag(d, "attention_bias"):
-            raise _refuse(
-                "attention_bias",
-                True,
-                "eurotrain's attention has no o_proj bias (q/k/v biases only, as in qwen2)",
-            )
-        if _flag(d, "mlp_bias"):
-            raise _refuse("mlp_bias", True, "eurotrain's MLP has no biases")
     for key, what in _FOREIGN.items():
         value = d.get(key)
         if value not in (None, False):
@@ -132,43 +135,56 @@ def _check_math(d: dict[str, Any], model_type: str) -> None:
             elif key == "auto_map" and isinstance(value, dict):
                 value = sorted(value)
             raise _refuse(key, value, f"eurotrain does not implement {what}")
-    _check_sliding_window(d, model_type)
 
 
-def _check_sliding_window(d: dict[str, Any], model_type: str) -> None:
-    """A window at least as long as the context never masks anything: accepted."""
+def _sliding_window(d: dict[str, Any], model_type: str) -> int | None:
+    """The window eurotrain applies in every layer, or None. A window at least as long as the
+    context never masks anything (None); a window on some layers only is refused."""
     context = _context(d, model_type)
     if model_type == "llama":
-        return  # HF's Llama has no sliding window
+        return None  # HF's Llama has no sliding window
     window = d.get("sliding_window", _DEFAULTS[model_type].get("sliding_window"))
-    if model_type == "qwen2":
-        if not _flag(d, "use_sliding_window"):
-            return  # HF's Qwen2Config drops the window when use_sliding_window is false
+    if model_type in ("qwen2", "qwen3") and not _flag(d, "use_sliding_window"):
+        return None  # HF's Qwen configs drop the window when use_sliding_window is false
+    if model_type in ("qwen2", "qwen3"):
+        num_layers = _count(d.get("num_hidden_layers"), "num_hidden_layers")
         layers = d.get("layer_types")
         if layers is None:  # HF's rule: layers from max_window_layers on slide
             start = d.get("max_window_layers", 28)
             if isinstance(start, bool) or not isinstance(start, int):
                 raise ConfigError(f"HF config: max_window_layers {_show(start)} is not an integer")
-            sliding = start < _count(d.get("num_hidden_layers"), "num_hidden_layers")
+            layers = [
+                "sliding_attention" if i >= start else "full_attention" for i in range(num_layers)
+            ]
         elif not isinstance(layers, list) or any(
             t not in ("full_attention", "sliding_attention") for t in layers
         ):
-            raise _refuse("layer_types", layers, "eurotrain's layers are full causal attention")
-        else:
-            sliding = "sliding_attention" in layers
-        if not sliding:
-            return
+            raise _refuse("layer_types", layers, "eurotrain's layers are causal attention")
+        elif len(layers) != num_layers:
+            raise ConfigError(
+                f"HF config: layer_types names {len(layers)} layers, num_hidden_layers is "
+                f"{num_layers}"
+            )
+        if "sliding_attention" not in layers:
+            return None
+        if "full_attention" in layers and isinstance(window, int) and window < context:
+            raise _refuse(
+                "layer_types",
+                _summary(layers),
+                "eurotrain applies one sliding window to every layer or none, not to some",
+            )
     if window is None:
-        return
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise ConfigError(f"HF config: sliding_window {_show(window)} is not an integer or null")
-    if window < context:
-        raise _refuse(
-            "sliding_window",
-            window,
-            f"eurotrain's attention is full causal attention; a window shorter than "
-            f"max_position_embeddings ({context}) masks distant tokens",
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(
+            f"HF config: sliding_window {_show(window)} is not a positive integer or null"
         )
+    return window if window < context else None
+
+
+def _summary(layers: list[str]) -> str:
+    kinds = sorted(set(layers))
+    return f"{len(layers)} layers mixing {' and '.join(kinds)}"
 
 
 def _context(d: dict[str, Any], model_type: str) -> int:
@@ -215,22 +231,27 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
 
 
 def from_hf_config(d: Any) -> ModelConfig:
-    """ModelConfig from a HF config.json dict of a Llama, Qwen2 or Mistral causal LM; a
+    """ModelConfig from a HF config.json dict of a Llama, Qwen2, Qwen3 or Mistral causal LM; a
     ConfigError naming the field for anything eurotrain would compute differently."""
     if not isinstance(d, dict):
         raise ConfigError(f"HF config: expected a JSON object, got {type(d).__name__}")
     model_type = check_model_type(d)
     _check_math(d, model_type)
     theta, scaling = _rope(d)
-    kv_heads = d.get("num_key_value_heads", _DEFAULTS[model_type].get("num_key_value_heads"))
-    head_dim = d.get("head_dim")
+    defaults = _DEFAULTS[model_type]
+    kv_heads = d.get("num_key_value_heads", defaults.get("num_key_value_heads"))
+    head_dim = d.get("head_dim", defaults.get("head_dim"))
     name = d.get("_name_or_path")
+    num_layers = _count(d.get("num_hidden_layers"), "num_hidden_layers")
+    # Llama reads attention_bias and mlp_bias; Qwen3 attention_bias (all four projections);
+    # Qwen2 always has q/k/v biases; Mistral has none.
+    biased = model_type in ("llama", "qwen3")
     try:
         return ModelConfig(
             name=name if isinstance(name, str) and name else model_type,
             vocab_size=_count(d.get("vocab_size"), "vocab_size"),
             dim=_count(d.get("hidden_size"), "hidden_size"),
-            num_layers=_count(d.get("num_hidden_layers"), "num_hidden_layers"),
+            num_layers=num_layers,
             num_heads=_count(d.get("num_attention_heads"), "num_attention_heads"),
             num_kv_heads=None if kv_heads is None else _count(kv_heads, "num_key_value_heads"),
             head_dim=None if head_dim is None else _count(head_dim, "head_dim"),
@@ -241,6 +262,10 @@ def from_hf_config(d: Any) -> ModelConfig:
             max_seq_len=_context(d, model_type),
             tie_embeddings=_flag(d, "tie_word_embeddings"),
             qkv_bias=model_type == "qwen2",
+            attention_bias=biased and _flag(d, "attention_bias"),
+            mlp_bias=model_type == "llama" and _flag(d, "mlp_bias"),
+            qk_norm=model_type == "qwen3",
+            sliding_window=_sliding_window(d, model_type),
         )
     except ConfigError as e:
         raise ConfigError(f"HF config: does not make a valid eurotrain model: {e}") from None

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eurotrain.kernels import Ops, get_ops
+from eurotrain.models.attention import AttentionMask, attention
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.init import init_param
 from eurotrain.models.rope import rope_tables
@@ -35,51 +35,62 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention through scaled_dot_product_attention (causal)."""
+    """Grouped-query attention (causal; within documents and a sliding window when masked)."""
 
     def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
         super().__init__()
         assert cfg.head_dim is not None and cfg.num_kv_heads is not None
         self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
+        # Qwen3: RMSNorm over each head's query and key (one weight shared by all heads).
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ops) if cfg.qk_norm else None
         self.ops = ops
-        # Context parallelism (Ulysses) swaps this for a function that all-to-alls around SDPA.
-        self.sdpa = sdpa
+        # Context parallelism (Ulysses) swaps this for a function that all-to-alls around it.
+        self.sdpa = attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
-        # The tables may be longer than this sequence: under sequence parallelism the caller
-        # only sees its sequence shard, attention sees the whole (gathered) sequence.
-        q, k = self.ops.apply_rotary(q, k, cos[:seq], sin[:seq])
-        out = self.sdpa(q, k, v)  # [B, S, H, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos.dim() == 2:
+            # Tables shared by all rows may be longer than this sequence: under sequence
+            # parallelism the caller only sees its shard, attention the whole (gathered) sequence.
+            cos, sin = cos[:seq], sin[:seq]
+        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        out = self.sdpa(q, k, v, mask)  # [B, S, H, D]
         return self.wo(out.reshape(bsz, seq, -1))
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention on [B, S, H, D] tensors; KV heads are shared by groups of query heads."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return out.transpose(1, 2)
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None
+) -> torch.Tensor:
+    """Attention on [B, S, H, D] tensors (eurotrain.models.attention.attention)."""
+    return attention(q, k, v, mask)
 
 
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+    def __init__(self, cfg: ModelConfig, ops: Ops, hidden_dim: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        hidden = hidden_dim or cfg.ffn_dim
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +105,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.feed_forward = FeedForward(cfg, ops)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -185,20 +202,27 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: [B, S] ids (or [B, S, D] hidden states on a later pipeline stage).
 
-        positions ([S], optional) index the RoPE tables, for a context-parallel shard of a
-        longer sequence. With labels, returns the summed token cross-entropy (fp32, from
-        ``self.loss_fn``) so the trainer can normalise by the global token count; a pipeline
-        stage without the output projection returns its hidden states either way."""
+        positions index the RoPE tables: [S] for a context-parallel shard of a longer sequence,
+        or [B, S] per row (packed documents, positions restarting at each document); default
+        0..S-1. documents ([B, S_attn], optional): the document index of every token attention
+        sees (the whole row, also when ``tokens`` is a context-parallel shard of it): attention
+        then stays within documents. With labels, returns the summed token cross-entropy (fp32,
+        from ``self.loss_fn``) so the trainer can normalise by the global token count; a
+        pipeline stage without the output projection returns its hidden states either way."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:  # attention takes the first rows it needs
             cos, sin = self.rope_cos, self.rope_sin
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = None
+        if documents is not None or self.cfg.sliding_window is not None:
+            mask = AttentionMask(documents, self.cfg.sliding_window)  # made once, for all layers
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

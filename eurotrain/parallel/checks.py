@@ -171,6 +171,20 @@ def _check_context(cfg: Config, dims: ParallelDims, cuda: bool) -> None:
                 f"ring attention's load balancing; for example data.seq_len = "
                 f"{seq - seq % (2 * dims.cp) or 2 * dims.cp}"
             )
+        masked = [
+            what
+            for what, on in (
+                ("data.document_positions (document masks)", cfg.data.document_positions),
+                (f"model.sliding_window = {m.sliding_window}", m.sliding_window is not None),
+            )
+            if on
+        ]
+        if masked:
+            raise ConfigError(
+                f"parallel.cp_method = ring computes plain causal attention only, not "
+                f"{' or '.join(masked)}: use parallel.cp_method = ulysses (whole sequences per "
+                f"rank, any mask)"
+            )
         return
     if seq % dims.cp:
         raise ConfigError(

@@ -4,7 +4,9 @@ sequence.
 Ulysses (any device): around attention, an all-to-all turns [B, S/cp, H, D] sequence shards into
 [B, S, H/cp, D] head shards, attention runs on whole sequences for a subset of heads, and a
 second all-to-all turns the result back. The model's ``Attention.sdpa`` is swapped for that
-function and the model is given the global ``positions`` of its slice for RoPE.
+function and the model is given the global ``positions`` of its slice for RoPE. Attention sees
+whole rows, so a document mask is built from the whole row's document ids (``documents``),
+which every cp rank is given in full.
 
 Ring (GPU only): PyTorch's ``context_parallel`` context shards the batch buffers and dispatches
 SDPA to ring attention. Not verified here (no GPU); check_layout refuses it on CPU.
@@ -21,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from eurotrain.models.attention import AttentionMask
+from eurotrain.models.attention import attention as local_attention
 from eurotrain.models.llama import TransformerBlock
-from eurotrain.models.llama import sdpa as local_sdpa
 
 
 class _AllToAll(torch.autograd.Function):
@@ -61,10 +64,15 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
 
 
 def ulysses_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, cp: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask | None,
+    group: dist.ProcessGroup,
+    cp: int,
 ) -> torch.Tensor:
     q, k, v = (_seq_to_heads(t, group, cp) for t in (q, k, v))
-    return _heads_to_seq(local_sdpa(q, k, v), group, cp)
+    return _heads_to_seq(local_attention(q, k, v, mask), group, cp)
 
 
 def apply_ulysses(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
@@ -75,13 +83,18 @@ def apply_ulysses(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
 
 
 def shard_sequence(
-    x: torch.Tensor, y: torch.Tensor, cp_mesh: DeviceMesh
+    x: torch.Tensor, y: torch.Tensor, cp_mesh: DeviceMesh, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's contiguous slice of inputs and labels, and its global positions for RoPE."""
+    """This rank's contiguous slice of inputs and labels, and its positions for RoPE: the
+    slice of ``positions`` ([B, S], per document) or the global positions 0..S-1 of the slice."""
     cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
     s = x.shape[1] // cp
-    positions = torch.arange(rank * s, (rank + 1) * s, device=x.device)
-    return x[:, rank * s : (rank + 1) * s], y[:, rank * s : (rank + 1) * s], positions
+    part = slice(rank * s, (rank + 1) * s)
+    if positions is None:
+        positions = torch.arange(rank * s, (rank + 1) * s, device=x.device)
+    else:
+        positions = positions[:, part]
+    return x[:, part], y[:, part], positions
 
 
 def ring_context(

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 
 from eurotrain.configtools import ConfigError
+from eurotrain.models.attention import document_ids
 from eurotrain.optim import build_optimizer
 from eurotrain.parallel import cp as context_parallel
 from eurotrain.parallel.checks import pipeline_microbatches
@@ -192,20 +193,33 @@ class TorchEngine:
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
-    def _sequence_shard(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
-        """Under context parallelism: this rank's slice of every sequence (Ulysses), or the
-        ring-attention context that shards them in place."""
+    def _model_inputs(
+        self, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, dict[str, torch.Tensor], contextlib.AbstractContextManager
+    ]:
+        """(inputs, labels, the model's keyword arguments, context) of one micro-batch. With
+        per-document positions (data.document_positions) the model gets them for RoPE and the
+        document ids of the whole rows for attention's mask. Under context parallelism: this
+        rank's slice of every sequence (Ulysses), or the ring-attention context that shards
+        them in place."""
+        x, y = self._to_device(x), self._to_device(y)
+        kwargs: dict[str, torch.Tensor] = {}
+        if positions is not None:
+            positions = self._to_device(positions)
+            kwargs["documents"] = document_ids(positions)
         if self.dims.cp == 1:
-            return x, y, None, contextlib.nullcontext()
+            if positions is not None:
+                kwargs["positions"] = positions
+            return x, y, kwargs, contextlib.nullcontext()
         assert self.mesh is not None  # cp > 1 means several ranks
         cp_mesh = self.mesh["cp"]
         if self.cp_method == "ulysses":
-            x, y, positions = context_parallel.shard_sequence(x, y, cp_mesh)
-            return x, y, positions, contextlib.nullcontext()
-        positions = torch.arange(x.shape[1], device=x.device)
-        return x, y, positions, context_parallel.ring_context(cp_mesh, x, y, positions)
+            x, y, kwargs["positions"] = context_parallel.shard_sequence(x, y, cp_mesh, positions)
+            return x, y, kwargs, contextlib.nullcontext()
+        # Ring attention (check_layout refuses document masks with it) shards in place.
+        kwargs["positions"] = torch.arange(x.shape[1], device=x.device)
+        return x, y, kwargs, context_parallel.ring_context(cp_mesh, x, y, kwargs["positions"])
 
     def forward_backward(self, batch: Batch, num_tokens: float) -> torch.Tensor:
         """Forward and backward of every micro-batch (gradient accumulation, or the pipeline
@@ -214,17 +228,22 @@ class TorchEngine:
         if self.pipeline is not None:
             x = self._to_device(torch.cat(batch.inputs))
             y = self._to_device(torch.cat(batch.labels))
+            kwargs = {}
+            if batch.positions is not None:
+                pos = self._to_device(torch.cat(batch.positions))
+                kwargs = {"positions": pos, "documents": document_ids(pos)}
             with self.precision.context():
-                return self.pipeline.step(x, y, num_tokens)
+                return self.pipeline.step(x, y, num_tokens, **kwargs)
         loss_sum = torch.zeros((), device=self.device)
         last = len(batch.inputs) - 1
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
             if self.syncs_grads:  # reduce gradients only after the last micro-batch
                 cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
-            x, y, positions, ring = self._sequence_shard(self._to_device(x), self._to_device(y))
+            doc_positions = batch.positions[i] if batch.positions is not None else None
+            x, y, kwargs, ring = self._model_inputs(x, y, doc_positions)
             with ring:
                 with self.precision.context():
-                    loss = self.model(x, y, positions=positions)
+                    loss = self.model(x, y, **kwargs)
                 (loss / num_tokens).backward()
             loss_sum += loss.detach().float()
         return loss_sum
@@ -250,10 +269,15 @@ class TorchEngine:
     def eval_loss(self, batch: Batch) -> torch.Tensor:
         self._train_mode(False)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for x, y in zip(batch.inputs, batch.labels):
+        for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
+            # Evaluation runs without pipeline or context parallelism (check_layout).
+            kwargs: dict[str, torch.Tensor] = {}
+            if batch.positions is not None:
+                kwargs["positions"] = self._to_device(batch.positions[i])
+                kwargs["documents"] = document_ids(kwargs["positions"])
             x, y = self._to_device(x), self._to_device(y)
             with self.precision.context():
-                total += self.model(x, y).double()
+                total += self.model(x, y, **kwargs).double()
         return total
 
 

@@ -139,14 +139,19 @@ class Pipeline:
             scale_grads=False,  # the loss is already normalised by the global token count
         )
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, num_tokens: float, **model_kwargs: torch.Tensor
+    ) -> torch.Tensor:
         """Forward and backward of one local batch; returns this rank's summed CE (0 if it
-        holds no last stage)."""
+        holds no last stage). ``model_kwargs`` ([B, S] positions and documents of packed
+        documents) reach every stage's forward, split into micro-batches like the inputs."""
         assert self.schedule is not None, "call build_schedule() first"
         self.loss_fn.num_tokens = num_tokens
         self.loss_fn.summed.clear()
         args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": [], "labels": y} if self.has_last else {}
+        kwargs: dict = dict(model_kwargs)
+        if self.has_last:
+            kwargs.update(target=y, losses=[], labels=y)
         # The last stage's outputs are per-micro-batch losses, kept by loss_fn: nothing to merge.
         self.schedule.step(*args, return_outputs=False, **kwargs)
         if not self.loss_fn.summed:

@@ -24,11 +24,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     present = {k: v for k, v in top.items() if getattr(model, k, None) is not None}
     parallelize_module(model, tp_mesh, present)
     for layer in cast(nn.ModuleDict, model.layers).values():
-        parallelize_module(layer, tp_mesh, block)
+        parallelize_module(layer, tp_mesh, {k: v for k, v in block.items() if _has(layer, k)})
     if getattr(model, "output", None) is not None:
         use_triton = cast(Transformer, model).ops.backend == "triton"
         model.loss_fn = VocabParallelCrossEntropy(tp_mesh, use_triton)  # type: ignore[assignment]
     return model
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class VocabParallelCrossEntropy:

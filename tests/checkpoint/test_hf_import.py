@@ -36,11 +36,13 @@ def save_hf(path: Path, config_cls: str, randomise_biases: bool = False, **kwarg
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**SHAPE, **kwargs})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    if randomise_biases:  # zero-initialised biases would not test the mapping
+    if randomise_biases:  # zero biases and norm weights of one would not test the mapping
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.1)
+                elif "norm" in name:
+                    p.uniform_(0.5, 1.5)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -63,27 +65,25 @@ def run_convert(hf_dir: Path, out: Path, capsys) -> tuple[int, str]:
 
 # ---- refused: config.json asks for math eurotrain does not do ------------------------------
 REFUSED_BY_HF_CLASS = {
-    "llama attention_bias": (
-        "LlamaConfig", {"attention_bias": True},
-        "HF config: attention_bias true is not supported: eurotrain's attention has no o_proj bias",
-    ),
-    "llama mlp_bias": ("LlamaConfig", {"mlp_bias": True}, "HF config: mlp_bias true is not"),
     "llama gelu": (
         "LlamaConfig", {"hidden_act": "gelu_pytorch_tanh"},
         "HF config: hidden_act 'gelu_pytorch_tanh' is not supported: eurotrain's MLP is SwiGLU "
-        "(silu); supported model types: llama, qwen2, mistral (without sliding window)",
+        "(silu); supported model types: llama, qwen2, qwen3, mistral",
     ),
-    "mistral sliding window": (
-        "MistralConfig", {"sliding_window": 16},
-        "HF config: sliding_window 16 is not supported: eurotrain's attention is full causal "
-        "attention; a window shorter than max_position_embeddings (64)",
-    ),
-    "qwen2 sliding window": (
+    "qwen2 sliding window on some layers": (
         "Qwen2Config", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
-        "HF config: sliding_window 16 is not supported",
+        "HF config: layer_types '2 layers mixing full_attention and sliding_attention' is not "
+        "supported: eurotrain applies one sliding window to every layer or none",
     ),
     "gemma": ("GemmaConfig", {"head_dim": 8}, "HF config: model_type 'gemma' is not supported: Gemma's"),
-    "qwen3": ("Qwen3Config", {"head_dim": 8}, "HF config: model_type 'qwen3' is not supported"),
+    "mixtral": (
+        "MixtralConfig", {"num_local_experts": 4},
+        "HF config: model_type 'mixtral' is not supported: Mixtral's MLPs are mixtures of experts",
+    ),
+    "olmoe": (
+        "OlmoeConfig", {"num_experts": 4},
+        "HF config: model_type 'olmoe' is not supported: OLMoE normalises queries and keys",
+    ),
     "phi": ("PhiConfig", {}, "HF config: model_type 'phi' is not supported: Phi uses LayerNorm"),
     "llama yarn rope": (
         "LlamaConfig",
@@ -231,6 +231,17 @@ ACCEPTED = {
     ),
     "mistral no window": ("MistralConfig", {"sliding_window": None}),
     "mistral window >= context": ("MistralConfig", {"sliding_window": 64}),
+    "mistral sliding window": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2 sliding window": (
+        "Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}
+    ),
+    "llama attention and mlp bias": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "qwen3 bias and window": (
+        "Qwen3Config",
+        {"head_dim": 8, "attention_bias": True, "use_sliding_window": True, "sliding_window": 8,
+         "max_window_layers": 0},
+    ),
 }  # fmt: skip
 
 
@@ -258,16 +269,25 @@ def test_attention_dropout_is_imported_with_a_note(llama_dir, tmp_path, capsys):
     assert "note: attention_dropout 0.1 is not applied: eurotrain trains without dropout" in err
 
 
-@pytest.mark.parametrize("config_cls", ["Qwen2Config", "MistralConfig"])
-def test_export_round_trip_keeps_the_architecture_and_logits(config_cls, tmp_path, capsys):
-    """HF -> eurotrain -> HF: Qwen2 comes back as Qwen2 (q/k/v biases), a window-less Mistral
-    as the same function in Llama's classes."""
-    kwargs = {"sliding_window": None} if config_cls == "MistralConfig" else {}
+ROUND_TRIPS = {
+    "qwen2": ("Qwen2Config", {}, "Qwen2ForCausalLM"),
+    # A Mistral without a window is Llama's function: it comes back in Llama's classes.
+    "mistral no window": ("MistralConfig", {"sliding_window": None}, "LlamaForCausalLM"),
+    "mistral sliding window": ("MistralConfig", {"sliding_window": 8}, "MistralForCausalLM"),
+    "qwen3": ("Qwen3Config", {"head_dim": 8, "attention_bias": True}, "Qwen3ForCausalLM"),
+    "llama biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}, "LlamaForCausalLM"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_export_round_trip_keeps_the_architecture_and_logits(case, tmp_path, capsys):
+    """HF -> eurotrain -> HF: the same model type (Qwen2's q/k/v biases, Mistral's window,
+    Qwen3's q/k norms, Llama's biases) and the same logits."""
+    config_cls, kwargs, expected = ROUND_TRIPS[case]
     hf = save_hf(tmp_path / "hf", config_cls, randomise_biases=True, **kwargs)
     assert run_convert(tmp_path / "hf", tmp_path / "et", capsys)[0] == 0
     assert convert(["eurotrain-to-hf", str(tmp_path / "et"), str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    expected = "Qwen2ForCausalLM" if config_cls == "Qwen2Config" else "LlamaForCausalLM"
     assert type(back).__name__ == expected
     with torch.no_grad():
         torch.testing.assert_close(back(TOKENS).logits, hf(TOKENS).logits, rtol=1e-5, atol=1e-5)

@@ -78,6 +78,7 @@ KERNELS = [
             "stride_ob": I32,
             "stride_os": I32,
             "stride_oh": I32,
+            "stride_cb": I32,
             "stride_cs": I32,
             "seq_len": I32,
             "n_heads": I32,

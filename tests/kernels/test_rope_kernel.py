@@ -61,6 +61,29 @@ def test_matches_reference(shape, dtype, layout, device):
         assert_close(g, w, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_positions_per_row(dtype, device):
+    """cos/sin [B, S, D/2]: each row rotated by its own positions (packed documents restart
+    at 0), the same as rotating each row alone with its table."""
+    batch, seq, hq, hkv, dim = shape = (2, 7, 4, 2, 16)
+    proj = torch.nn.Linear(8, (hq + hkv) * dim, device=device).to(dtype)
+    x = torch.randn(batch, seq, 8, device=device).to(dtype)
+    cos_full, sin_full = _cos_sin(seq, dim, device)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]], device=device)
+    cos, sin = cos_full[positions], sin_full[positions]
+    got = _run(apply_rotary, proj, x, shape, "view", cos, sin)
+    want = _run(reference.apply_rotary, proj, x, shape, "view", cos, sin)
+    for g, w in zip(got[:3], want[:3]):
+        assert_close(g, w, dtype)
+    q, k = _project(proj, x, shape, "view")
+    for row in range(batch):
+        q_row, k_row = reference.apply_rotary(
+            q[row : row + 1], k[row : row + 1], cos[row], sin[row]
+        )
+        assert_close(got[0][row : row + 1], q_row.detach(), dtype)
+        assert_close(got[1][row : row + 1], k_row.detach(), dtype)
+
+
 def test_inplace_only_where_autograd_allows_it(device):
     proj = torch.nn.Linear(8, 6 * 16, device=device)
     x = torch.randn(2, 5, 8, device=device)

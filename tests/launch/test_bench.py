@@ -117,3 +117,29 @@ def test_bench_jobs_quote_every_user_word(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert too_many.returncode == 2 and "--sweep 1,2: the job has --nodes 1" in too_many.stderr
+
+
+def _comms_against(rank: int, world: int, figure: float) -> list[dict]:
+    from eurotrain.bench.comms import run_comms
+
+    return run_comms([4096], ("all_reduce",), iters=1, warmup=0, nominal={"intra": figure})
+
+
+def test_comms_compares_bus_bandwidth_with_the_profiles_nominal_figure(tmp_path):
+    from multiproc import run_distributed
+
+    from eurotrain.bench.report import write_report
+    from eurotrain.bench.results import new_results, write_results
+    from eurotrain.clusters import load_profile
+
+    figure = load_profile("mn5-acc").links.inter_node_GBps
+    assert figure == 25.0  # 4x NDR200 per node, one per GPU
+    (record,) = run_distributed(_comms_against, 2, 0.5)[0]
+    assert record["nominal_GBps"] == 0.5
+    assert record["busbw_fraction"] == pytest.approx(record["busbw_GBps"] / 0.5)
+    results = new_results("mn5-acc", "cpu", 2, "gloo")
+    results["comms"] = [record]
+    write_results(tmp_path / "comms", results)
+    report = write_report([tmp_path / "comms"], tmp_path / "report").read_text()
+    share = f"{record['busbw_fraction']:.0%}"
+    assert any(line.endswith(f"| {share} |") for line in report.splitlines()), report

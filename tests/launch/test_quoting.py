@@ -193,6 +193,20 @@ def test_srun_rank_gets_payloads_literally(payload, sandbox, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
+def test_cpu_bind_reaches_srun_literally(payload, sandbox, monkeypatch, capsys):
+    python = _recorder(sandbox / "bin" / "py", sandbox / "rec" / "rank")
+    rc, script, err = _launch(
+        monkeypatch, capsys, sandbox, "--cluster", "local", "--nodes", "2", "--time", "00:10:00",
+        "--python", str(python), "--cpu-bind", payload, "--dry-run", _config(sandbox, "c.yaml"),
+    )  # fmt: skip
+    assert rc == 0, err
+    done = _run_script(sandbox, script)
+    assert done.returncode == 0, done.stderr
+    assert _markers(sandbox) == []
+    assert f"--cpu-bind={payload}" in _argv(sandbox / "rec" / "srun")
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
 @pytest.mark.parametrize("cluster", ["local", "mn5-acc", "lumi-g"])
 def test_torchrun_in_container_gets_payloads_literally(
     cluster, payload, sandbox, monkeypatch, capsys
@@ -319,13 +333,16 @@ def test_slash_in_the_job_name_is_refused(sandbox, monkeypatch, capsys):
 
 # ---- control characters in the rank command ----------------------------------------------
 @pytest.mark.parametrize("value", list(CONTROL.values()), ids=list(CONTROL))
-@pytest.mark.parametrize("where", ["--python", "--container", "config", "override", "model.name"])
+@pytest.mark.parametrize(
+    "where", ["--python", "--container", "--cpu-bind", "config", "override", "model.name"]
+)
 def test_control_characters_are_refused_by_name(where, value, sandbox, monkeypatch, capsys):
     config = _config(sandbox, "cfg.yaml", {"model.name": value} if where == "model.name" else {})
     args = ["--cluster", "local", "--nodes", "2", "--time", "00:10:00", "--dry-run"]
-    name = {"--python": "--python", "--container": "--container", "config": "config",
-            "override": "config override", "model.name": "model.name"}[where]  # fmt: skip
-    if where in ("--python", "--container"):
+    name = {"--python": "--python", "--container": "--container", "--cpu-bind": "--cpu-bind",
+            "config": "config", "override": "config override",
+            "model.name": "model.name"}[where]  # fmt: skip
+    if where in ("--python", "--container", "--cpu-bind"):
         args += [where, value, config]
     elif where == "config":
         args += [config + value]
@@ -399,7 +416,9 @@ def test_profile_binds_may_reference_variables(sandbox, monkeypatch, capsys):
     assert rc == 0, err
     assert _run_script(sandbox, script).returncode == 0
     argv = _argv(sandbox / "rec" / "container")
-    assert argv[:4] == ["exec", "--bind", f"/scratch,{sandbox / 'home'}/data", "img.sif"]
+    assert argv[:3] == ["exec", "--bind", f"/scratch,{sandbox / 'home'}/data"]
+    # then the run's own directories (the config's here), then the image
+    assert argv[3:8] == ["--bind", str(sandbox / "work"), "--bind", str(TINY.parent), "img.sif"]
 
 
 def test_a_long_node_list_does_not_kill_the_job(sandbox, monkeypatch, capsys):
@@ -421,10 +440,108 @@ def test_a_long_node_list_does_not_kill_the_job(sandbox, monkeypatch, capsys):
     assert "rendezvous 127.0.0.1:" in done.stdout
 
 
-@pytest.mark.parametrize("option", ["--python", "--container", "--job-name", "--account"])
+@pytest.mark.parametrize(
+    "option", ["--python", "--container", "--job-name", "--account", "--cpu-bind"]
+)
 def test_an_empty_value_is_refused_not_ignored(option, sandbox, monkeypatch, capsys):
     rc, out, err = _launch(
         monkeypatch, capsys, sandbox, "--cluster", "local", "--nodes", "2", "--time", "00:10:00",
         option, "", "--dry-run", _config(sandbox, "cfg.yaml"),
     )  # fmt: skip
     assert rc == 2 and out == "" and f"{option} '': " in err and "empty" in err, err
+
+
+# ---- the directories a containerised run binds -------------------------------------------
+def _binds(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "--bind"]
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
+def test_container_binds_get_payload_paths_literally(payload, sandbox, monkeypatch, capsys):
+    """Run, data and checkpoint directories from the config are bound into the container (and
+    the writable ones made first), each as exactly the path the config holds."""
+    runs, data, ckpt = (sandbox / d / payload for d in ("runs", "data", "ckpt"))
+    data.mkdir(parents=True)
+    overrides = ["--train.output_dir", str(runs), "--data.corpus", str(data / "*.txt"),
+                 "--checkpoint.dir", str(ckpt)]  # fmt: skip
+    rc, script, err = _launch(
+        monkeypatch, capsys, sandbox, "--cluster", "local", "--nodes", "2", "--time", "00:10:00",
+        "--container", "img.sif", "--python", "python3", "--dry-run",
+        _config(sandbox, "cfg.yaml"), *overrides,
+    )  # fmt: skip
+    assert rc == 0, err
+    done = _run_script(sandbox, script)
+    assert done.returncode == 0, done.stderr
+    assert _markers(sandbox) == []
+    argv = _argv(sandbox / "rec" / "container")
+    # The config's directory (the working directory here) and its base's, then the run
+    # directory, the checkpoints, the data.
+    assert _binds(argv) == [
+        str(sandbox / "work"),
+        str(TINY.parent),
+        str(runs),
+        str(ckpt),
+        str(data),
+    ]
+    assert argv[argv.index("img.sif") + 1 :][:3] == ["python3", "-m", "eurotrain.train"]
+    assert runs.is_dir() and ckpt.is_dir()  # made before the container starts
+
+
+def test_container_binds_skip_what_is_already_bound(sandbox, monkeypatch, capsys):
+    """Paths inside another bound path, or inside a profile bind, are not bound twice; a
+    relative path is bound under the job's working directory."""
+    text = (REPO / "launch" / "clusters" / "local.yaml").read_text()
+    profiles = sandbox / "profiles"
+    profiles.mkdir()
+    (profiles / "local.yaml").write_text(
+        text.replace("env: {}", f"env: {{}}\ncontainer: {{binds: [{sandbox / 'shared'}]}}")
+    )
+    sub = sandbox / "work" / "sub"
+    sub.mkdir()
+    (sub / "cfg.yaml").write_text(f"base: {TINY}\n")
+    overrides = ["--train.output_dir", "out/runs", "--data.corpus", str(sandbox / "shared/t"),
+                 "--checkpoint.dir", "out/runs/ckpt"]  # fmt: skip
+    rc, script, err = _launch(
+        monkeypatch, capsys, sandbox, "--cluster", "local", "--nodes", "1", "--time", "00:10:00",
+        "--container", "img.sif", "--dry-run", "sub/cfg.yaml", *overrides, clusters=profiles,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert _run_script(sandbox, script).returncode == 0
+    binds = _binds(_argv(sandbox / "rec" / "container"))
+    expected = ["work/sub", str(TINY.parent), "work/out/runs", "work/logs"]  # logs: job state
+    assert binds == [str(sandbox / "shared"), *(str(sandbox / p) for p in expected)]
+    assert '--bind "$PWD"/sub' in script.replace("'", "")  # relative: anchored in the job
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("train.output_dir", "/x/a:b", "contains ':'"),
+        ("data.corpus", "/x/a,b/*.txt", "contains ','"),
+        ("data.tokenizer", "/x/tok:2", "contains ':'"),
+    ],
+)
+def test_container_paths_apptainer_would_split_are_refused(
+    key, value, says, sandbox, monkeypatch, capsys
+):
+    config = _config(sandbox, "cfg.yaml")
+    base = ["--cluster", "local", "--nodes", "2", "--time", "00:10:00", "--dry-run"]
+    rc, out, err = _launch(
+        monkeypatch, capsys, sandbox, *base, "--container", "img.sif", config, f"--{key}", value
+    )
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{key} {value!r}: {says}" in err and "--container" in err
+    rc, out, err = _launch(monkeypatch, capsys, sandbox, *base, config, f"--{key}", value)
+    assert rc == 0, err  # without a container the path never reaches the script
+
+
+def test_container_refuses_a_control_character_in_a_config_path(sandbox, monkeypatch, capsys):
+    (sandbox / "work" / "cfg.yaml").write_text(
+        f'base: {TINY}\ntrain: {{output_dir: "runs\\nrm -rf x", global_batch_size: 64, '
+        f"micro_batch_size: 1}}\n"
+    )
+    rc, out, err = _launch(
+        monkeypatch, capsys, sandbox, "--cluster", "local", "--nodes", "2", "--time", "00:10:00",
+        "--container", "img.sif", "--dry-run", "cfg.yaml",
+    )  # fmt: skip
+    assert rc == 2 and out == "" and "train.output_dir 'runs\\nrm -rf x': contains a newline" in err

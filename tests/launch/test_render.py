@@ -81,6 +81,37 @@ def test_golden_torchrun_in_container(cluster, capsys, monkeypatch):
     assert "--rdzv-backend c10d" in out and f"{runtime[cluster]} " in out
 
 
+def test_golden_container_binds_the_run_data_and_checkpoints(capsys, monkeypatch):
+    """--container binds the config's directories, the run and checkpoint directories (made
+    first) and the data, each single-quoted; MeluXina loads its Apptainer module first."""
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "meluxina-gpu", "--nodes", "2", "--time", "01:00:00",
+        "--account", "p200001", "--container", "/project/home/p200001/images/train.sif",
+        "--dry-run", CONFIG, "--train.output_dir", "/project/scratch/p200001/runs",
+        "--checkpoint.dir", "/project/scratch/p200001/ckpt",
+        "--data.corpus", "/project/home/p200001/text/*.jsonl",
+        "--data.tokenizer", "/project/home/p200001/tokenizers/llama3",
+    )  # fmt: skip
+    assert rc == 0, err
+    _compare(GOLDEN / "meluxina-gpu-2-container.sbatch", out)
+    assert "mkdir -p -- /project/scratch/p200001/runs /project/scratch/p200001/ckpt" in out
+    assert '--bind "$PWD"/tests/launch/golden --bind "$PWD"/configs' in out
+
+
+@pytest.mark.parametrize(
+    "given, rendered", [(None, "--cpu-bind=none"), ("cores", "--cpu-bind=cores")]
+)
+def test_cpu_binding_is_the_profiles_unless_given(given, rendered, capsys, monkeypatch):
+    extra = [] if given is None else ["--cpu-bind", given]
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "mn5-acc", "--nodes", "2", "--time", "01:00:00",
+        "--account", "p", "--python", "python3", *extra, "--dry-run", CONFIG,
+    )  # fmt: skip
+    assert rc == 0, err
+    (srun,) = [line for line in out.splitlines() if line.lstrip().startswith("srun ")]
+    assert rendered in srun.split()
+
+
 # ---- bad input: a clear error, nothing submitted ------------------------------------------
 def _refused(capsys, monkeypatch, *args: str) -> str:
     rc, out, err = _render(capsys, monkeypatch, *args)

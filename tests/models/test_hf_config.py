@@ -36,10 +36,13 @@ def test_transformers_4_llama_3_2_config():
 
 def test_missing_keys_take_hf_defaults():
     """Mistral's class defaults are 8 KV heads, a 4096 window and a 131072 context."""
-    with pytest.raises(ConfigError, match=r"sliding_window 4096 is not supported"):
-        from_hf_config({"model_type": "mistral", **SMALL})
+    assert from_hf_config({"model_type": "mistral", **SMALL}).sliding_window == 4096
     cfg = from_hf_config({"model_type": "mistral", "sliding_window": None, **SMALL})
     assert (cfg.num_kv_heads, cfg.max_seq_len, cfg.norm_eps) == (8, 131072, 1e-6)
+    assert cfg.sliding_window is None
+    qwen3 = from_hf_config({"model_type": "qwen3", **SMALL, "num_attention_heads": 32})
+    assert qwen3.qk_norm and (qwen3.head_dim, qwen3.num_kv_heads) == (128, 32)
+    assert not qwen3.qkv_bias and not qwen3.attention_bias and qwen3.sliding_window is None
     qwen = {**SMALL, "hidden_size": 64, "num_attention_heads": 32}
     cfg = from_hf_config({"model_type": "qwen2", "sliding_window": 16, **qwen})
     assert cfg.qkv_bias and (cfg.num_kv_heads, cfg.max_seq_len) == (32, 32768)
@@ -78,6 +81,49 @@ def test_fields(changes, message):
         return
     with pytest.raises(ConfigError, match=r"^HF config: ") as err:
         from_hf_config(d)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+BASE = {**SMALL, "num_key_value_heads": 4}
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"model_type": "mistral", "sliding_window": 16}, dict(sliding_window=16)),
+        ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 16,
+          "max_window_layers": 0}, dict(sliding_window=16, qk_norm=True)),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+          "layer_types": ["sliding_attention"] * 2}, dict(sliding_window=16, qkv_bias=True)),
+        ({"model_type": "llama", "attention_bias": True, "mlp_bias": True},
+         dict(attention_bias=True, mlp_bias=True, qkv_bias=False)),
+        ({"model_type": "mistral", "attention_bias": True}, dict(attention_bias=False)),
+    ],
+)  # fmt: skip
+def test_accepted_variants(changes, expected):
+    cfg = from_hf_config({**BASE, **changes})
+    for key, value in expected.items():
+        assert getattr(cfg, key) == value, key
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported: Mixtral's MLPs are "
+         "mixtures of experts; eurotrain does not implement mixture-of-experts layers yet"),
+        ({"model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not supported: Qwen3-MoE's"),
+        ({"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported: Qwen2-MoE's"),
+        ({"model_type": "deepseek_v3"}, "multi-head latent attention"),
+        ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 16,
+          "max_window_layers": 1}, "layer_types '2 layers mixing full_attention and sliding_"),
+        ({"model_type": "mistral", "sliding_window": 0}, "sliding_window 0 is not a positive"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+          "layer_types": ["sliding_attention"] * 3}, "layer_types names 3 layers, num_hidden_"),
+    ],
+)  # fmt: skip
+def test_refused_variants(changes, message):
+    with pytest.raises(ConfigError, match=r"^HF config: ") as err:
+        from_hf_config({**BASE, **changes})
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

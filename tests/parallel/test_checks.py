@@ -86,6 +86,19 @@ def test_cp_sequence_and_heads():
     fails(cfg(parallel__cp=2, parallel__tp=2), 4, "1 key/value heads", "parallel.tp = 2")
 
 
+def test_ring_cp_refuses_masks():
+    fails(
+        cfg(parallel__cp=2, parallel__cp_method="ring", data__document_positions=True), 2,
+        "ring computes plain causal attention only, not data.document_positions", "ulysses",
+        cuda=True,
+    )  # fmt: skip
+    fails(
+        cfg(parallel__cp=2, parallel__cp_method="ring", model__sliding_window=64), 2,
+        "not model.sliding_window = 64", cuda=True,
+    )  # fmt: skip
+    check_layout(cfg(parallel__cp=2, data__document_positions=True), 2, cuda=False)
+
+
 def test_ring_cp_is_gpu_only():
     fails(cfg(parallel__cp=2, parallel__cp_method="ring"), 2, "needs GPUs", "ulysses")
     check_layout(cfg(parallel__cp=2, parallel__cp_method="ring"), 2, cuda=True)
