@@ -296,3 +296,56 @@ def test_goodput_simulation_ranks_the_policies(tmp_path, capsys, monkeypatch):
     measured = bench.from_run(bench.Inputs(), run)
     assert measured == {"startup_s": 6.0, "resume_s": 0.4, "stall_s": 0.2,
                         "crash_detect_s": 1.0, "hang_timeout_s": 14.0}  # fmt: skip
+
+
+# ---- spikes, the watchdog's timeout, the auto interval in a run -------------------------------
+def test_a_loss_spike_is_vetoed_and_left_out_of_the_statistics():
+    import torch
+
+    from eurotrain.fault.anomalies import SpikeDetector
+    from eurotrain.fault.config import FaultConfig
+
+    cfg = FaultConfig(spike_zscore=6.0, grad_spike_zscore=6.0, spike_window=4)
+    detector = SpikeDetector(cfg, torch.device("cpu"))
+    flags = []
+    for loss, norm in [(3.0, 1.0), (2.9, 1.1), (3.1, 0.9), (3.0, 1.0), (2.95, 1.05)]:
+        flags.append(bool(detector.veto(torch.tensor(loss), torch.tensor(norm))))
+    before = detector.stats.clone()
+    flags.append(bool(detector.veto(torch.tensor(9.0), torch.tensor(1.0))))  # a loss spike
+    assert torch.equal(detector.stats, before)  # a vetoed step does not move the statistics
+    flags.append(bool(detector.veto(torch.tensor(3.0), torch.tensor(50.0))))  # a norm spike
+    flags.append(bool(detector.veto(torch.tensor(3.02), torch.tensor(1.0))))
+    assert flags == [False] * 5 + [True, True, False]
+    # Not finite: not a spike (the engine skips it anyway), and not counted either.
+    assert not detector.veto(torch.tensor(float("nan")), torch.tensor(1.0))
+    again = SpikeDetector(cfg, torch.device("cpu"))
+    again.load_state_dict(detector.state_dict())
+    assert torch.equal(again.stats, detector.stats)
+
+
+def test_the_automatic_hang_timeout_follows_the_slowest_pause(tmp_path):
+    from eurotrain.fault.config import FaultConfig
+    from eurotrain.fault.watchdog import HangWatchdog
+
+    cfg = FaultConfig(hang_min_s=2.0, hang_step_multiple=10.0, collective_timeout_s=30.0)
+    dog = HangWatchdog(cfg, rank=0, world_size=1, run_dir=tmp_path)
+    assert dog.timeout() == 30.0  # before the first step: the collective timeout
+    dog.beat("after step", 1)
+    dog.steps_seen = 1
+    dog.last -= 0.5  # a pause of half a second between beats
+    dog.beat("after step", 2)
+    assert dog.timeout() == pytest.approx(5.0, abs=0.1)  # 10 x the longest pause
+    assert HangWatchdog(FaultConfig(hang_timeout_s=7.0), 0, 1, tmp_path).timeout() == 7.0
+
+
+def test_auto_interval_logs_its_choice_in_a_run(tmp_path, capsys):
+    cfg = tiny(tmp_path, "--train.steps", "14", "--checkpoint.interval", "auto",
+               "--fault.mtbf_hours", "0.001")  # fmt: skip
+    Trainer(cfg).train()
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "checkpoint.interval auto: every" in x)
+    assert (
+        "Young/Daly" in line and "MTBF 0.001 h" in line and "(MTBF from fault.mtbf_hours)" in line
+    )
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps[0] == "step-000010"  # the first save, then as measured
