@@ -69,6 +69,7 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
         "EUROTRAIN_TEST_FREEZE": "0:+3:KILL,1:+4:STOP",
         "EUROTRAIN_TEST_ONCE_DIR": str(tmp_path),
         "EUROTRAIN_TEST_NAN_BATCH": "12",
+        "EUROTRAIN_TEST_SLOW": "1:0.15",  # rank 1 (node2) a straggler: 0.15 s more per step
     }
     cmd = [
         sys.executable, "-m", "eurotrain", "launch", "--cluster", "local", "--nodes", "2",
@@ -113,6 +114,12 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
     assert "the ranks failed (exit" in logs and "restart 1 of 3" in logs, logs[-6000:]
     assert "restart 2 of 3" in logs, logs[-6000:]
     assert logs.count("requeueing the job") == 2, logs[-6000:]
+
+    # The straggler, named with its host at log steps in metrics.jsonl and the log.
+    flagged = [m["stragglers"] for m in metrics if "stragglers" in m]
+    slow = [f for f in flagged if [(s["rank"], s["host"]) for s in f] == [(1, "node2")]]
+    assert len(slow) >= 15, flagged  # of 30 steps (a loaded machine may hide a few)
+    assert "straggler: rank 1 (host node2)" in logs, logs[-3000:]
 
     # The hung rank's stacks (and the others') are in the run directory.
     [hang] = (run_dir / "hangs").iterdir()
