@@ -43,6 +43,10 @@ def _squeue(slurm: dict[str, str], job: str) -> str:
     return out.stdout.strip()
 
 
+FINAL = ("the job (and its chain) ends", "no restart, no requeue", "the chain ends", "submit again")
+"""What the job script says when the chain ends (eurotrain/chain.py)."""
+
+
 def _slurm(slurm: dict[str, str], *cmd: str) -> None:
     subprocess.run(cmd, env=slurm, capture_output=True, timeout=30)
 
@@ -87,13 +91,11 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
     # BeginTime); the test lets it start at once, as a short queue would.
     deadline = time.monotonic() + 300
     warn_at = [16, 22]
-    gone = 0
     while time.monotonic() < deadline:
-        state = _squeue(slurm, job_id)
-        gone = 0 if state else gone + 1
-        if gone >= 10:  # not listed for 3 s: ended (a requeue may hide it for a moment)
-            break
         log = _logs(tmp_path)
+        if any(end in log for end in FINAL):
+            break
+        state = _squeue(slurm, job_id)  # (squeue may answer nothing for a moment: not an end)
         if state == "PENDING" and "requeueing the job" in log:
             _slurm(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
         elif (
@@ -102,6 +104,8 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
         ):  # fmt: skip
             _slurm(slurm, "scancel", "--batch", "--signal=USR1", job_id)
             warn_at.pop(0)
+        time.sleep(0.3)
+    while _squeue(slurm, job_id) and time.monotonic() < deadline:
         time.sleep(0.3)
     logs = _logs(tmp_path)
     assert not _squeue(slurm, job_id), f"still queued or running\n{logs[-6000:]}"
