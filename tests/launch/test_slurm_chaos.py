@@ -180,3 +180,26 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
 class _approx(float):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, (int, float)) and abs(float(other) - self) <= 0.05
+
+
+def test_a_restart_leaves_the_failing_node_out_when_a_spare_node_exists(slurm, tmp_path):
+    """One node for the ranks and one spare: a rank killed on node1 restarts them on node2."""
+    env = {**slurm, "EUROTRAIN_TEST_FREEZE": "1:+3:KILL", "EUROTRAIN_TEST_ONCE_DIR": str(tmp_path)}
+    cmd = [
+        sys.executable, "-m", "eurotrain", "launch", "--cluster", "local", "--nodes", "1",
+        "--spare-nodes", "1", "--gpus-per-node", "2", "--time", "00:10:00",
+        "--log-dir", str(tmp_path / "logs"), str(TINY), *RUN, "--train.steps", "6",
+        "--train.output_dir", str(tmp_path / "runs"), "--train.run_name", "spare",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    job = re.search(r"submitted job (\d+)", out.stdout)
+    assert out.returncode == 0 and job, out.stdout + out.stderr
+    deadline = time.monotonic() + 180  # (sbatch --wait polls far less often than this)
+    while not any(end in _logs(tmp_path) for end in FINAL) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    logs = _logs(tmp_path)
+    assert "start 0 on node1;" in logs and "start 1 on node2;" in logs, logs[-4000:]
+    assert "restart 1 of 3 from the last checkpoint, without node1" in logs, logs[-4000:]
+    assert "the run reached train.steps" in logs
+    steps = [m["step"] for m in read_metrics(tmp_path / "runs" / "spare") if "step" in m]
+    assert sorted(set(steps)) == list(range(1, 7)), steps
