@@ -111,6 +111,8 @@ class Plan:
     """With --container: the host paths the run uses (eurotrain/container.py)."""
     max_restarts: int = 0
     """fault.max_restarts of the config: restarts inside the job (eurotrain/chain.py)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about the job (printed on stderr; nothing refused)."""
 
 
 def plan(req: LaunchRequest) -> Plan:
@@ -177,9 +179,19 @@ def plan(req: LaunchRequest) -> Plan:
     job_name = req.job_name if req.job_name is not None else _default_job_name(name)
     # With --bench, cfg is the swept config (its restarts are not used: no chain, no restart).
     max_restarts = cfg.fault.max_restarts if cfg is not None and req.bench is None else 0
+    notes = []
+    if cfg is not None and req.bench is None and req.chain != 1:
+        timeout = cfg.fault.collective_timeout_s
+        if timeout >= req.signal_seconds:
+            notes.append(
+                f"fault.collective_timeout_s {timeout:g} s is not shorter than --signal-seconds "
+                f"{req.signal_seconds}: a rank that hangs less than that before the walltime is "
+                f"noticed only when SLURM ends the job, and the chain ends with it; lower the "
+                f"timeout or raise --signal-seconds"
+            )
     return Plan(
         profile, req, queue_name, queue, gpus, world, layout, job_name, train_args, run_binds,
-        max_restarts,
+        max_restarts, notes,
     )  # fmt: skip
 
 
@@ -657,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).
     p = plan(req)
+    for note in p.notes:
+        print(f"eurotrain launch: note: {note}", file=sys.stderr)
     script = render(p)
     if args.dry_run:
         print(script, end="")

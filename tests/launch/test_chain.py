@@ -164,3 +164,16 @@ def test_a_chain_needs_checkpoints(monkeypatch, capsys, tmp_path):
                    "--chain", "3", "--dry-run", TINY])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "saves no checkpoints (checkpoint.interval 0)" in err, err
+
+
+def test_a_chain_whose_collective_timeout_outlasts_the_walltime_warning_is_noted(
+    monkeypatch, capsys, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    args = ["launch", "--cluster", "local", "--nodes", "1", "--time", "00:30:00", "--chain", "3",
+            "--dry-run", TINY, "--checkpoint.interval", "5"]  # fmt: skip
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: fault.collective_timeout_s 600 s is not shorter than --signal-seconds 300" in err
+    assert cli_main([*args, "--fault.collective_timeout_s", "120"]) == 0
+    assert "note:" not in capsys.readouterr().err
