@@ -18,12 +18,14 @@ Llama 3's pre-training: 419 unexpected interruptions in 54 days on 16,384 GPUs (
 class FaultConfig:
     """Failures of a rank, a node, the network or the numerics: what the run does about them."""
 
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 240.0
     """Seconds a collective (all-reduce, broadcast, barrier, ...) waits for the other ranks
     before the run stops with an error naming the ranks (and hosts) that stopped answering.
     Keep it above the longest pause one rank can take alone (a slow step, loading a batch, a
     synchronous checkpoint) and well below the walltime warning (``--signal-seconds``). Under
-    NCCL, PyTorch's watchdog ends the ranks at this timeout."""
+    NCCL, PyTorch's watchdog ends the ranks at this timeout. The default, 240 s, is below the
+    launcher's 300 s walltime warning, so a hang near the end of a job is caught and restarted
+    before SLURM ends it; raise both together for a start-up slower than that."""
     max_restarts: int = 3
     """Restarts inside one job (``eurotrain launch`` scripts): when the ranks fail (a crash, a
     lost node, a hang the watchdog caught), the job starts them again from the last committed
@@ -68,7 +70,7 @@ class FaultConfig:
     sets it from the cluster profile's node_mtbf_hours / nodes."""
 
     def __post_init__(self) -> None:
-        _positive("collective_timeout_s", self.collective_timeout_s, "the default is 600")
+        _positive("collective_timeout_s", self.collective_timeout_s, "the default is 240")
         _positive("hang_min_s", self.hang_min_s, "the default is 300")
         _positive("hang_step_multiple", self.hang_step_multiple, "the default is 10")
         if not (self.hang_timeout_s in (0, -1) or _finite_above_zero(self.hang_timeout_s)):

@@ -173,6 +173,8 @@ def test_a_chain_whose_collective_timeout_outlasts_the_walltime_warning_is_noted
     args = ["launch", "--cluster", "local", "--nodes", "1", "--time", "00:30:00", "--chain", "3",
             "--dry-run", TINY, "--checkpoint.interval", "5"]  # fmt: skip
     assert cli_main(args) == 0
+    assert "note:" not in capsys.readouterr().err  # the defaults: 240 s < 300 s
+    assert cli_main([*args, "--fault.collective_timeout_s", "600"]) == 0
     err = capsys.readouterr().err
     assert "note: fault.collective_timeout_s 600 s is not shorter than --signal-seconds 300" in err
     assert cli_main([*args, "--fault.collective_timeout_s", "120"]) == 0
