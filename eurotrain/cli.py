@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "measure an allocation: eurotrain bench {comms|train|report}",
     ),
+    "status": ("eurotrain.status", "main", "steps, jobs, last checkpoint, goodput of a run dir"),
     "plan": ("eurotrain.plan.cli", "main", "layouts that fit, speed, days and node-hours of a run"),
     "bundle": ("eurotrain.bundle", "main", "wheels + install.sh for a cluster without internet"),
 }

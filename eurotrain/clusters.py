@@ -260,6 +260,10 @@ class ClusterProfile:
     sbatch_extra: list[str] = field(default_factory=list)
     """Further #SBATCH options this machine needs (memory, exclusivity)."""
     filesystems: list[FileSystem] = field(default_factory=list)
+    node_mtbf_hours: float = 0.0
+    """Mean time between failures of one node, hours (a per-node failure rate: 1 / this); a
+    job of N nodes fails every node_mtbf_hours / N hours on average. For checkpoint.interval
+    auto (passed as fault.mtbf_hours); 0: unknown (the trainer then assumes Llama 3's rate)."""
     links: Links = field(default_factory=Links)
     """Nominal link bandwidths for `eurotrain bench comms`."""
     torch_index: str | None = None
@@ -270,6 +274,8 @@ class ClusterProfile:
 
     def __post_init__(self) -> None:
         self.env = _checked_env(self.env)
+        if self.node_mtbf_hours < 0:
+            raise ConfigError(f"{self.name}: node_mtbf_hours = {self.node_mtbf_hours} must be >= 0")
         for key in ("name", "description", "cpu_bind", "torch_note"):
             _check(key, getattr(self, key), _one_line)
         if self.torch_index is not None:

@@ -48,9 +48,12 @@ class Bind:
         return not os.path.isabs(self.path)
 
 
-def binds(cfg: Config, config_path: str, profile_binds: list[str]) -> list[Bind]:
+def binds(
+    cfg: Config, config_path: str, profile_binds: list[str], log_dir: str | None = None
+) -> list[Bind]:
     """The paths to bind for a run of `cfg` (read from `config_path`), in a fixed order,
-    without the ones an earlier bind or a profile bind already covers."""
+    without the ones an earlier bind or a profile bind already covers. ``log_dir``: the job's
+    log directory, where the ranks report to the job script (eurotrain/chain.py)."""
     wanted: list[tuple[str, str, bool]] = [
         ("config", str(p), False)
         for p in config_chain(config_path)
@@ -71,6 +74,8 @@ def binds(cfg: Config, config_path: str, profile_binds: list[str]) -> list[Bind]
         wanted.append(("data.tokenizer", data.tokenizer, False))
     wanted += [("data.sources", s.path, False) for s in data.sources]
     wanted += [("data.validation_sources", s.path, False) for s in data.validation_sources]
+    if log_dir is not None:
+        wanted.append(("--log-dir", log_dir, True))
 
     taken = [os.path.normpath(b) for b in profile_binds if "$" not in b]
     out: list[Bind] = []

@@ -25,11 +25,12 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from eurotrain import chain
 from eurotrain.clusters import (
     ClusterProfile,
     Queue,
@@ -82,6 +83,9 @@ class LaunchRequest:
     job_name: str | None = None
     log_dir: str = "logs"
     signal_seconds: int = 300
+    chain: int = 1
+    """Jobs in the chain (the first one and its requeues); 0: until the run is done."""
+    spare_nodes: int = 0
     bench: str | None = None
     """Instead of training: "train" (a node sweep, `eurotrain bench train`) or "comms"."""
     bench_args: list[str] = field(default_factory=list)
@@ -105,6 +109,10 @@ class Plan:
     train_args: list[str]
     binds: list[Bind] = field(default_factory=list)
     """With --container: the host paths the run uses (eurotrain/container.py)."""
+    max_restarts: int = 0
+    """fault.max_restarts of the config: restarts inside the job (eurotrain/chain.py)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about the job (printed on stderr; nothing refused)."""
 
 
 def plan(req: LaunchRequest) -> Plan:
@@ -125,7 +133,9 @@ def plan(req: LaunchRequest) -> Plan:
         raise LaunchError(f"--launcher {req.launcher!r}: choose srun or torchrun")
     queue_name, queue = profile.queue(req.partition)
     seconds = _walltime_seconds(req)
-    _check_queue_limits(profile, queue_name, queue, req.nodes, seconds, req.time)
+    if req.chain < 0 or req.spare_nodes < 0:
+        raise LaunchError(f"--chain {req.chain} / --spare-nodes {req.spare_nodes}: must be >= 0")
+    _check_queue_limits(profile, queue_name, queue, req.nodes + req.spare_nodes, seconds, req.time)
     if profile.account_required and req.account is None:
         example = (
             f" (accounts here look like {profile.account_example})"
@@ -138,24 +148,51 @@ def plan(req: LaunchRequest) -> Plan:
         )
     world = req.nodes * gpus
     cuda = profile.accelerator.vendor != "cpu"
+    cfg: Config | None = None
     if req.bench is not None:
+        if req.chain != 1:
+            raise LaunchError("--chain/--until-done: a chain trains; leave it out with --bench")
         layout, name, cfg = _check_bench(req, gpus, cuda)
     else:
         layout, cfg = _check_config(req, world, cuda=cuda)
         name = cfg.model.name
+        if req.chain != 1 and cfg.checkpoint.interval == 0:
+            raise LaunchError(
+                f"--chain/--until-done: {req.config} saves no checkpoints (checkpoint.interval "
+                f"0), so each job would start over: set checkpoint.interval (a number of steps, "
+                f"or auto)"
+            )
     run_binds = []
     if req.container is not None and cfg is not None and req.config is not None:
-        run_binds = binds(cfg, req.config, profile.container.binds)
+        log_dir = req.log_dir if req.bench is None else None  # the job-state file
+        run_binds = binds(cfg, req.config, profile.container.binds, log_dir)
     train_args = [req.config] if req.config is not None else []
     if profile.accelerator.vendor == "cpu":
         train_args += ["--train.device", "cpu"]
     if profile.accelerator.peak_bf16_tflops:
         train_args += ["--train.peak_tflops", f"{profile.accelerator.peak_bf16_tflops:g}"]
+    auto = cfg is not None and cfg.checkpoint.interval == "auto" and not cfg.fault.mtbf_hours
+    if auto and profile.node_mtbf_hours:
+        mtbf = profile.node_mtbf_hours / req.nodes  # any node failing stops the job
+        train_args += ["--fault.mtbf_hours", f"{mtbf:.6g}"]
     train_args += req.overrides
     job_name = req.job_name if req.job_name is not None else _default_job_name(name)
+    # With --bench, cfg is the swept config (its restarts are not used: no chain, no restart).
+    max_restarts = cfg.fault.max_restarts if cfg is not None and req.bench is None else 0
+    notes = []
+    if cfg is not None and req.bench is None and req.chain != 1:
+        timeout = cfg.fault.collective_timeout_s
+        if timeout >= req.signal_seconds:
+            notes.append(
+                f"fault.collective_timeout_s {timeout:g} s is not shorter than --signal-seconds "
+                f"{req.signal_seconds}: a rank that hangs less than that before the walltime is "
+                f"noticed only when SLURM ends the job, and the chain ends with it; lower the "
+                f"timeout or raise --signal-seconds"
+            )
     return Plan(
-        profile, req, queue_name, queue, gpus, world, layout, job_name, train_args, run_binds
-    )
+        profile, req, queue_name, queue, gpus, world, layout, job_name, train_args, run_binds,
+        max_restarts, notes,
+    )  # fmt: skip
 
 
 def _check_text(req: LaunchRequest) -> None:
@@ -353,7 +390,7 @@ def _shell_word(word: Word) -> str:
     return shlex.quote(word)
 
 
-def _shell_words(words: list[Word]) -> str:
+def _shell_words(words: Sequence[Word]) -> str:
     return " ".join(_shell_word(w) for w in words)
 
 
@@ -368,7 +405,7 @@ def _sbatch_header(p: Plan) -> list[str]:
     if p.queue.qos:
         opts.append(f"--qos={p.queue.qos}")
     opts += [
-        f"--nodes={req.nodes}",
+        f"--nodes={req.nodes + req.spare_nodes}",
         f"--ntasks-per-node={per_node}",
         f"--cpus-per-task={cpus}",
     ]
@@ -383,6 +420,7 @@ def _sbatch_header(p: Plan) -> list[str]:
         # SLURM warns this shell before the walltime; the trap below passes it to the ranks,
         # which checkpoint and stop (eurotrain's fault handling).
         f"--signal=B:USR1@{req.signal_seconds}",
+        *chain.header_lines(req.chain),
     ]
     opts += prof.sbatch_extra
     # plan() and the profile's own checks let no value through that sbatch would misread.
@@ -453,26 +491,25 @@ def render(p: Plan) -> str:
     env = {**prof.env, "OMP_NUM_THREADS": str(prof.cpus_per_task), "PYTHONUNBUFFERED": "1"}
     lines.append("# Every rank")
     lines += [_export(k, v) for k, v in env.items()]
-    lines += [
-        "",
-        "# Rendezvous: the allocation's first node, a port derived from the job id",
-        # sed reads the whole list: `head -n 1` would exit early, and on a long node list
-        # scontrol would then die of SIGPIPE and fail the job (set -o pipefail).
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
-    ]
-    if prof.master_addr == "nodeaddr":
-        lines.append(
-            "MASTER_ADDR=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"
-        )
+    lines.append("")
+    if prof.master_addr == "nodeaddr":  # the rendezvous on the first node of each start
+        master = "MASTER_ADDR=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"
     else:
-        lines.append("MASTER_ADDR=$head_node")
-    lines += [
-        f"MASTER_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
-        "export MASTER_ADDR MASTER_PORT",
-        'echo "eurotrain: job $SLURM_JOB_ID, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST;'
-        ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
-        "",
-    ]
+        master = "MASTER_ADDR=$head_node"
+    if req.bench is not None:
+        # A benchmark is no training run: no restarts, no chain; one rendezvous for the job.
+        lines += [
+            "# Rendezvous: the allocation's first node, a port derived from the job id",
+            # sed reads the whole list: `head -n 1` would exit early, and on a long node list
+            # scontrol would then die of SIGPIPE and fail the job (set -o pipefail).
+            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            master,
+            f"MASTER_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+            "export MASTER_ADDR MASTER_PORT",
+            'echo "eurotrain: job $SLURM_JOB_ID, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST;'
+            ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
+            "",
+        ]
     if req.bench == "train":
         # The sweep runs one srun step per node count itself (eurotrain/bench/sweep.py).
         sweep: list[Word] = [req.python, "-m", "eurotrain", "bench", "train", "--cluster", prof.name,
@@ -483,9 +520,8 @@ def render(p: Plan) -> str:
     srun = ["srun", "--kill-on-bad-exit=1"]
     if req.launcher == "torchrun":
         srun += ["--ntasks-per-node=1", f"--cpus-per-task={prof.cpus_per_task * p.gpus_per_node}"]
-        lines.append("# One torchrun per node; it starts one worker per GPU. Workers ignore USR1")
-        lines.append("# until the trainer installs its handler (torchrun itself would die of it).")
-        prefix = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-node"]
+        lines.append("# One torchrun per node; it starts one worker per GPU.")
+        name = "torchrun-node"
     else:
         srun += [
             f"--ntasks-per-node={p.gpus_per_node}",
@@ -495,21 +531,22 @@ def render(p: Plan) -> str:
         if cpu_bind:
             srun.append(f"--cpu-bind={cpu_bind}")
         lines.append("# One task per GPU; each rank takes GPU number SLURM_LOCALID.")
-        prefix = []
-    command = _shell_words([*srun, *prefix]) + " \\\n    " + _shell_words(_rank_command(p)) + " &"
-    lines += [
-        command,
-        "ranks=$!",
-        'trap \'echo "eurotrain: walltime warning (USR1), passing it on"; '
-        'kill -USR1 "$ranks" 2>/dev/null || true\' USR1',
-        "# wait returns early when the trap fires; keep waiting until srun itself ends.",
-        "while true; do",
-        '    status=0; wait "$ranks" || status=$?',
-        '    kill -0 "$ranks" 2>/dev/null || break',
-        "done",
-        'exit "$status"',
-        "",
-    ]
+        name = "eurotrain-rank"
+    lines.append("# Ranks ignore USR1 until the trainer installs its handler (the default kills).")
+    prefix = ["bash", "-c", 'trap "" USR1; exec "$@"', name]
+    lines += chain.script_lines(
+        chain_jobs=req.chain,
+        max_restarts=p.max_restarts,
+        nodes=req.nodes,
+        tasks=req.nodes * (1 if req.launcher == "torchrun" else p.gpus_per_node),
+        spare_nodes=req.spare_nodes,
+        state_dir=_shell_word(req.log_dir),
+        job_name=_shell_word(p.job_name),
+        master_addr=master,
+        port=(PORT_BASE, PORT_SPAN),
+        srun=_shell_words(srun),
+        command=_shell_words([*prefix, *_rank_command(p)]),
+    )
     return "\n".join(lines)
 
 
@@ -559,6 +596,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-dir", default="logs", help="job logs go to LOG_DIR/<job>-<id>.out")
     ap.add_argument("--signal-seconds", type=int, default=300,
                     help="USR1 this many seconds before the walltime")  # fmt: skip
+    ap.add_argument("--chain", type=int, default=1, metavar="N",
+                    help="keep the run going for up to N jobs: at the walltime warning the job "
+                    "requeues itself unless the run is done (needs checkpoints)")  # fmt: skip
+    ap.add_argument("--until-done", action="store_true",
+                    help="a chain without a length: requeue until train.steps are done")  # fmt: skip
+    ap.add_argument("--spare-nodes", type=int, default=0, metavar="K",
+                    help="allocate K nodes more than the ranks use; a restart leaves a failing "
+                    "node out")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     ap.add_argument("--wait", action="store_true", help="sbatch --wait: block until the job ends")
     ap.add_argument(
@@ -604,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_listing())
         return 0
     args = parser().parse_args(argv)
+    if args.chain < 1:
+        raise LaunchError(f"--chain {args.chain}: give the number of jobs (>= 1), or --until-done")
     if args.config is None and args.bench != "comms":
         raise LaunchError("CONFIG missing: give the training config (YAML) after the options")
     if args.python is not None:
@@ -615,12 +662,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides=list(args.overrides), account=args.account, partition=args.partition,
         container=args.container, gpus_per_node=args.gpus_per_node, launcher=args.launcher,
         python=python, job_name=args.job_name, log_dir=args.log_dir,
-        signal_seconds=args.signal_seconds, bench=args.bench, bench_args=_bench_args(args),
+        signal_seconds=args.signal_seconds, chain=0 if args.until_done else args.chain,
+        spare_nodes=args.spare_nodes, bench=args.bench, bench_args=_bench_args(args),
         cpu_bind=args.cpu_bind,
     )  # fmt: skip
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).
     p = plan(req)
+    for note in p.notes:
+        print(f"eurotrain launch: note: {note}", file=sys.stderr)
     script = render(p)
     if args.dry_run:
         print(script, end="")

@@ -208,8 +208,9 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        if self.wandb_run is not None:  # numbers only (not the stragglers' list)
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.wandb_run.log(numbers, step=step)
         shown = {k: v for k, v in metrics.items() if k in _SHOWN}
         if self.bar:
             done = step / self.total_steps

@@ -9,12 +9,14 @@ named life cycle of eurotrain/callbacks.py; the model runs through an engine
 The host waits for the device only at log steps (every ``logging.log_interval`` steps), at
 evaluation and at checkpoints: loss, gradient norm and the non-finite flag stay on the device in
 between, the token count and the stop flag are agreed on the host (a CPU process group), and
-step times come from device events.
+step times come from device events. Loss spikes are caught on the device too (the anomaly
+guard's veto skips the update); the host decides what to do about them at log steps.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eurotrain import chain
 from eurotrain.callbacks import CallbackList, StepMetrics
 from eurotrain.checkpoint.callback import SaveCheckpoints
 from eurotrain.checkpoint.checkpointer import Checkpointer, Resumed, check_sources
@@ -35,8 +38,14 @@ from eurotrain.config import Config, load_config
 from eurotrain.configtools import ConfigError
 from eurotrain.data import Batch, DataPipeline
 from eurotrain.distributed import DistInfo, init_distributed
-from eurotrain.errors import EurotrainError, NonFiniteLossError, run_command
+from eurotrain.errors import EurotrainError, run_command, this_rank
 from eurotrain.fault import PeerWatch, StopOnSignal
+from eurotrain.fault.anomalies import AnomalyGuard
+from eurotrain.fault.config import GPU_MTBF_HOURS
+from eurotrain.fault.stragglers import Stragglers
+from eurotrain.fault.watchdog import HangWatchdog
+from eurotrain.goodput import GoodputRecorder, Ledger
+from eurotrain.identity import check_run_dir, config_hash
 from eurotrain.metrics import (
     Evaluate,
     LogMetrics,
@@ -99,6 +108,10 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device, cfg.fault.collective_timeout_s)
+        self.ledger = Ledger()
+        """Seconds the components spend outside the steps, by kind (eurotrain/goodput.py)."""
+        self.host_wait_s = 0.0
+        """Seconds this rank waited for the others in the host agreements (stragglers)."""
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -160,16 +173,10 @@ class Trainer:
             cuda=device.type == "cuda", timeout_s=cfg.fault.collective_timeout_s,
             log=self.metrics.info,
         )  # fmt: skip
-        builtin: list[Callback] = [
-            # Names the ranks that stopped answering when a collective fails.
-            PeerWatch(self.dist.rank, world, cfg.fault.collective_timeout_s),
-            StopOnSignal(self.host_group),
-            LogMetrics(self.metrics),
-        ]
-        if cfg.train.eval_interval:
-            builtin.append(Evaluate(cfg.train.eval_interval))
         self.callbacks = CallbackList(
-            [*builtin, *(callbacks or [])], last=[SaveCheckpoints(self.checkpointer)]
+            [*self._builtin_callbacks(), *(callbacks or [])],
+            # The anomaly guard may roll back: after every other callback saw the step.
+            last=[self.anomalies, self._checkpoint_callback()],
         )
 
         self.stop_reason: str | None = None
@@ -178,6 +185,31 @@ class Trainer:
         self._timer = StepTimer(device)
         self._unsynced: list[tuple[int, StepMetrics, torch.Tensor, float]] = []
         self._resumed = False
+
+    def _builtin_callbacks(self) -> list[Callback]:
+        cfg, rank, world = self.cfg.fault, self.dist.rank, self.dist.world_size
+        self.anomalies = AnomalyGuard(cfg, self.cfg.train.max_nonfinite_steps, self.dist.device)
+        # Constructed last of the set-up: the start-up ends here.
+        self.goodput = GoodputRecorder(self.run_dir, self.ledger, enabled=self.dist.is_main)
+        # Names the ranks that stopped answering when a collective fails.
+        builtin: list[Callback] = [PeerWatch(rank, world, cfg.collective_timeout_s)]
+        if cfg.watchdog:
+            builtin.append(HangWatchdog(cfg, rank, world, self.run_dir, self.goodput.abort))
+        builtin += [self.goodput, StopOnSignal(self.host_group)]
+        if cfg.straggler_margin:
+            builtin.append(Stragglers(cfg.straggler_margin, rank, world, self.host_group))
+        builtin += [chain.JobStateReport(self.dist.is_main), LogMetrics(self.metrics)]
+        if self.cfg.train.eval_interval:
+            builtin.append(Evaluate(self.cfg.train.eval_interval))
+        return builtin
+
+    def _checkpoint_callback(self) -> SaveCheckpoints:
+        hours, source = self.cfg.fault.mtbf_hours, "fault.mtbf_hours"
+        if not hours:
+            world = self.dist.world_size
+            hours = GPU_MTBF_HOURS / world
+            source = f"{world} devices at Llama 3's rate, one failure per {GPU_MTBF_HOURS:,.0f} h"
+        return SaveCheckpoints(self.checkpointer, hours * 3600, source, self.cfg.train.steps)
 
     # ---- the components, as their owners expose them -------------------------------------
     @property
@@ -211,6 +243,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "layout": self.dims.degrees(),
             "config_yaml": self.cfg.to_yaml(),
+            "config_hash": config_hash(self.cfg.to_dict()),
         }
 
     # ---- the loop ------------------------------------------------------------------------
@@ -219,9 +252,25 @@ class Trainer:
         if self._resumed:
             return None
         self._resumed = True
-        found = self.checkpointer.resume(self.checkpoint_parts())
+        with self.ledger.span("resume"):
+            found = self.checkpointer.resume(self.checkpoint_parts())
         if found is not None:
             self.metrics.info(found.describe())
+        return found
+
+    def restore(self, path: Path) -> Resumed:
+        """Reload the committed checkpoint ``path`` mid-run, on every rank (a rollback): every
+        part, and the loop's own bookkeeping of the steps after it."""
+        with self.ledger.span("rollback"):
+            self.sync_metrics()
+            undone = self.state.step
+            found = self.checkpointer.load(path, self.checkpoint_parts())
+            undone -= self.state.step
+            if undone > 0:  # the result keeps each step once, like metrics.jsonl
+                kept = max(0, len(self.result.losses) - undone)
+                del self.result.losses[kept:], self.result.grad_norms[kept:]
+            self._timer.read()
+            self.metrics.drop_after(self.state.step)
         return found
 
     @property
@@ -270,7 +319,7 @@ class Trainer:
         loss_sum = self.engine.forward_backward(batch, num_tokens)
         loss = self.engine.reduce_loss(loss_sum) / num_tokens
         self.callbacks.call("on_before_optimizer_step", self, step)
-        grad_norm, skipped = self.engine.step(self.cfg.train.grad_clip, loss)
+        grad_norm, skipped = self.engine.step(self.cfg.train.grad_clip, loss, self.anomalies.veto)
         self.scheduler.step()
         self.state.step = step
         self.state.tokens_seen += int(num_tokens)
@@ -290,12 +339,15 @@ class Trainer:
         if self.dist.world_size == 1:
             return value
         box = np.array([value], dtype=np.float64)
+        start = time.perf_counter()
         dist.all_reduce(torch.from_numpy(box), group=self.host_group)
+        self.host_wait_s += time.perf_counter() - start
         return float(box[0])
 
     def sync_metrics(self) -> None:
         """Bring the steps run since the last sync to the host (one copy): their metrics, the
-        result lists, and the non-finite steps, whose updates the engine already skipped."""
+        result lists, and the steps whose updates the engine skipped (marked ``skipped``; the
+        anomaly guard acts on them at the log step)."""
         if not self._unsynced:
             return
         rows = torch.stack(
@@ -303,31 +355,18 @@ class Trainer:
              for _, m, s, _ in self._unsynced]
         ).tolist()  # fmt: skip
         times = self._timer.read()
-        for (step, metrics, _, tokens), (loss, grad_norm, skipped), step_time in zip(
+        for (_, metrics, _, tokens), (loss, grad_norm, skipped), step_time in zip(
             self._unsynced, rows, times
         ):
             metrics.update(loss=loss, grad_norm=grad_norm, **self._throughput(tokens, step_time))
             self.result.losses.append(loss)
             self.result.grad_norms.append(grad_norm)
             if skipped:
-                self._nonfinite(step, loss, grad_norm)
+                metrics.update(skipped=True)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.state.nonfinite_steps += 1
         self.last_metrics = self._unsynced[-1][1]
         self._unsynced.clear()
-
-    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
-        self.state.nonfinite_steps += 1
-        limit = self.cfg.train.max_nonfinite_steps
-        message = (
-            f"step {step}: loss {loss} / grad norm {grad_norm} is not finite "
-            f"({self.state.nonfinite_steps} such steps so far, train.max_nonfinite_steps = "
-            f"{limit})"
-        )
-        if self.state.nonfinite_steps > limit:
-            raise NonFiniteLossError(
-                message + ": stopping. Lower optim.lr, raise schedule.warmup_steps, check the "
-                "data, or resume from the last checkpoint."
-            )
-        self.metrics.info(message + ": the update was skipped")
 
     def _throughput(self, tokens: float, step_time: float) -> dict[str, float]:
         per_device = tokens / step_time / self.dist.world_size
@@ -349,12 +388,16 @@ class Trainer:
         """Mean loss per token over the first train.eval_batches validation batches (the same
         batches every time)."""
         assert self.val_loader is not None
-        self.val_loader.step = 0
-        num_batches = min(self.cfg.train.eval_batches, self.val_loader.batches_per_epoch)
+        with self.ledger.span("eval"):
+            return self._evaluate(self.val_loader)
+
+    def _evaluate(self, val_loader: Any) -> float:
+        val_loader.step = 0
+        num_batches = min(self.cfg.train.eval_batches, val_loader.batches_per_epoch)
         loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         tokens = 0.0
         for _ in range(num_batches):
-            batch = next(self.val_loader)
+            batch = next(val_loader)
             loss += self.engine.eval_loss(batch)
             tokens += self.global_tokens(batch)
         return (self.engine.reduce_loss(loss) / tokens).item()
@@ -369,8 +412,12 @@ class Trainer:
             name = f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
         error: Exception | None = None
         if self.dist.is_main:
-            try:
-                make_run_dir(Path(self.cfg.train.output_dir) / name, self.cfg.to_yaml())
+            run_dir, config = Path(self.cfg.train.output_dir) / name, self.cfg.to_dict()
+            try:  # a directory of another run is refused, not resumed
+                note = check_run_dir(run_dir, config, self.cfg.checkpoint.allow_config_change)
+                make_run_dir(run_dir, self.cfg.to_yaml())
+                if note:
+                    print(f"eurotrain: {note}", flush=True)
             except EurotrainError as e:
                 error = e
         if self.dist.world_size > 1:  # every rank takes rank 0's name (clock) and its error
@@ -417,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             Trainer(load_config(argv[0], argv[1:])).train()
+        except BaseException as e:
+            if this_rank() == 0 or not getattr(e, "every_rank", True):
+                chain.report_error(e)  # tells a job script whether a restart can help
+            raise
         finally:
             shutdown()
         return 0

@@ -153,7 +153,7 @@ def test_bad_base_values_and_undecodable_files(tmp_path: Path) -> None:
 
 
 def test_fault_section_sets_the_collective_timeout() -> None:
-    assert load_config(None).fault.collective_timeout_s == 600
+    assert load_config(None).fault.collective_timeout_s == 240
     cfg = load_config(None, ["--fault.collective_timeout_s", "30"])
     assert cfg.fault.collective_timeout_s == 30.0
     for bad in ("0", "-5"):

@@ -29,6 +29,9 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+"""What the writer ignores: the signals that ask the trainer to stop (with a final save)."""
+
 FILE_MODE = 0o640
 """Checkpoint files: readable by the project group, writable by the owner only."""
 CHUNK = 32 << 20
@@ -158,8 +161,9 @@ def serve_fd(fd: int) -> None:
     training ranks (SLURM's USR1 warning, a Ctrl-C, a TERM to the process group) leave it
     running, so that the final checkpoint they ask for can still be written; it ends when the
     training process closes the socket or dies."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent at start
     serve(Connection(fd))
 
 

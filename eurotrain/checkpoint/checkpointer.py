@@ -123,7 +123,7 @@ class Checkpointer:
         self.pg = None
         if self.world_size > 1:
             self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        if self.rank == 0 and (cfg.interval > 0 or cfg.resume == "auto"):
+        if self.rank == 0 and (cfg.interval != 0 or cfg.resume == "auto"):
             make_dir(self.root)
             self._describe_fs()
 
@@ -165,6 +165,7 @@ class Checkpointer:
             "kind": "full",
             "layout": info["layout"],
             "config_yaml": info["config_yaml"],
+            "config_hash": info.get("config_hash", ""),
             "stage_start": start,
         }
         fut = self._executor.submit(self._write_and_commit, staged, marker_info)
@@ -175,12 +176,15 @@ class Checkpointer:
         else:
             self._inflight.append(fut)
 
-    def wait_staged(self) -> None:
+    def wait_staged(self) -> bool:
         """Block until the last save's state is copied to host memory: call it before anything
-        changes the saved tensors (the trainer: before the next optimizer step)."""
-        if self._staging is not None:
-            staging, self._staging = self._staging, None
-            staging.wait()
+        changes the saved tensors (the trainer: before the next optimizer step). Whether a save
+        was staging."""
+        if self._staging is None:
+            return False
+        staging, self._staging = self._staging, None
+        staging.wait()
+        return True
 
     def committed(self) -> list[tuple[int, Path]]:
         """(step, path) of the saves committed since the last call, in order (never blocks)."""
@@ -321,7 +325,26 @@ class Checkpointer:
         chosen = self._choose()
         if chosen is None:
             return None
-        path, weights_only, marker, metadata = chosen
+        return self._load(parts, *chosen)
+
+    def load(self, path: Path, parts: Mapping[str, Stateful]) -> Resumed:
+        """Load the committed checkpoint ``path`` into all the parts (a rollback mid-run):
+        verified first on every rank; a problem is an error."""
+        self.wait()
+        problem, marker, metadata = self._verify_everywhere(path)
+        if problem:
+            raise CheckpointError(problem)
+        assert marker is not None and metadata is not None
+        return self._load(parts, path, False, marker, metadata)
+
+    def _load(
+        self,
+        parts: Mapping[str, Stateful],
+        path: Path,
+        weights_only: bool,
+        marker: dict[str, Any],
+        metadata: Metadata,
+    ) -> Resumed:
         if marker.get("kind") == "weights":
             weights_only = True
         keys = {"model"} if weights_only else {"model", "optim"}

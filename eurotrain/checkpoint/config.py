@@ -14,8 +14,10 @@ class CheckpointConfig:
 
     dir: str = ""
     """Checkpoint directory; empty means '<run dir>/checkpoints'."""
-    interval: int = 0
-    """Save every this many steps (plus a final save at the end); 0 disables saving."""
+    interval: int | Literal["auto"] = 0
+    """Save every this many steps (plus a final save at the end); 0 disables saving. auto:
+    from the measured save stall and the job's mean time between failures (fault.mtbf_hours)
+    by Young/Daly, re-measured at every save and logged (eurotrain/checkpoint/interval.py)."""
     async_save: bool = True
     """Stage to CPU memory and write in a background thread while training continues."""
     max_in_flight: int = 1
@@ -40,14 +42,23 @@ class CheckpointConfig:
     """Before loading, check files against the commit marker: size and blake2b of every file,
     split across ranks (full: reads the checkpoint once more); sizes of all files and blake2b
     of the DCP metadata only (metadata: misses flipped bits in data files); nothing (none)."""
+    allow_config_change: bool = False
+    """Resume a run directory although the keys that define the run changed since it was
+    written (eurotrain/identity.py); without it such a directory is refused, naming the
+    changes."""
     lustre_stripe_count: int = 4
     """On Lustre: OSTs each new checkpoint file is striped over (-1 = all)."""
     lustre_stripe_size: str = "16M"
     """On Lustre: stripe size (lfs setstripe -S syntax, e.g. 4M, 16M)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.interval, str) and self.interval != "auto":
+            raise ConfigError(
+                f"checkpoint.interval: {self.interval!r} must be a number of steps (0 = off) or "
+                f"auto"
+            )
         for key in ("interval", "keep_last", "keep_every"):
-            if getattr(self, key) < 0:
+            if not isinstance(getattr(self, key), str) and getattr(self, key) < 0:
                 raise ConfigError(f"checkpoint.{key}: {getattr(self, key)} must be >= 0 (0 = off)")
         if self.max_in_flight < 1:
             raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")

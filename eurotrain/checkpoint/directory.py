@@ -82,6 +82,7 @@ def make_marker(
         "kind": info["kind"],
         "world_size": world_size,
         "layout": info["layout"],
+        "config_hash": info.get("config_hash", ""),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "write_seconds": round(write_s, 3),

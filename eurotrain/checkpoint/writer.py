@@ -132,11 +132,19 @@ class ProcessSink:
             "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); "
             "m.serve_fd(int(sys.argv[2]))"
         )
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", code, spec.origin, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
+        # The stop signals are blocked while it starts (the mask passes through fork and exec,
+        # and the writer unblocks them once it ignores them): srun passes SLURM's USR1 warning
+        # to every process of a rank, and one arriving during the writer's start would kill it.
+        # Only this thread blocks them: the trainer still hears them.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, byte_writer.STOP_SIGNALS)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code, spec.origin, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         self._conn = Connection(ours.detach())
         self._lock = threading.Lock()

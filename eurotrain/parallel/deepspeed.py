@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from eurotrain.config import Config
     from eurotrain.data import Batch
     from eurotrain.parallel.dims import ParallelDims
-    from eurotrain.parallel.engine import Precision
+    from eurotrain.parallel.engine import Precision, Veto
     from eurotrain.state import Stateful
 
 
@@ -136,26 +136,31 @@ class DeepSpeedEngine:
             dist.all_reduce(loss_sum)
         return loss_sum
 
-    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, max_norm: float, loss: torch.Tensor, veto: Veto | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         del max_norm  # DeepSpeed clips to gradient_clipping itself
-        nonfinite = ~torch.isfinite(loss)
+        skip = ~torch.isfinite(loss)
+        if veto is not None:  # DeepSpeed's norm exists only after its update: the loss alone
+            skip = skip | veto(loss, None)
         if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]
-        elif nonfinite.item():
+            self.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        elif skip.item():
             raise NonFiniteLossError(
-                f"loss {loss.item()} is not finite and optim.fused is off: DeepSpeed cannot skip "
-                f"the update. Set optim.fused true (or null), lower optim.lr, or check the data"
+                f"loss {loss.item()} is not finite (or a spike) and optim.fused is off: DeepSpeed "
+                f"cannot skip the update. Set optim.fused true (or null), lower optim.lr, or "
+                f"check the data"
             )
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else norm, device=self.device)
-        if not torch.isfinite(grad_norm).item() and not nonfinite.item():
+        if not torch.isfinite(grad_norm).item() and not skip.item():
             raise NonFiniteLossError(
                 f"gradient norm {grad_norm.item()} is not finite with a finite loss: DeepSpeed "
                 f"has applied the update already, so the run stops; resume from the last "
                 f"checkpoint with a lower optim.lr or check the data"
             )
-        return grad_norm.float(), nonfinite
+        return grad_norm.float(), skip
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> torch.Tensor:

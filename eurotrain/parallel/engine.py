@@ -3,8 +3,9 @@ branch per parallelism or per library.
 
     forward_backward(batch, num_tokens) -> this rank's summed token cross-entropy (on the device)
     reduce_loss(loss_sum)               -> the global sum over the ranks that hold different tokens
-    step(max_norm, loss)                -> (grad norm, skipped): clip, then the optimizer update,
+    step(max_norm, loss, veto)          -> (grad norm, skipped): clip, then the optimizer update,
                                            skipped on the device when loss or norm is not finite
+                                           or veto(loss, norm) (a device flag: a spike) is set
     eval_loss(batch)                    -> summed cross-entropy without gradients
     state()                             -> {"model": Stateful, "optim": Stateful} for checkpoints
 
@@ -16,6 +17,7 @@ same calls. ``build_engine`` picks one from ``parallel.engine``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -47,6 +49,10 @@ if TYPE_CHECKING:
     from eurotrain.config import Config
     from eurotrain.data import Batch
     from eurotrain.state import Stateful
+
+Veto = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""veto(loss, grad norm or None) -> a device bool: skip this update too (a loss spike). Called
+once per step, before the update; it must not read the device from the host."""
 
 # Sharded (no gather) and with the optimizer's param_groups flattened per parameter name, so
 # pipeline stages holding different parameters never collide on one key, and a checkpoint loads
@@ -87,7 +93,9 @@ class Engine(Protocol):
 
     def forward_backward(self, batch: Batch, num_tokens: float) -> torch.Tensor: ...
     def reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor: ...
-    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def step(
+        self, max_norm: float, loss: torch.Tensor, veto: Veto | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def eval_loss(self, batch: Batch) -> torch.Tensor: ...
     def state(self) -> dict[str, Stateful]: ...
 
@@ -245,13 +253,17 @@ class TorchEngine:
             dist.all_reduce(loss_sum, group=group)
         return loss_sum
 
-    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, max_norm: float, loss: torch.Tensor, veto: Veto | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for part in self.model_parts for p in part.parameters()]
         grad_norm = clip_grad_norm_(params, max_norm, self._pp_group)
-        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        apply_update(self.optimizer, nonfinite)
+        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if veto is not None:
+            skip = skip | veto(loss, grad_norm)
+        apply_update(self.optimizer, skip)
         precompute_scales(self.model_parts, self.float8, self._fsdp)
-        return grad_norm, nonfinite
+        return grad_norm, skip
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> torch.Tensor:

@@ -508,7 +508,7 @@ def test_container_binds_skip_what_is_already_bound(sandbox, monkeypatch, capsys
     assert rc == 0, err
     assert _run_script(sandbox, script).returncode == 0
     binds = _binds(_argv(sandbox / "rec" / "container"))
-    expected = ["work/sub", str(TINY.parent), "work/out/runs"]
+    expected = ["work/sub", str(TINY.parent), "work/out/runs", "work/logs"]  # logs: job state
     assert binds == [str(sandbox / "shared"), *(str(sandbox / p) for p in expected)]
     assert '--bind "$PWD"/sub' in script.replace("'", "")  # relative: anchored in the job
 

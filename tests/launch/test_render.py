@@ -108,7 +108,7 @@ def test_cpu_binding_is_the_profiles_unless_given(given, rendered, capsys, monke
         "--account", "p", "--python", "python3", *extra, "--dry-run", CONFIG,
     )  # fmt: skip
     assert rc == 0, err
-    (srun,) = [line for line in out.splitlines() if line.startswith("srun ")]
+    (srun,) = [line for line in out.splitlines() if line.lstrip().startswith("srun ")]
     assert rendered in srun.split()
 
 

@@ -48,7 +48,7 @@ def test_srun_launcher_trains_across_two_nodes(slurm, tmp_path):
     info, logs = _launch(slurm, tmp_path, "srun", gpus=2)
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info
     assert re.search(r"\bNodeList=node\[1-2\]", info), info
-    assert "2 node(s): node[1-2]; rendezvous 127.0.0.1:" in logs
+    assert "on 2 node(s): node[1-2]" in logs and "rendezvous 127.0.0.1:" in logs
     _check_run(tmp_path, "srun", world=4, logs=logs)
     script = next((tmp_path / "logs").glob("*.sbatch")).read_text()
     assert "--signal=B:USR1@300" in script and sys.executable in script

@@ -1,150 +1,70 @@
-"""Stopping cleanly before the walltime, and naming the ranks that stopped answering.
-
-SLURM sends the signal that ``eurotrain launch`` asks for (``--signal=B:USR1@300``, forwarded to
-every rank) some minutes before the walltime, and SIGTERM when a job is cancelled or preempted.
-Either one only sets a flag here; the trainer shares the flag with all ranks at its next step, so
-every rank stops after the same step, writes the final checkpoint and exits normally. Without a
-handler, SIGUSR1's default action would kill the ranks with no checkpoint at all.
+"""Naming the ranks that stopped answering when a collective fails.
 
 When a collective fails (it timed out after ``fault.collective_timeout_s``, or a peer's
 connection closed), PeerWatch holds a roll call in the process group's store: every rank that
 is still running answers from a thread of its own (a rank blocked in a collective still runs
-it), and the error names the ranks, with their hosts, that did not.
+it), and the error names the ranks, with their hosts, that did not. Inside a job script of
+`eurotrain launch` the nodes of those ranks are also reported to the script (eurotrain/chain.py),
+which leaves them out of the restart when it can.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import timedelta
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from eurotrain.callbacks import Callback, StepMetrics
-from eurotrain.errors import CollectiveError, ConfigError
+from eurotrain.chain import report_suspects
+from eurotrain.errors import CollectiveError
+from eurotrain.fault.inject import freeze_for_test
 
 if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
 
 
-@dataclass
-class FaultConfig:
-    """Failures of a rank, a node or the network: how long ranks wait for each other."""
+def node_name() -> str:
+    """This rank's node as SLURM names it (what --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
-    collective_timeout_s: float = 600.0
-    """Seconds a collective (all-reduce, broadcast, barrier, ...) waits for the other ranks
-    before the run stops with an error naming the ranks (and hosts) that stopped answering.
-    Keep it above the longest pause one rank can take alone (a slow step, loading a batch, a
-    synchronous checkpoint). Under NCCL, PyTorch's watchdog ends the ranks at this timeout."""
-
-    def __post_init__(self) -> None:
-        if not (self.collective_timeout_s > 0 and math.isfinite(self.collective_timeout_s)):
-            raise ConfigError(
-                f"fault.collective_timeout_s: {self.collective_timeout_s} must be > 0 (seconds; "
-                f"the default is 600)"
-            )
-
-
-class StopRequest:
-    """Install with ``with StopRequest() as stop:``; ``stop.signal_name`` is set once signalled."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # signals reach only it
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-
-class StopOnSignal(Callback):
-    """The stop signal as a callback: a signal on any rank stops every rank after the same step.
-
-    The flag is agreed on the host (a CPU process group, no device sync) without blocking: the
-    all-reduce started after step k is read after step k + 1, so every rank stops after the
-    same step, one step after the signal arrived.
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.request = StopRequest()
-        self.group = group
-        self._box = np.zeros(1, dtype=np.float64)
-        self._work: dist.Work | None = None
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        self.request.__enter__()
-
-    def _agreed(self) -> bool:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.request.requested
-        agreed = False
-        if self._work is not None:
-            self._work.wait()
-            agreed = bool(self._box[0] > 0)
-        self._box[0] = float(self.request.requested)
-        self._work = dist.all_reduce(torch.from_numpy(self._box), group=self.group, async_op=True)
-        return agreed
-
-    def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
-        if not self._agreed() or trainer.finished:
-            return
-        here = self.request.signal_name or "a signal on another rank"
-        saved = " with a final checkpoint" if trainer.cfg.checkpoint.interval else ""
-        trainer.request_stop(here)
-        trainer.metrics.info(
-            f"eurotrain: stop requested ({here}): stopping after step {step} of "
-            f"{trainer.cfg.train.steps}{saved}; resubmit the same job to resume"
-        )
-
-    def _finish(self) -> None:
-        if self._work is not None:  # every rank started the same number of agreements
-            self._work.wait()
-            self._work = None
-        self.request.__exit__(None, None, None)
-
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        self._finish()
-
-    def on_error(self, trainer: Trainer, error: BaseException) -> None:
-        self.request.__exit__(None, None, None)
-
-
-FREEZE_HOOK = "EUROTRAIN_TEST_FREEZE"
-"""Test hook "RANK:STEP:HOW": after that step, that rank sends itself SIGSTOP (HOW=STOP: a
-frozen process), SIGKILL (KILL: a crashed one), or its main thread sleeps for an hour (SLEEP:
-a rank stuck outside any collective, still running)."""
 
 # Messages of gloo's and the store's errors when a peer is gone or silent (NCCL's and the
 # store's own errors are torch.distributed.DistError subclasses).
 _LOST_PEER = ("Connection reset", "Connection closed", "Broken pipe", "Connection refused")
 _TIMEOUT = ("Timed out", "timed out", "Application timeout")
 _generation = itertools.count()
+T = TypeVar("T")
+
+
+def with_deadline(fn: Callable[[], T], seconds: float) -> T:
+    """fn() in a thread of its own, or TimeoutError after ``seconds``. For the store: when the
+    process that holds it is frozen (SIGSTOP), its connections stay open and a request can
+    wait forever despite the store's timeout. A call that never returns is left behind in a
+    daemon thread (the process is ending anyway)."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="eurotrain-store-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -169,6 +89,7 @@ class PeerWatch(Callback):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.step = 0
         """The last completed step (on_step_end)."""
+        self.first_step = 1
         # A roll call reaches every rank within a poll; polls load the store with
         # world_size / poll_s requests a second, so large jobs poll less often.
         self.poll_s = min(10.0, max(1.0, world_size / 500))
@@ -184,7 +105,7 @@ class PeerWatch(Callback):
     def __enter__(self) -> PeerWatch:
         if self.world_size > 1 and dist.is_initialized():
             self._store = dist.distributed_c10d._get_default_store()
-            self._store.append(self._prefix + "hosts", f"{self.rank}={socket.gethostname()}\n")
+            self._store.append(self._prefix + "hosts", f"{self.rank}={node_name()}\n")
             self._thread = threading.Thread(
                 target=self._answer_roll_call, name="eurotrain-peer-watch", daemon=True
             )
@@ -194,18 +115,21 @@ class PeerWatch(Callback):
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # It polls every poll_s; a store request that never returns (the store's process
+            # frozen) must not hold the error up: the thread is a daemon.
+            self._thread.join(self.answer_s + self.poll_s)
             self._thread = None
         if exc is not None and self._store is not None and is_collective_failure(exc):
             raise self.describe_failure(exc) from exc
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.step = trainer.state.step
+        self.first_step = self.step + 1
         self.__enter__()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: StepMetrics) -> None:
         self.step = step
-        _freeze_for_test(self.rank, step)
+        freeze_for_test(self.rank, step, self.first_step)
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         self.__exit__(None, None, None)
@@ -227,22 +151,25 @@ class PeerWatch(Callback):
     def _roll_call(self) -> tuple[dict[int, int], dict[int, str]] | None:
         """{rank: step} of the ranks that answered, and {rank: host}; None when the store
         itself does not answer."""
-        store = self._store
         try:
-            store.set_timeout(timedelta(seconds=self.answer_s))  # never hang on a silent store
-            store.append(self._prefix + "alive", f"{self.rank}:{self.step + 1},")
-            store.set(self._prefix + "roll_call", str(self.step + 1))
-            deadline = time.monotonic() + self.answer_s
-            while True:
-                raw = store.get(self._prefix + "alive").decode()
-                alive = dict(_pair(item, ":") for item in raw.split(",") if item)
-                if len(alive) >= self.world_size or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            raw = store.get(self._prefix + "hosts").decode()
-            hosts = dict(_pair(line, "=") for line in raw.splitlines() if line)
+            return with_deadline(self._ask, self.answer_s + 10)
         except Exception:
             return None
+
+    def _ask(self) -> tuple[dict[int, int], dict[int, str]]:
+        store = self._store
+        store.set_timeout(timedelta(seconds=self.answer_s))  # a silent store: an error
+        store.append(self._prefix + "alive", f"{self.rank}:{self.step + 1},")
+        store.set(self._prefix + "roll_call", str(self.step + 1))
+        deadline = time.monotonic() + self.answer_s
+        while True:
+            raw = store.get(self._prefix + "alive").decode()
+            alive = dict(_pair(item, ":") for item in raw.split(",") if item)
+            if len(alive) >= self.world_size or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        raw = store.get(self._prefix + "hosts").decode()
+        hosts = dict(_pair(line, "=") for line in raw.splitlines() if line)
         return {r: int(s) for r, s in alive.items()}, {r: h for r, h in hosts.items()}
 
     def describe_failure(self, error: BaseException) -> CollectiveError:
@@ -261,6 +188,7 @@ class PeerWatch(Callback):
         alive, hosts = answers
         silent = [r for r in range(self.world_size) if r not in alive]
         if silent:
+            report_suspects(hosts.get(r, "") for r in silent)  # for the job script's restart
             verb = "was" if len(alive) == 1 else "were"
             return CollectiveError(
                 f"{head}: {_ranks(silent, hosts)} stopped answering; {_ranks(sorted(alive), hosts)} "
@@ -296,13 +224,3 @@ def _ranks(ranks: list[int], hosts: dict[int, str], shown: int = 8) -> str:
     if len(ranks) == 1:
         return f"rank {ranks[0]} (host {hosts.get(ranks[0], 'unknown')})"
     return f"ranks {', '.join(names)}{more}"
-
-
-def _freeze_for_test(rank: int, step: int) -> None:
-    spec = os.environ.get(FREEZE_HOOK, "")
-    if spec.count(":") == 2:
-        r, s, how = spec.split(":")
-        if (r, s) == (str(rank), str(step)):
-            if how == "SLEEP":
-                time.sleep(3600)
-            os.kill(os.getpid(), signal.SIGKILL if how == "KILL" else signal.SIGSTOP)
