@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from eurotrain.configtools import ConfigError, divisors
-from eurotrain.parallel.config import VIRTUAL_STAGE_SCHEDULES
+from eurotrain.parallel.config import VIRTUAL_STAGE_SCHEDULES, ZERO_BUBBLE_SCHEDULES
 from eurotrain.parallel.dims import ParallelDims
 
 if TYPE_CHECKING:
@@ -111,6 +111,17 @@ def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
             f"modules, and nothing keeps one weight shared between them. Use parallel.pp = 1 "
             f"(tied embeddings work with dp_shard, dp_replicate, tp, cp and DeepSpeed), or set "
             f"model.tie_embeddings = false to train the two matrices apart"
+        )
+    if p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.activation_checkpointing != "none":
+        # The split backward runs a block's backward twice (inputs, then weights): selective
+        # checkpointing refuses the second ("Trying to backward an extra time"), and full
+        # checkpointing would recompute the block for each pass and keep what it was to free.
+        raise ConfigError(
+            f"parallel.pp_schedule = {p.pp_schedule} with parallel.activation_checkpointing = "
+            f"{p.activation_checkpointing} is not supported: zero-bubble schedules run each "
+            f"block's backward in two passes, which activation checkpointing does not allow; use "
+            f"pp_schedule 1f1b or interleaved_1f1b with checkpointing, or activation_checkpointing "
+            f"none with {p.pp_schedule}"
         )
     if p.pp_schedule in VIRTUAL_STAGE_SCHEDULES and p.pp_virtual_stages < 2:
         raise ConfigError(

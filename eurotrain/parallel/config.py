@@ -13,6 +13,8 @@ PP_SCHEDULES: tuple[str, ...] = get_args(PPSchedule)
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv", "interleaved_zb")
 """Schedules that run several stages per rank."""
 VIRTUAL_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb")
+ZERO_BUBBLE_SCHEDULES = ("zbv", "interleaved_zb")
+"""Schedules that split a stage's backward into an input pass and a weight pass."""
 """Schedules whose stages per rank are parallel.pp_virtual_stages (zbv always has 2)."""
 
 

@@ -39,6 +39,21 @@ def test_good_layouts_resolve():
     assert check_layout(cfg(parallel__cp=2), 2, cuda=False).cp == 2
 
 
+@pytest.mark.parametrize("schedule", ["zbv", "interleaved_zb"])
+@pytest.mark.parametrize("ac", ["selective", "full"])
+def test_zero_bubble_schedules_refuse_activation_checkpointing(schedule, ac):
+    # Seen under torchrun: zbv + selective failed in the first step with "Trying to backward
+    # an extra time"; here it is refused before any process starts.
+    layout = {"parallel__pp": 2, "parallel__pp_schedule": schedule,
+              "parallel__pp_microbatches": 2, "parallel__activation_checkpointing": ac}  # fmt: skip
+    if schedule == "interleaved_zb":
+        layout["parallel__pp_virtual_stages"] = 2
+    fails(cfg(**layout), 2, f"pp_schedule = {schedule} with parallel.activation_checkpointing",
+          "use pp_schedule 1f1b")  # fmt: skip
+    layout["parallel__activation_checkpointing"] = "none"
+    assert check_layout(cfg(**layout), 2, cuda=False).pp == 2
+
+
 def test_product_must_match_world():
     fails(cfg(parallel__dp_shard=2, parallel__tp=2), 8, "needs 4 ranks", "8", "dp_shard=8")
     fails(cfg(parallel__tp=3), 8, "-1 cannot fill", "dp_shard=8")
