@@ -142,9 +142,20 @@ def jobs(req: Request, option: Option) -> int:
 
 
 def launch_line(req: Request, option: Option, args: argparse.Namespace) -> str:
-    words = ["eurotrain", "launch", "--cluster", req.hw.cluster, "--nodes", str(option.nodes),
-             "--time", _walltime(req), args.config, *overrides_of(option, req)]  # fmt: skip
-    return shlex.join(words)
+    """The job for the recommended layout. A run longer than one walltime is a chain
+    (--until-done), which needs checkpoints: `auto` (Young/Daly) where the config saves none. A
+    machine that bills a project gets an ACCOUNT placeholder to replace."""
+    from eurotrain.clusters import load_profile
+
+    options = ["--cluster", req.hw.cluster, "--nodes", str(option.nodes), "--time", _walltime(req)]
+    if load_profile(req.hw.cluster).account_required:
+        options += ["--account", "ACCOUNT"]
+    overrides = overrides_of(option, req)
+    if jobs(req, option) > 1:
+        options.append("--until-done")
+        if req.cfg.checkpoint.interval == 0:
+            overrides += ["--checkpoint.interval", "auto"]
+    return shlex.join(["eurotrain", "launch", *options, args.config, *overrides])
 
 
 def _row(o: Option) -> dict[str, Any]:

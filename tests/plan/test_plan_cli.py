@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from eurotrain.cli import main as cli_main
 from eurotrain.clusters import load_profile
 from eurotrain.config import load_config
 from eurotrain.configtools import ConfigError
@@ -69,10 +70,19 @@ def test_recommendation_as_overrides_and_launch_line(
     dims = check_layout(cfg, rec["nodes"] * 4, cuda=True)
     assert estimate(cfg, dims, Setting(cuda=True)).total / GIB <= out["hardware"]["usable_gib"]
     words = shlex.split(rec["launch"])
-    assert words[:8] == ["eurotrain", "launch", "--cluster", "leonardo-booster", "--nodes",
-                         str(rec["nodes"]), "--time", "1-00:00:00"]  # fmt: skip
-    assert words[8] == LLAMA_8B and words[9:] == rec["train_overrides"]
     assert rec["jobs"] == math.ceil(rec["days"] / 1.0 - 1e-9)  # Leonardo's 24 h production queue
+    assert rec["jobs"] > 1  # so the job is a chain, with checkpoints (the preset saves none)
+    assert words[:11] == ["eurotrain", "launch", "--cluster", "leonardo-booster", "--nodes",
+                          str(rec["nodes"]), "--time", "1-00:00:00", "--account", "ACCOUNT",
+                          "--until-done"]  # fmt: skip
+    assert words[11] == LLAMA_8B
+    assert words[12:] == [*rec["train_overrides"], "--checkpoint.interval", "auto"]
+    # The line renders a job as it stands (the account filled in; data paths are the preset's
+    # placeholders, which the launcher does not need to exist).
+    words[words.index("ACCOUNT")] = "acct"
+    at = words.index(LLAMA_8B)  # options before the config, overrides after it
+    assert cli_main([*words[1:at], "--dry-run", *words[at:]]) == 0, capsys.readouterr().err
+    assert "#SBATCH --requeue" in capsys.readouterr().out
     # the recommendation is the cheapest of the node counts' best layouts
     bests = [rows[0]["gpu_hours"] for rows in out["layouts"].values()]
     assert rec["gpu_hours"] == min(bests)
