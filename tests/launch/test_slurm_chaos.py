@@ -8,7 +8,7 @@ The walltime warning is SLURM's own (`scancel --batch --signal=USR1`, what `--si
 sends S seconds before the walltime), sent by the test when the run is past a step: SLURM checks
 walltimes only every half minute, and a real walltime of one minute per job would make this
 test minutes long. SLURM holds a requeued job for two minutes before it may start again; the
-test lets it start at once (`scontrol update StartTime=now`), as if the queue were short."""
+test lets it start 3 s later (`scontrol update StartTime=now`), as if the queue were short."""
 
 from __future__ import annotations
 
@@ -88,16 +88,23 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
 
     # Walltime warnings: at step 16 of the first job (after the kill, the hang and the
     # rollback), then at step 22 of the second. SLURM holds a requeued job for two minutes (its
-    # BeginTime); the test lets it start at once, as a short queue would.
+    # BeginTime); the test lets it start after 3 s, as a short queue would. Not at once: the
+    # node's slurmd revoked the job's credential when its last run was killed and refuses a new
+    # one created in the same second ("Job credential revoked", and the job ends, seen on a
+    # loaded machine); 3 s later the new credential is younger than the revocation.
     deadline = time.monotonic() + 300
     warn_at = [16, 22]
+    pending_since = None
     while time.monotonic() < deadline:
         log = _logs(tmp_path)
         if any(end in log for end in FINAL):
             break
         state = _squeue(slurm, job_id)  # (squeue may answer nothing for a moment: not an end)
         if state == "PENDING" and "requeueing the job" in log:
-            _slurm(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since > 3:
+                _slurm(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                pending_since = None
         elif (
             warn_at and state == "RUNNING" and _steps(run_dir) >= warn_at[0]
             and f"(requeue {2 - len(warn_at)}) starts at" in log
