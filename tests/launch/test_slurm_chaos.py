@@ -100,6 +100,8 @@ def test_a_chain_survives_kills_hangs_nan_and_walltimes(slurm, tmp_path):
         if any(end in log for end in FINAL):
             break
         state = _squeue(slurm, job_id)  # (squeue may answer nothing for a moment: not an end)
+        if state != "PENDING":
+            pending_since = None
         if state == "PENDING" and "requeueing the job" in log:
             pending_since = pending_since or time.monotonic()
             if time.monotonic() - pending_since > 3:

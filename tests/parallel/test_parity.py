@@ -42,9 +42,11 @@ TWO_RANKS = {
     # activation checkpointing and FSDP options composed with the other axes
     "dp_shard=2 no reshard": {"parallel.dp_shard": 2, "parallel.reshard_after_forward": False},
     "tp=2 sp + selective ac": {"parallel.tp": 2, "parallel.activation_checkpointing": "selective"},
-    "pp=2 zbv + full ac": {
+    # (zero-bubble schedules refuse checkpointing: tests/parallel/test_checks.py)
+    "pp=2 interleaved_1f1b v=2 + full ac": {
         "parallel.pp": 2,
-        "parallel.pp_schedule": "zbv",
+        "parallel.pp_schedule": "interleaved_1f1b",
+        "parallel.pp_virtual_stages": 2,
         "parallel.activation_checkpointing": "full",
     },
     "cp=2 + full ac": {"parallel.cp": 2, "parallel.activation_checkpointing": "full"},

@@ -4,6 +4,7 @@ benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,6 @@ from eurotrain.plan.hardware import Hardware
 from eurotrain.plan.speed import StepTime, step_time, throughput
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 HW = Hardware("test", "NVIDIA H100", 8, 80, 1000.0, 400.0, 50.0)
 LLAMA_8B = str(REPO / "configs" / "llama3-8b.yaml")
 
@@ -71,7 +71,16 @@ def test_communication_on_the_links_it_crosses() -> None:
 
 def test_scaling_shape_matches_torchtitan() -> None:
     """8 -> 128 H100 with FSDP: published 5,762 -> 5,605 tokens/s per GPU (-2.7 %)."""
-    from plan_anchors import ANCHORS, predict
+    # Loaded from its file: benchmarks/ on sys.path would make its checkpoint.py shadow the
+    # tests' checkpoint helpers in every process started after this test module was collected.
+    spec = importlib.util.spec_from_file_location(
+        "plan_anchors", REPO / "benchmarks/plan_anchors.py"
+    )
+    assert spec is not None and spec.loader is not None
+    anchors = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = anchors  # its dataclasses look their module up there
+    spec.loader.exec_module(anchors)
+    ANCHORS, predict = anchors.ANCHORS, anchors.predict
 
     small, large = ANCHORS[0], ANCHORS[1]
     assert predict(large) / predict(small) == pytest.approx(5605 / 5762, rel=0.05)
