@@ -136,6 +136,10 @@ class Trainer:
 
         device = self.dist.device
         world = self.dist.world_size
+        # The run directory (its identity check) and the checkpoint to resume from, before any
+        # process group beyond the default one, mesh or model exists.
+        self.run_dir = self._make_run_dir()
+        check_sources(cfg.checkpoint, self.run_dir, world)  # a missing resume path
         self.mesh = self.dims.build_mesh(device.type) if world > 1 else None
         # Host-side agreement (token counts, the stop flag) on the CPU, never through the device.
         self.host_group = None
@@ -150,10 +154,6 @@ class Trainer:
             t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
         )
 
-        self.run_dir = self._make_run_dir()
-        check_sources(
-            cfg.checkpoint, self.run_dir, world
-        )  # a missing resume path, before the model
         self.engine: Engine = build_engine(cfg, self.dims, self.mesh, device)
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.schedule, cfg.train.steps)
         self.state = TrainState()
