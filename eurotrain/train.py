@@ -53,6 +53,7 @@ from eurotrain.metrics import (
     device_peak_tflops,
     make_run_dir,
 )
+from eurotrain.moe_balance import MoEBalance
 from eurotrain.optim import build_scheduler
 from eurotrain.parallel.checks import check_layout
 from eurotrain.parallel.dims import dp_rank_and_size
@@ -198,6 +199,8 @@ class Trainer:
         builtin += [self.goodput, StopOnSignal(self.host_group)]
         if cfg.straggler_margin:
             builtin.append(Stragglers(cfg.straggler_margin, rank, world, self.host_group))
+        if self.cfg.model.moe.enabled:  # before LogMetrics: it adds the experts' load
+            builtin.append(MoEBalance(self.cfg.model.moe.bias_update_rate))
         builtin += [chain.JobStateReport(self.dist.is_main), LogMetrics(self.metrics)]
         if self.cfg.train.eval_interval:
             builtin.append(Evaluate(self.cfg.train.eval_interval))

@@ -36,6 +36,67 @@ class RopeScaling:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward blocks (Mixtral, Qwen3-MoE, DeepSeek-V3 style routing);
+    num_experts 0 keeps every block dense."""
+
+    num_experts: int = 0
+    """Routed experts per MoE block; 0 = no MoE (dense SwiGLU MLPs everywhere)."""
+    top_k: int = 2
+    """Experts each token is sent to (HF num_experts_per_tok)."""
+    expert_ffn_dim: int | None = None
+    """Hidden size of each expert's SwiGLU (HF moe_intermediate_size); null = model.ffn_dim."""
+    num_shared_experts: int = 0
+    """Experts every token goes through besides the routed ones (DeepSeek style), run as one
+    SwiGLU of num_shared_experts x expert_ffn_dim."""
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over the experts (Mixtral, Qwen3-MoE) or a sigmoid each
+    (DeepSeek-V3)."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k scores of a token to sum to 1 (Mixtral always; Qwen3-MoE's
+    norm_topk_prob)."""
+    route_scale: float = 1.0
+    """Factor on the routing weights (DeepSeek-V3's routed_scaling_factor)."""
+    aux_loss_coef: float = 0.0
+    """Weight of the load-balancing loss E * sum_i f_i P_i (f_i: share of routed token slots,
+    P_i: mean score of expert i; 1.0 when balanced), added to the training loss's gradient (the
+    logged loss stays the cross-entropy); 0 = off. Mixtral used 0.02, Qwen3-MoE 0.001."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): after every step each expert's selection bias moves
+    by this much towards balance (down when over-loaded, up when under-loaded); the bias only
+    chooses experts, never weights them. 0 = off; DeepSeek-V3 used 0.001."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Blocks that keep a dense SwiGLU of model.ffn_dim (HF mlp_only_layers; DeepSeek's first
+    dense layers)."""
+    every: int = 1
+    """Every k-th block is MoE, counting from 1 (HF decoder_sparse_step)."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts: {self.num_experts} must be >= 0 (0 = off)")
+        if not self.enabled:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k: {self.top_k} must be between 1 and model.moe.num_experts "
+                f"({self.num_experts}): a token cannot go to more experts than exist"
+            )
+        if self.expert_ffn_dim is not None and self.expert_ffn_dim <= 0:
+            raise ConfigError(f"model.moe.expert_ffn_dim: {self.expert_ffn_dim} must be > 0")
+        for key in ("num_shared_experts", "aux_loss_coef", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}: {getattr(self, key)} must be >= 0")
+        if self.route_scale <= 0:
+            raise ConfigError(f"model.moe.route_scale: {self.route_scale} must be > 0")
+        if self.every < 1:
+            raise ConfigError(f"model.moe.every: {self.every} must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
 class ModelConfig:
     """Shape and numerics of the decoder; presets for tiny .. 70B live in configs/."""
 
@@ -77,6 +138,8 @@ class ModelConfig:
     sliding_window: int | None = None
     """Sliding-window attention (Mistral): a token attends to itself and the sliding_window - 1
     tokens before it, in every layer; null attends to the whole causal context."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts blocks; model.moe.num_experts 0 (default) = dense."""
     init_std: float = 0.02
     """Standard deviation of the (truncated) normal init of linear and embedding weights."""
     kernels: Literal["torch", "triton", "compile"] = "torch"
@@ -110,9 +173,35 @@ class ModelConfig:
             )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        bad = [i for i in self.moe.dense_layers if not 0 <= i < self.num_layers]
+        if self.moe.enabled and bad:
+            raise ConfigError(
+                f"model.moe.dense_layers: {bad} are not blocks of this model (0..{self.num_layers - 1})"
+            )
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        """Parameter count of the decoder (the output projection counts unless tied)."""
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` has a mixture of experts (HF Qwen3-MoE's rule)."""
+        m = self.moe
+        return m.enabled and index not in m.dense_layers and (index + 1) % m.every == 0
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.moe.expert_ffn_dim or self.ffn_dim
+
+    def _moe_params(self, active: bool) -> int:
+        """Parameters of one MoE feed-forward: router, routed experts (only the top_k a token
+        uses when ``active``), shared experts."""
+        m = self.moe
+        experts = m.top_k if active else m.num_experts
+        n = (
+            self.dim * m.num_experts
+            + (experts + m.num_shared_experts) * 3 * self.dim * self.expert_ffn_dim
+        )
+        return n
+
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count of the decoder (the output projection counts unless tied); with
+        ``active``, an MoE block counts only the experts one token passes through."""
         assert self.head_dim is not None and self.num_kv_heads is not None
         attn = self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias or self.attention_bias:
@@ -124,8 +213,10 @@ class ModelConfig:
         mlp = 3 * self.dim * self.ffn_dim
         if self.mlp_bias:
             mlp += 2 * self.ffn_dim + self.dim
-        block = attn + mlp + 2 * self.dim
-        n = self.num_layers * block + self.dim
+        n = self.dim
+        for i in range(self.num_layers):
+            ffn = self._moe_params(active) if self.is_moe_layer(i) else mlp
+            n += attn + ffn + 2 * self.dim
         embed = self.vocab_size * self.dim
         if not exclude_embedding:
             n += embed
@@ -135,9 +226,10 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 N (weights, fwd + bwd) + 12 L H D S (attention scores),
-        as in the PaLM / Megatron MFU convention, with N excluding the input embedding."""
+        as in the PaLM / Megatron MFU convention, with N excluding the input embedding; for a
+        mixture of experts N counts the active parameters (the top_k experts a token uses)."""
         assert self.head_dim is not None
-        n = self.num_params(exclude_embedding=True)
+        n = self.num_params(exclude_embedding=True, active=True)
         if self.tie_embeddings:
             n += self.vocab_size * self.dim  # the output projection is still a matmul
         attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len

@@ -18,6 +18,7 @@ from eurotrain.kernels import Ops, get_ops
 from eurotrain.models.attention import AttentionMask, attention
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.init import init_param
+from eurotrain.models.moe import MoE, moe_layers
 from eurotrain.models.rope import rope_tables
 
 IGNORE_INDEX = -100
@@ -85,12 +86,15 @@ def sdpa(
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: Ops, hidden_dim: int | None = None, bias: bool | None = None
+    ) -> None:
         super().__init__()
         hidden = hidden_dim or cfg.ffn_dim
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
-        self.w2 = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
+        bias = cfg.mlp_bias if bias is None else bias
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=bias)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=bias)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,12 +102,26 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+    """Attention and a feed-forward: the dense SwiGLU (``feed_forward``) or, in a mixture-of-experts
+    block, ``moe`` (router, experts, shared experts)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.attention = Attention(cfg, ops)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
-        self.feed_forward = FeedForward(cfg, ops)
+        self.feed_forward: nn.Module | None = None
+        self.moe: MoE | None = None
+        if cfg.is_moe_layer(index):
+            n_shared = cfg.moe.num_shared_experts
+            shared = (
+                FeedForward(cfg, ops, n_shared * cfg.expert_ffn_dim, bias=False)
+                if n_shared
+                else None
+            )
+            self.moe = MoE(cfg, ops.swiglu, shared)
+        else:
+            self.feed_forward = FeedForward(cfg, ops)
 
     def forward(
         self,
@@ -113,7 +131,9 @@ class TransformerBlock(nn.Module):
         mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        ffn = self.moe if self.moe is not None else self.feed_forward
+        assert ffn is not None
+        return x + ffn(self.ffn_norm(x))
 
 
 class LinearCrossEntropy:
@@ -143,7 +163,7 @@ class Transformer(nn.Module):
         self.ops = get_ops(cfg.kernels)
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, self.ops) for i in range(cfg.num_layers)}
+            {str(i): TransformerBlock(cfg, self.ops, i) for i in range(cfg.num_layers)}
         )
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -184,6 +204,9 @@ class Transformer(nn.Module):
         cos, sin = self._rope(device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for layer in moe_layers(self).values():  # to_empty() left them uninitialised
+            layer.expert_bias.zero_()
+            layer.tokens_per_expert.zero_()
         c = self.cfg
         residual_std = c.init_std / math.sqrt(2 * c.num_layers)
         for name, p in self.named_parameters():
@@ -192,7 +215,7 @@ class Transformer(nn.Module):
                 init_param(p, name, seed, "ones")
             elif leaf == "bias":
                 init_param(p, name, seed, "zeros")
-            elif name.endswith(("wo.weight", "w2.weight")):
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
                 init_param(p, name, seed, "normal", residual_std)
             else:
                 init_param(p, name, seed, "normal", c.init_std)

@@ -76,6 +76,9 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
             f"set train.eval_interval = 0 or use data/tensor parallelism"
         )
 
+    if m.moe.enabled:
+        _check_moe(cfg, dims)
+
     if p.engine == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
@@ -97,6 +100,21 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 f"{dims.dp_replicate}); use parallel.dp_shard = {world_size}"
             )
     return dims
+
+
+def _check_moe(cfg: Config, dims: ParallelDims) -> None:
+    p, m = cfg.parallel, cfg.model
+    if p.engine == "deepspeed":
+        raise ConfigError(
+            f"model.moe.num_experts = {m.moe.num_experts} with parallel.engine = deepspeed is not "
+            f"supported (eurotrain's experts run on PyTorch's own stack): use parallel.engine = "
+            f"fsdp, or model.moe.num_experts = 0"
+        )
+    if dims.tp > 1:
+        raise ConfigError(
+            f"model.moe.num_experts = {m.moe.num_experts} with parallel.tp = {dims.tp} is not "
+            f"supported yet: use parallel.tp = 1 (data, pipeline and context parallelism work)"
+        )
 
 
 def _check_pipeline(cfg: Config, dims: ParallelDims) -> None:
