@@ -131,7 +131,7 @@ class MoE(nn.Module):
         # A zero bias leaves the choice exactly as without one.
         idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
         weights = scores.gather(-1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # top-1 then weighs 1.0 (HF); Switch-style top-1: set it false
             weights = weights / weights.sum(-1, keepdim=True)
         return idx, weights * self.route_scale, scores
 
