@@ -26,7 +26,18 @@ def tiny(tmp_path: Path, *overrides: str):
 
 
 def test_loss_falls_clearly_within_100_steps(tmp_path: Path) -> None:
-    result = Trainer(tiny(tmp_path, "--train.steps", "100", "--logging.log_interval", "20")).train()
+    # Short rows and one micro-batch of 8: the same lesson in a quarter of the time.
+    short = [
+        "--data.seq_len",
+        "64",
+        "--train.global_batch_size",
+        "8",
+        "--train.micro_batch_size",
+        "8",
+    ]
+    result = Trainer(
+        tiny(tmp_path, "--train.steps", "100", "--logging.log_interval", "20", *short)
+    ).train()
     first, last = result.losses[0], sum(result.losses[-10:]) / 10
     assert first > 5.0  # ~ln(320): an untrained model
     assert last < 0.55 * first, (first, last)
