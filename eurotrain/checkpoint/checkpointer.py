@@ -6,7 +6,7 @@ One worker thread per rank then writes and commits it:
 
   1. dcp.save into step-N.tmp/ over a dedicated gloo group; this rank's data file is written by
      its writer process (writer.py, byte_writer.py) straight from the staging buffer, hashed
-     with blake2b as it is written and fsynced (no second read);
+     with SHA-256 as it is written and fsynced (no second read);
   2. rank 0 also writes config.yaml; every rank fsyncs the directory;
   3. the checksums are gathered on rank 0, which writes COMMITTED.json, fsyncs, renames
      step-N.tmp -> step-N, fsyncs the parent, then applies retention; rank 0 broadcasts the
@@ -45,6 +45,7 @@ from eurotrain.checkpoint.safe_reader import METADATA, load_state
 from eurotrain.checkpoint.staging import Staged, Stager
 from eurotrain.checkpoint.state import apply_state, build_state, load_target
 from eurotrain.checkpoint.storage import (
+    DIGEST,
     DIR_MODE,
     FILE_MODE,
     checksum,
@@ -265,11 +266,11 @@ class Checkpointer:
         if self.rank == 0:
             config = info["config_yaml"].encode()
             write_durable(tmp / "config.yaml", config)
-            files["config.yaml"] = {"size": len(config), "blake2b": digest(config)}
+            files["config.yaml"] = {"size": len(config), DIGEST: digest(config)}
             meta = tmp / METADATA
             os.chmod(meta, FILE_MODE)
             fsync_path(meta)  # DCP fsyncs it too; cheap, and independent of its options
-            files[METADATA] = {"size": meta.stat().st_size, "blake2b": checksum(meta)}
+            files[METADATA] = {"size": meta.stat().st_size, DIGEST: checksum(meta)}
         fsync_path(tmp)
         return files
 

@@ -39,8 +39,8 @@ class CheckpointConfig:
     'eurotrain convert hf-to-eurotrain'; ignored when a resume checkpoint is found. Its model
     tensors must match this model's exactly."""
     verify: Literal["full", "metadata", "none"] = "full"
-    """Before loading, check files against the commit marker: size and blake2b of every file,
-    split across ranks (full: reads the checkpoint once more); sizes of all files and blake2b
+    """Before loading, check files against the commit marker: size and checksum of every file,
+    split across ranks (full: reads the checkpoint once more); sizes of all files and the checksum
     of the DCP metadata only (metadata: misses flipped bits in data files); nothing (none)."""
     allow_config_change: bool = False
     """Resume a run directory although the keys that define the run changed since it was

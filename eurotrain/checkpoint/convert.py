@@ -43,7 +43,7 @@ from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.checkpointer import write_commit
 from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.safe_reader import load_state
-from eurotrain.checkpoint.storage import FILE_MODE, checksum, make_dir, write_durable
+from eurotrain.checkpoint.storage import DIGEST, FILE_MODE, checksum, make_dir, write_durable
 from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.configtools import from_dict, to_dict
 from eurotrain.errors import ConfigError, EurotrainError
@@ -124,7 +124,7 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     files = {}
     for path in sorted(tmp.iterdir()):
         path.chmod(FILE_MODE)
-        files[path.name] = {"size": path.stat().st_size, "blake2b": checksum(path)}
+        files[path.name] = {"size": path.stat().st_size, DIGEST: checksum(path)}
     info = {"step": 0, "tokens_seen": 0, "kind": "weights", "layout": {}}
     marker = directory.make_marker(info, 1, files, time.perf_counter() - start)
     marker["source"] = str(hf_dir.resolve())

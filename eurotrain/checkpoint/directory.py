@@ -4,7 +4,7 @@
           .metadata               DCP's global plan (pickled by DCP; verified before loading)
           __0_0.distcp ...        one data file per rank (single_file_per_rank)
           config.yaml             the run's resolved config
-          COMMITTED.json          the commit marker: step, layout, every file's size + blake2b
+          COMMITTED.json          the commit marker: step, layout, every file's size + SHA-256
     <dir>/step-000130.tmp/        being written, or torn by a crash: never loaded
 
 A checkpoint exists only once rank 0 has written the marker into ``step-N.tmp`` and renamed the
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eurotrain.checkpoint.storage import fsync_path
+from eurotrain.checkpoint.storage import DIGESTS, fsync_path
 from eurotrain.errors import CheckpointError
 
 __all__ = ["MARKER", "CheckpointError", "Found", "latest", "read_marker", "scan", "step_dir"]
@@ -65,7 +65,8 @@ def read_marker(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{marker_path}: field {key!r} missing or not {kind.__name__}")
     for name, entry in marker["files"].items():
         ok = isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
-        if not (_FILE.match(name) and ok and isinstance(entry.get("blake2b"), str)):
+        ok = ok and any(isinstance(entry.get(key), str) for key in DIGESTS)
+        if not (_FILE.match(name) and ok):
             raise CheckpointError(f"{marker_path}: bad file entry {name!r:.80}")
     return marker
 

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from eurotrain.checkpoint.safe_pickle import Refused, unpickle_metadata
-from eurotrain.checkpoint.storage import digest
+from eurotrain.checkpoint.storage import digest, entry_digest
 from eurotrain.errors import CheckpointError
 
 METADATA = ".metadata"
@@ -64,9 +64,10 @@ def read_metadata(ckpt: Path, marker: dict[str, Any], check_sum: bool = True) ->
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (listed in the commit marker)") from None
-    if check_sum and (len(data) != want["size"] or digest(data) != want["blake2b"]):
+    algorithm, expected = entry_digest(want)
+    if check_sum and (len(data) != want["size"] or digest(data, algorithm) != expected):
         raise CheckpointError(
-            f"{path}: {len(data)} bytes whose blake2b differs from the commit marker's "
+            f"{path}: {len(data)} bytes whose {algorithm} differs from the commit marker's "
             f"({want['size']} bytes): corrupted or replaced; use an older checkpoint"
         )
     try:

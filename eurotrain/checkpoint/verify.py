@@ -4,8 +4,8 @@ Every rank reads the commit marker and ``.metadata`` (the latter checksummed in 
 read by the restricted unpickler); the data files are split across ranks, balanced by size, and
 each rank checks its share. Per ``checkpoint.verify``:
 
-    full      (default) size and blake2b of every file: a flipped bit anywhere is caught
-    metadata  size of every file, blake2b of .metadata only: truncation is caught, bit rot not
+    full      (default) size and checksum (SHA-256) of every file: a flipped bit anywhere is caught
+    metadata  size of every file, checksum of .metadata only: truncation is caught, bit rot not
     none      neither (the metadata is still read by the restricted unpickler)
 
 The caller gathers every rank's verdict and decides collectively (checkpointer.py).
@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from eurotrain.checkpoint.directory import read_marker
 from eurotrain.checkpoint.safe_reader import METADATA, read_metadata
-from eurotrain.checkpoint.storage import checksum
+from eurotrain.checkpoint.storage import checksum, entry_digest
 from eurotrain.errors import CheckpointError
 
 MODES = ("full", "metadata", "none")
@@ -47,7 +47,7 @@ def share(files: dict[str, Any], rank: int, world_size: int) -> list[str]:
 
 
 def check_file(ckpt: Path, name: str, want: dict[str, Any], deep: bool) -> None:
-    """One file against its marker entry: a regular file of that size, and blake2b if deep."""
+    """One file against its marker entry: a regular file of that size, and its checksum if deep."""
     path = ckpt / name
     try:
         info = os.stat(path)
@@ -60,9 +60,10 @@ def check_file(ckpt: Path, name: str, want: dict[str, Any], deep: bool) -> None:
             f"{path}: {info.st_size} bytes, the commit marker says {want['size']} (truncated "
             f"or overwritten); use an older checkpoint (checkpoint.resume PATH)"
         )
-    if deep and checksum(path) != want["blake2b"]:
+    algorithm, expected = entry_digest(want) if deep else ("", "")
+    if deep and checksum(path, algorithm) != expected:
         raise CheckpointError(
-            f"{path}: blake2b checksum differs from the commit marker (corrupted on disk); "
+            f"{path}: {algorithm} checksum differs from the commit marker (corrupted on disk); "
             f"use an older checkpoint (checkpoint.resume PATH)"
         )
 

@@ -6,7 +6,7 @@ and lengths in the metadata), but records the bytes instead of writing them: tor
 the tensor's storage to the stream as a view of the staging buffer, which becomes a reference
 (buffer, offset, length); only the small zip headers and pickles are copied. The recorded
 segments go to a ``Sink``: the writer process (``ProcessSink``) or this process (``ThreadSink``,
-where no memfd exists). Either returns the file's size and blake2b, computed while writing.
+where no memfd exists). Either returns the file's size and SHA-256, computed while writing.
 
 ``.metadata`` stays DCP's (written by ``finish``); any reader of DCP checkpoints reads these.
 """
@@ -38,6 +38,7 @@ from torch.futures import Future
 
 from eurotrain.checkpoint import byte_writer
 from eurotrain.checkpoint.staging import HostBuffer
+from eurotrain.checkpoint.storage import DIGEST
 
 KILL_HOOK = "EUROTRAIN_TEST_CKPT_KILL"
 """Test hook "RANK:STEP": that rank truncates its shard to half and SIGKILLs itself mid-save."""
@@ -199,7 +200,7 @@ def make_sink(kind: str) -> Sink:
 
 class HashingWriter(FileSystemWriter):
     """FileSystemWriter writing this rank's data file through a Sink; ``files`` then holds its
-    name, size and blake2b for the commit marker."""
+    name, size and checksum for the commit marker."""
 
     def __init__(
         self, path: Path, sink: Sink, buffers: list[HostBuffer], step: int, rank: int
@@ -218,7 +219,7 @@ class HashingWriter(FileSystemWriter):
         # Byte items first, then tensors, as DCP orders them.
         items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
         crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)  # blake2b covers every byte instead
+        torch.serialization.set_crc32_options(False)  # SHA-256 covers every byte instead
         try:
             for item in items:
                 offset = recorder.pos
@@ -237,7 +238,7 @@ class HashingWriter(FileSystemWriter):
         path = Path(self.path) / name
         size, digest = self._sink.write(path, recorder.finish())
         assert size == recorder.pos, f"{path}: wrote {size} bytes of {recorder.pos}"
-        self.files[name] = {"size": size, "blake2b": digest}
+        self.files[name] = {"size": size, DIGEST: digest}
         if os.environ.get(KILL_HOOK) == f"{self._rank}:{self._step}":
             os.truncate(path, size // 2)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -148,15 +148,21 @@ class extension_registered:
         copyreg.remove_extension("posix", "system", EXT_CODE)
 
 
-def resign(ckpt: Path) -> None:
-    """Recompute the commit marker's sizes and checksums, as whoever sends the files can."""
+def resign(ckpt: Path, algorithm: str = "sha256") -> None:
+    """Recompute the commit marker's sizes and checksums, as whoever sends the files can
+    (``algorithm`` blake2b: as eurotrain wrote markers before it used SHA-256)."""
     import hashlib
 
     marker = json.loads((ckpt / "COMMITTED.json").read_text())
     for name, entry in marker["files"].items():
         data = (ckpt / name).read_bytes()
         entry["size"] = len(data)
-        entry["blake2b"] = hashlib.blake2b(data, digest_size=16).hexdigest()
+        entry.pop("sha256", None)
+        entry.pop("blake2b", None)
+        if algorithm == "blake2b":
+            entry["blake2b"] = hashlib.blake2b(data, digest_size=16).hexdigest()
+        else:
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
     (ckpt / "COMMITTED.json").write_text(json.dumps(marker))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from ckpt_common import tiny_config
+from crafted import resign
 from multiproc import run_torchrun
 
 from eurotrain.checkpoint import CheckpointError
@@ -60,6 +61,22 @@ def test_bit_flip_is_detected_by_full_verify(one_checkpoint):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     verify_checkpoint(one_checkpoint, "metadata")  # sizes and metadata only: a flipped bit passes
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: sha256 checksum differs"):
+        verify_checkpoint(one_checkpoint, "full")
+
+
+def test_markers_of_blake2b_checksums_still_verify_and_resume(one_checkpoint, tmp_path):
+    """Checkpoints written before the switch to SHA-256 record blake2b: still checked and read."""
+    marker = read_marker(one_checkpoint)
+    assert all(set(e) == {"size", "sha256"} for e in marker["files"].values()), marker["files"]
+    resign(one_checkpoint, "blake2b")
+    verify_checkpoint(one_checkpoint, "full")
+    cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2})
+    assert Trainer(cfg).resume() is not None
+    shard = one_checkpoint / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: blake2b checksum differs"):
         verify_checkpoint(one_checkpoint, "full")
 
@@ -71,7 +88,7 @@ def test_crafted_metadata_is_never_unpickled(one_checkpoint, tmp_path):
 
     meta = one_checkpoint / ".metadata"
     meta.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(CheckpointError, match=r"\.metadata: .*blake2b differs from the commit"):
+    with pytest.raises(CheckpointError, match=r"\.metadata: .*sha256 differs from the commit"):
         verify_checkpoint(
             one_checkpoint, "metadata"
         )  # first line of defence: the marker's size/checksum
