@@ -136,10 +136,10 @@ def write_durable(path: Path, data: bytes) -> None:
 
 
 DIGEST = "sha256"
-"""The checksum new commit markers record. SHA-256 runs at ~1.5 GB/s on one core with the SHA
-instructions of every EuroHPC host CPU (x86 SHA-NI on the AMD EPYC and Intel Xeon hosts, the Arm
-SHA2 extension on Grace), twice blake2b's speed there; markers written before with blake2b
-(16-byte digests) stay readable."""
+"""The checksum new commit markers record. SHA-256 runs at ~1.5 GB/s on one core with the CPU's
+SHA instructions (x86 SHA-NI since AMD Zen and Intel Ice Lake: the EPYC and Xeon hosts of the
+EuroHPC GPU partitions; Arm's SHA2 extension), twice blake2b's speed there; markers written
+before with blake2b (16-byte digests) stay readable."""
 DIGESTS = ("sha256", "blake2b")
 """Marker keys of the checksums eurotrain reads, newest first."""
 
