@@ -140,9 +140,8 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     naming the tensors."""
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    model_type = hf_model_type(cfg)
-    if model_type in MOE_TYPES:
-        out, state = experts_from_hf(state, cfg, model_type)
+    if cfg.moe.enabled:  # the experts first: several HF tensors make one of ours
+        out, state = experts_from_hf(state, cfg, hf_model_type(cfg))
     unknown = []
     for k, v in state.items():
         if k.endswith("rotary_emb.inv_freq"):
@@ -156,7 +155,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
         raise CheckpointError(
             f"HF weights: {len(unknown)} tensor(s) a {cfg.name!r} eurotrain model has no place "
             f"for: {_some(unknown)}; the weights are not those of a plain "
-            f"{CAUSAL_LM[model_type]} as config.json describes it"
+            f"{CAUSAL_LM[hf_model_type(cfg)]} as config.json describes it"
         )
     if cfg.tie_embeddings and "tok_embeddings.weight" in out:
         lm_head = out.pop("output.weight", None)  # some tied exports store it anyway

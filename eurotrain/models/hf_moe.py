@@ -6,7 +6,7 @@ w2 = down_proj). HF checkpoints come in two spellings: transformers 5's fused
 [E, D, F], and the per-expert names of hub checkpoints (Mixtral
 ``block_sparse_moe.experts.{j}.w1.weight``, Qwen3-MoE ``mlp.experts.{j}.gate_proj.weight``),
 which transformers 5 still writes with save_pretrained and converts when it loads. Both are read;
-the per-expert spelling is written, since every transformers version (and vLLM) loads it.
+the per-expert spelling is written, which transformers 4 loads too.
 """
 
 from __future__ import annotations

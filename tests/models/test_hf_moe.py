@@ -16,6 +16,7 @@ from eurotrain.errors import CheckpointError, ConfigError
 from eurotrain.models import ModelConfig, build_model
 from eurotrain.models.config import MoEConfig
 from eurotrain.models.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from eurotrain.models.hf_config import hf_config_notes
 
 transformers = pytest.importorskip("transformers")
 
@@ -240,3 +241,11 @@ def test_hub_config_defaults():
     assert (qwen.moe.num_experts, qwen.moe.top_k, qwen.expert_ffn_dim) == (128, 8, 768)
     assert not qwen.moe.norm_topk_prob and qwen.qk_norm and qwen.head_dim == 4
     assert (qwen.num_kv_heads, qwen.rope_theta, qwen.norm_eps) == (4, 10000.0, 1e-6)
+
+
+def test_router_jitter_noise_imports_with_a_note():
+    """Mixtral's jitter only multiplies the router's inputs by noise in HF's training mode."""
+    d = {**HF, "model_type": "mixtral", "router_jitter_noise": 0.01}
+    assert from_hf_config(d).moe.num_experts == 8
+    (note,) = hf_config_notes(d)
+    assert note.startswith("router_jitter_noise 0.01 is not applied")
