@@ -249,3 +249,65 @@ def test_router_jitter_noise_imports_with_a_note():
     assert from_hf_config(d).moe.num_experts == 8
     (note,) = hf_config_notes(d)
     assert note.startswith("router_jitter_noise 0.01 is not applied")
+
+
+# config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B as published (transformers 4).
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}  # fmt: skip
+
+
+def test_published_configs_have_the_published_parameter_counts():
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active; Qwen3-30B-A3B: 30.5B, 3.3B active."""
+    mixtral = from_hf_config(MIXTRAL_8X7B)
+    assert (mixtral.num_params(), mixtral.num_params(active=True)) == (
+        46_702_792_704,
+        12_879_925_248,
+    )
+    assert mixtral.moe.aux_loss_coef == 0.02 and mixtral.sliding_window is None
+    qwen = from_hf_config(QWEN3_30B_A3B)
+    assert (qwen.num_params(), qwen.num_params(active=True)) == (30_532_122_624, 3_353_032_704)
+    assert qwen.moe.norm_topk_prob and qwen.qk_norm and qwen.head_dim == 128
+    for cfg in (mixtral, qwen):  # and back to the same fields
+        exported = to_hf_config(cfg)
+        original = MIXTRAL_8X7B if cfg is mixtral else QWEN3_30B_A3B
+        for key, value in exported.items():
+            if key in original and key not in ("architectures", "rope_scaling"):
+                assert value == original[key], key
