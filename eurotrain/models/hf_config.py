@@ -3,12 +3,12 @@
 eurotrain's decoder is HF's LlamaForCausalLM math (RMSNorm, rotate-half RoPE with optional
 Llama-3.1 scaling, grouped-query causal attention, SwiGLU) with Llama's optional attention and
 MLP biases, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral's sliding window (in every
-layer), and Mixtral's and Qwen3-MoE's mixture-of-experts blocks (softmax top-k router over SwiGLU
-experts). A config that asks for anything else would import to a *different* model without a
-word (Gemma's (1 + w) norm, a window on some layers only, GELU, YaRN RoPE, shared experts...), so every
-field HF's code for these types reads is checked here, and each refusal is one line naming the
-field, its value and what is supported. The config is treated as untrusted input: wrong types
-are errors, not tracebacks.
+layer), and Mixtral's and Qwen3-MoE's mixture-of-experts blocks (a softmax top-k router over
+SwiGLU experts). A config that asks for anything else would import to a *different* model without
+a word (Gemma's (1 + w) norm, a window on some layers only, GELU, YaRN RoPE, gated shared
+experts...), so every field HF's code for these types reads is checked here, and each refusal is
+one line naming the field, its value and what is supported. The config is treated as untrusted
+input: wrong types are errors, not tracebacks.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def _num_experts(d: dict[str, Any], model_type: str) -> int:
     value = next(iter(given.values()), _DEFAULTS[model_type]["num_experts"])
     if model_type == "qwen3_moe" and value == 0:
         return 0  # HF's Qwen3-MoE then makes every block a dense MLP
-    return _count(value, "num_experts")
+    return _count(value, next(iter(given), "num_experts"))
 
 
 def moe_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
