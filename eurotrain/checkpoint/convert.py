@@ -1,8 +1,8 @@
 """``eurotrain convert``: HF transformers safetensors <-> eurotrain (DCP) checkpoints.
 
     eurotrain convert hf-to-eurotrain HF_DIR OUT_DIR
-        config.json + *.safetensors of a Llama, Qwen2, Qwen3 or Mistral causal LM
-        -> OUT_DIR/step-000000
+        config.json + *.safetensors of a Llama, Qwen2, Qwen3, Mistral, Mixtral or Qwen3-MoE
+        causal LM -> OUT_DIR/step-000000
         (a committed, weights-only checkpoint) + OUT_DIR/config.yaml (the model section and
         checkpoint.init_from) to continue pretraining from. A model eurotrain would compute
         differently (another architecture, activation, a window on some layers only, RoPE type,
@@ -12,7 +12,8 @@
         any eurotrain checkpoint, saved under any layout (or a checkpoints directory: its newest
         committed one) -> config.json + model.safetensors (sharded with an index when large),
         as the HF model type that computes the same function (mistral for a sliding window,
-        qwen3 for q/k norms, qwen2 for q/k/v biases, else llama).
+        qwen3 for q/k norms, qwen2 for q/k/v biases, else llama; a mixture of experts as
+        qwen3_moe with q/k norms, else mixtral).
 
 Both run in one process on the CPU and hold the whole model in memory once. Nothing is
 unpickled without restriction: safetensors in; a DCP checkpoint is verified fully and read

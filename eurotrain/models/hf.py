@@ -1,5 +1,5 @@
 """HF transformers interop: weight names and config for the Llama-family causal LMs (Llama, Qwen2,
-Qwen3, Mistral).
+Qwen3, Mistral) and their mixture-of-experts relatives (Mixtral, Qwen3-MoE: models/hf_moe.py).
 
 Our layout keeps HF's rotate-half RoPE convention, so weights map one to one by name, with no
 permutation of the q/k projections.
@@ -14,7 +14,14 @@ import torch
 
 from eurotrain.errors import CheckpointError, ConfigError
 from eurotrain.models.config import ModelConfig
-from eurotrain.models.hf_config import CAUSAL_LM, from_hf_config
+from eurotrain.models.hf_config import CAUSAL_LM, MOE_TYPES, from_hf_config
+from eurotrain.models.hf_moe import (
+    experts_from_hf,
+    experts_to_hf,
+    fused_hf_name,
+    moe_hf_config,
+    moe_model_type,
+)
 from eurotrain.models.llama import build_model
 
 __all__ = [
@@ -52,8 +59,11 @@ _THEIRS = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF model_type whose modelling code computes what ``cfg`` describes: qwen3 for q/k
     norms, qwen2 for q/k/v biases alone, mistral for a sliding window, else llama. A
-    ConfigError names what the closest HF model has no place for."""
+    ConfigError names what the closest HF model has no place for. A mixture of experts is
+    qwen3_moe with q/k norms, else mixtral."""
     c = cfg
+    if c.moe.enabled:
+        return moe_model_type(c)
     if c.qk_norm:
         model_type = "qwen3"
     elif c.qkv_bias and not c.attention_bias:
@@ -99,8 +109,11 @@ def from_hf_name(name: str) -> str:
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF names for eurotrain weights; a tied model stores the embedding once (no lm_head)."""
-    hf_model_type(cfg)  # refuses what HF's classes have no place for
+    model_type = hf_model_type(cfg)  # refuses what HF's classes have no place for
     tie = cfg.tie_embeddings
+    experts: dict[str, torch.Tensor] = {}
+    if model_type in MOE_TYPES:
+        experts, state = experts_to_hf(state, model_type)
     unknown = [k for k in state if not _has_hf_name(k)]
     if unknown:
         raise CheckpointError(
@@ -115,6 +128,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 "tied would drop the trained output matrix; export it untied (--untie)"
             )
     out = {to_hf_name(k): v for k, v in state.items()}
+    out.update(experts)
     if tie:
         out.pop("lm_head.weight", None)
     return out
@@ -126,6 +140,8 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     naming the tensors."""
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
     out: dict[str, torch.Tensor] = {}
+    if cfg.moe.enabled:  # the experts first: several HF tensors make one of ours
+        out, state = experts_from_hf(state, cfg, hf_model_type(cfg))
     unknown = []
     for k, v in state.items():
         if k.endswith("rotary_emb.inv_freq"):
@@ -151,17 +167,22 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
                 "import both matrices"
             )
         out["output.weight"] = emb
-    missing = [to_hf_name(k) for k in expected if k not in out]
+    missing = [_hf_label(k) for k in expected if k not in out]
     if missing:
         raise CheckpointError(f"HF weights: missing {len(missing)} tensor(s): {_some(missing)}")
     for k in sorted(out):
         v = out[k]
         if tuple(v.shape) != expected[k] or not v.is_floating_point():
             raise CheckpointError(
-                f"HF weights: {to_hf_name(k)} is {v.dtype} {list(v.shape)}, config.json asks "
+                f"HF weights: {_hf_label(k)} is {v.dtype} {list(v.shape)}, config.json asks "
                 f"for a float tensor of shape {list(expected[k])}"
             )
     return out
+
+
+def _hf_label(name: str) -> str:
+    """The HF name of a eurotrain weight, for messages."""
+    return fused_hf_name(name) or to_hf_name(name)
 
 
 def _has_hf_name(name: str) -> bool:
@@ -211,6 +232,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d["attention_bias"] = cfg.attention_bias
     if model_type == "mistral":
         d["sliding_window"] = window
+    if model_type == "qwen3_moe":
+        d["attention_bias"] = cfg.attention_bias
+    if model_type in MOE_TYPES:
+        d.update(moe_hf_config(cfg, model_type))
     if model_type in ("qwen2", "qwen3"):
         # max_window_layers 0: the window (when there is one) applies from the first layer on.
         d.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)

@@ -3,11 +3,12 @@
 eurotrain's decoder is HF's LlamaForCausalLM math (RMSNorm, rotate-half RoPE with optional
 Llama-3.1 scaling, grouped-query causal attention, SwiGLU) with Llama's optional attention and
 MLP biases, Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral's sliding window (in every
-layer). A config that asks for anything else would import to a *different* model without a
-word (Gemma's (1 + w) norm, a window on some layers only, GELU, YaRN RoPE, experts...), so every
-field HF's code for these types reads is checked here, and each refusal is one line naming the
-field, its value and what is supported. The config is treated as untrusted input: wrong types
-are errors, not tracebacks.
+layer), and Mixtral's and Qwen3-MoE's mixture-of-experts blocks (a softmax top-k router over
+SwiGLU experts). A config that asks for anything else would import to a *different* model without
+a word (Gemma's (1 + w) norm, a window on some layers only, GELU, YaRN RoPE, gated shared
+experts...), so every field HF's code for these types reads is checked here, and each refusal is
+one line naming the field, its value and what is supported. The config is treated as untrusted
+input: wrong types are errors, not tracebacks.
 """
 
 from __future__ import annotations
@@ -16,28 +17,29 @@ import json
 from typing import Any
 
 from eurotrain.errors import ConfigError
-from eurotrain.models.config import ModelConfig, RopeScaling
+from eurotrain.models.config import ModelConfig, MoEConfig, RopeScaling
 
 CAUSAL_LM = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-SUPPORTED = "supported model types: llama, qwen2, qwen3, mistral"
-_NO_MOE = "eurotrain does not implement mixture-of-experts layers yet"
+SUPPORTED = "supported model types: llama, qwen2, qwen3, mistral, mixtral, qwen3_moe"
+MOE_TYPES = ("mixtral", "qwen3_moe")
 
 # Why the common relatives differ; any other model_type gets the general reason.
 _OTHER_TYPES = {
     "gemma": "Gemma's RMSNorm scales by (1 + weight) and it multiplies embeddings by sqrt(dim)",
     "gemma2": "Gemma 2 adds (1 + weight) norms after each sublayer and logit soft-capping",
     "gemma3": "Gemma 3 adds (1 + weight) norms, q/k norms and local attention layers",
-    "mixtral": f"Mixtral's MLPs are mixtures of experts; {_NO_MOE}",
-    "qwen3_moe": f"Qwen3-MoE's MLPs are mixtures of experts; {_NO_MOE}",
-    "qwen2_moe": f"Qwen2-MoE's MLPs are mixtures of experts; {_NO_MOE}",
+    "qwen2_moe": "Qwen2-MoE adds a shared expert behind a sigmoid gate, which eurotrain's shared "
+    "experts do not have",
     "deepseek_v2": "DeepSeek-V2 uses multi-head latent attention and experts",
     "deepseek_v3": "DeepSeek-V3 uses multi-head latent attention and experts",
-    "olmoe": f"OLMoE normalises queries and keys over all heads together; {_NO_MOE}",
+    "olmoe": "OLMoE normalises queries and keys over all heads together",
     "gpt_oss": "gpt-oss has attention sinks, biased experts and a clamped SwiGLU",
     "qwen3_next": "Qwen3-Next mixes linear (gated delta-net) attention layers and gated experts",
     "jamba": "Jamba interleaves Mamba layers",
@@ -55,6 +57,25 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "num_key_value_heads": 8,
         "sliding_window": 4096,
+    },
+    "mixtral": {
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+    },
+    "qwen3_moe": {
+        "max_position_embeddings": 32768,
+        "num_key_value_heads": 4,
+        "intermediate_size": 6144,
+        "sliding_window": 4096,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "router_aux_loss_coef": 0.001,
     },
 }
 
@@ -144,8 +165,9 @@ def _sliding_window(d: dict[str, Any], model_type: str) -> int | None:
     if model_type == "llama":
         return None  # HF's Llama has no sliding window
     window = d.get("sliding_window", _DEFAULTS[model_type].get("sliding_window"))
-    if model_type in ("qwen2", "qwen3") and not _flag(d, "use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not _flag(d, "use_sliding_window"):
         return None  # HF's Qwen configs drop the window when use_sliding_window is false
+    # Qwen3-MoE's modelling code applies the window to every layer (it reads no layer types).
     if model_type in ("qwen2", "qwen3"):
         num_layers = _count(d.get("num_hidden_layers"), "num_hidden_layers")
         layers = d.get("layer_types")
@@ -192,7 +214,7 @@ def _context(d: dict[str, Any], model_type: str) -> int:
     return _count(d.get("max_position_embeddings", default), "max_position_embeddings")
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
+def _rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling]:
     """(theta, scaling) from v4's rope_theta / rope_scaling or v5's rope_parameters."""
     params = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if not isinstance(params, dict):
@@ -202,7 +224,7 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
         if len(distinct) > 1:
             raise _refuse("rope_parameters", params, "eurotrain uses one RoPE for all layers")
         params = distinct[0]
-    theta = _positive(params.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta")
+    theta = _positive(params.get("rope_theta", d.get("rope_theta", default_theta)), "rope_theta")
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
         raise _refuse(
@@ -230,22 +252,102 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
         raise ConfigError(f"HF config: rope_scaling (llama3): {e}") from None
 
 
+def _non_negative(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"HF config: {key} {_show(value)} is not a number >= 0")
+    return float(value)
+
+
+def _num_experts(d: dict[str, Any], model_type: str) -> int:
+    """HF maps num_experts onto num_local_experts (attribute_map); config.json holds either."""
+    given = {k: d[k] for k in ("num_experts", "num_local_experts") if d.get(k) is not None}
+    if len(set(map(_show, given.values()))) > 1:
+        raise ConfigError(
+            f"HF config: num_experts {_show(given['num_experts'])} and num_local_experts "
+            f"{_show(given['num_local_experts'])} disagree; HF reads them as one setting"
+        )
+    value = next(iter(given.values()), _DEFAULTS[model_type]["num_experts"])
+    if model_type == "qwen3_moe" and value == 0:
+        return 0  # HF's Qwen3-MoE then makes every block a dense MLP
+    return _count(value, next(iter(given), "num_experts"))
+
+
+def moe_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The experts of a Mixtral or Qwen3-MoE config: both route by a softmax over the experts
+    (fp32), keep the top k scores (Mixtral always renormalises them, Qwen3-MoE when
+    norm_topk_prob) and run SwiGLU experts; neither has shared experts or a routing scale.
+    router_aux_loss_coef becomes aux_loss_coef (docs/checkpointing.md: the normalisation).
+    Returns MoEConfig's fields ({} for none), checked as a whole by the caller."""
+    defaults = _DEFAULTS[model_type]
+    num_experts = _num_experts(d, model_type)
+    if num_experts == 0:
+        return {}
+    top_k = _count(
+        d.get("num_experts_per_tok", defaults["num_experts_per_tok"]), "num_experts_per_tok"
+    )
+    aux = _non_negative(d, "router_aux_loss_coef", defaults["router_aux_loss_coef"])
+    _flag(d, "output_router_logits")  # only whether HF returns (and trains on) the aux loss
+    if model_type == "mixtral":
+        _non_negative(d, "router_jitter_noise", 0.0)  # training-only noise: hf_config_notes
+        if top_k == 1:
+            raise _refuse(
+                "num_experts_per_tok",
+                top_k,
+                "HF's Mixtral renormalises the one chosen score to 1, eurotrain's router weighs "
+                "a single expert by its score",
+            )
+        expert_dim = _count(d.get("intermediate_size"), "intermediate_size")
+        return dict(
+            num_experts=num_experts, top_k=top_k, expert_ffn_dim=expert_dim, aux_loss_coef=aux
+        )
+    norm = _flag(d, "norm_topk_prob")
+    if norm and top_k == 1:
+        raise ConfigError(
+            "HF config: norm_topk_prob true with num_experts_per_tok 1 is not supported: HF "
+            "renormalises the one chosen score to 1, eurotrain's router weighs a single expert "
+            "by its score (as HF with norm_topk_prob false)"
+        )
+    dense = d.get("mlp_only_layers")
+    dense = [] if dense is None else dense
+    if not isinstance(dense, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) for i in dense
+    ):
+        raise ConfigError(
+            f"HF config: mlp_only_layers {_show(dense)} is not a list of layer indices"
+        )
+    every = _count(d.get("decoder_sparse_step", 1), "decoder_sparse_step")
+    moe_dim = d.get("moe_intermediate_size", defaults["moe_intermediate_size"])
+    return dict(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_ffn_dim=_count(moe_dim, "moe_intermediate_size"),
+        norm_topk_prob=norm,
+        aux_loss_coef=aux,
+        dense_layers=sorted(set(dense)),
+        every=every,
+    )
+
+
 def from_hf_config(d: Any) -> ModelConfig:
-    """ModelConfig from a HF config.json dict of a Llama, Qwen2, Qwen3 or Mistral causal LM; a
-    ConfigError naming the field for anything eurotrain would compute differently."""
+    """ModelConfig from a HF config.json dict of a Llama, Qwen2, Qwen3, Mistral, Mixtral or
+    Qwen3-MoE causal LM; a ConfigError naming the field for anything eurotrain would compute
+    differently."""
     if not isinstance(d, dict):
         raise ConfigError(f"HF config: expected a JSON object, got {type(d).__name__}")
     model_type = check_model_type(d)
     _check_math(d, model_type)
-    theta, scaling = _rope(d)
     defaults = _DEFAULTS[model_type]
+    theta, scaling = _rope(d, defaults.get("rope_theta", 10000.0))
     kv_heads = d.get("num_key_value_heads", defaults.get("num_key_value_heads"))
     head_dim = d.get("head_dim", defaults.get("head_dim"))
     name = d.get("_name_or_path")
     num_layers = _count(d.get("num_hidden_layers"), "num_hidden_layers")
-    # Llama reads attention_bias and mlp_bias; Qwen3 attention_bias (all four projections);
-    # Qwen2 always has q/k/v biases; Mistral has none.
-    biased = model_type in ("llama", "qwen3")
+    # Llama reads attention_bias and mlp_bias; Qwen3 and Qwen3-MoE attention_bias (all four
+    # projections); Qwen2 always has q/k/v biases; Mistral and Mixtral have none.
+    biased = model_type in ("llama", "qwen3", "qwen3_moe")
+    moe = moe_from_hf(d, model_type) if model_type in MOE_TYPES else {}
+    ffn = d.get("intermediate_size", defaults.get("intermediate_size"))
     try:
         return ModelConfig(
             name=name if isinstance(name, str) and name else model_type,
@@ -255,8 +357,10 @@ def from_hf_config(d: Any) -> ModelConfig:
             num_heads=_count(d.get("num_attention_heads"), "num_attention_heads"),
             num_kv_heads=None if kv_heads is None else _count(kv_heads, "num_key_value_heads"),
             head_dim=None if head_dim is None else _count(head_dim, "head_dim"),
-            ffn_dim=_count(d.get("intermediate_size"), "intermediate_size"),
-            norm_eps=_positive(d.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+            ffn_dim=_count(ffn, "intermediate_size"),
+            norm_eps=_positive(
+                d.get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)), "rms_norm_eps"
+            ),
             rope_theta=theta,
             rope_scaling=scaling,
             max_seq_len=_context(d, model_type),
@@ -264,8 +368,9 @@ def from_hf_config(d: Any) -> ModelConfig:
             qkv_bias=model_type == "qwen2",
             attention_bias=biased and _flag(d, "attention_bias"),
             mlp_bias=model_type == "llama" and _flag(d, "mlp_bias"),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(d, model_type),
+            moe=MoEConfig(**moe),
         )
     except ConfigError as e:
         raise ConfigError(f"HF config: does not make a valid eurotrain model: {e}") from None
@@ -278,6 +383,12 @@ def hf_config_notes(d: dict[str, Any]) -> list[str]:
     if isinstance(dropout, (int, float)) and dropout > 0:
         notes.append(
             f"attention_dropout {dropout} is not applied: eurotrain trains without dropout"
+        )
+    jitter = d.get("router_jitter_noise", 0.0) if d.get("model_type") == "mixtral" else 0.0
+    if isinstance(jitter, (int, float)) and jitter > 0:
+        notes.append(
+            f"router_jitter_noise {jitter} is not applied: like dropout it only perturbed HF's "
+            f"training (the router's inputs); eurotrain trains without it"
         )
     tp = d.get("pretraining_tp", 1)
     if isinstance(tp, int) and tp > 1:

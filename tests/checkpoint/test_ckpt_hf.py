@@ -1,4 +1,5 @@
-"""HF transformers interop: random tiny Llama -> eurotrain -> (trainer, 0 steps) -> HF."""
+"""HF transformers interop: random tiny Llama -> eurotrain -> (trainer, 0 steps) -> HF; a trained
+mixture of experts -> HF."""
 
 from __future__ import annotations
 
@@ -100,3 +101,35 @@ def test_export_refuses_a_tied_checkpoint_whose_matrices_differ(tmp_path, monkey
     emb = hf.model.embed_tokens.weight
     assert torch.equal(back.lm_head.weight, emb + 1)
     assert torch.equal(back.model.embed_tokens.weight, emb)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05])
+def test_trained_moe_checkpoint_exports_unless_its_expert_bias_moved(tmp_path, rate, capsys):
+    """A Qwen3-MoE shaped run (q/k norms, a dense first block) trained 3 steps exports to
+    Qwen3MoeForCausalLM with the trainer's logits; with aux-loss-free balancing its learned
+    selection bias has no place in HF's router, and the export says so in one line."""
+    # 3 steps: each bias moves by +-rate per step, so an odd number of moves cannot cancel out.
+    moe = {"num_experts": 4, "top_k": 2, "expert_ffn_dim": 32, "dense_layers": [0],
+           "aux_loss_coef": 0.01, "bias_update_rate": rate}  # fmt: skip
+    cfg = tiny_config(
+        tmp_path, "run", 3, model={"qk_norm": True, "moe": moe}, checkpoint={"interval": 3}
+    )
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.checkpointer.close()
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(tokens)
+    ckpt = tmp_path / "run" / "checkpoints"
+    capsys.readouterr()
+    code = convert(["eurotrain-to-hf", str(ckpt), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    if rate:
+        assert code == 1 and "moe.expert_bias is nonzero" in err and err.count("\n") == 1, err
+        return
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, want, rtol=1e-5, atol=1e-5)

@@ -76,9 +76,14 @@ REFUSED_BY_HF_CLASS = {
         "supported: eurotrain applies one sliding window to every layer or none",
     ),
     "gemma": ("GemmaConfig", {"head_dim": 8}, "HF config: model_type 'gemma' is not supported: Gemma's"),
-    "mixtral": (
-        "MixtralConfig", {"num_local_experts": 4},
-        "HF config: model_type 'mixtral' is not supported: Mixtral's MLPs are mixtures of experts",
+    "qwen2_moe": (
+        "Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 16,
+                           "shared_expert_intermediate_size": 32},
+        "HF config: model_type 'qwen2_moe' is not supported: Qwen2-MoE adds a shared expert",
+    ),
+    "mixtral top-1": (
+        "MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 1},
+        "HF config: num_experts_per_tok 1 is not supported: HF's Mixtral renormalises",
     ),
     "olmoe": (
         "OlmoeConfig", {"num_experts": 4},
@@ -242,6 +247,12 @@ ACCEPTED = {
         {"head_dim": 8, "attention_bias": True, "use_sliding_window": True, "sliding_window": 8,
          "max_window_layers": 0},
     ),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe sparse step": (
+        "Qwen3MoeConfig",
+        {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 3, "moe_intermediate_size": 16,
+         "decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 8},
+    ),
 }  # fmt: skip
 
 
@@ -276,6 +287,14 @@ ROUND_TRIPS = {
     "mistral sliding window": ("MistralConfig", {"sliding_window": 8}, "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", {"head_dim": 8, "attention_bias": True}, "Qwen3ForCausalLM"),
     "llama biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}, "LlamaForCausalLM"),
+    # Per-expert names (what save_pretrained writes) in, the same out.
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "sliding_window": 8}, "MixtralForCausalLM"),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+         "norm_topk_prob": True, "mlp_only_layers": [0], "attention_bias": True},
+        "Qwen3MoeForCausalLM",
+    ),
 }  # fmt: skip
 
 

@@ -109,10 +109,8 @@ def test_accepted_variants(changes, expected):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported: Mixtral's MLPs are "
-         "mixtures of experts; eurotrain does not implement mixture-of-experts layers yet"),
-        ({"model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not supported: Qwen3-MoE's"),
-        ({"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported: Qwen2-MoE's"),
+        ({"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported: Qwen2-MoE adds "
+         "a shared expert behind a sigmoid gate"),
         ({"model_type": "deepseek_v3"}, "multi-head latent attention"),
         ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 16,
           "max_window_layers": 1}, "layer_types '2 layers mixing full_attention and sliding_"),
