@@ -290,24 +290,11 @@ def moe_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     _flag(d, "output_router_logits")  # only whether HF returns (and trains on) the aux loss
     if model_type == "mixtral":
         _non_negative(d, "router_jitter_noise", 0.0)  # training-only noise: hf_config_notes
-        if top_k == 1:
-            raise _refuse(
-                "num_experts_per_tok",
-                top_k,
-                "HF's Mixtral renormalises the one chosen score to 1, eurotrain's router weighs "
-                "a single expert by its score",
-            )
         expert_dim = _count(d.get("intermediate_size"), "intermediate_size")
         return dict(
             num_experts=num_experts, top_k=top_k, expert_ffn_dim=expert_dim, aux_loss_coef=aux
         )
     norm = _flag(d, "norm_topk_prob")
-    if norm and top_k == 1:
-        raise ConfigError(
-            "HF config: norm_topk_prob true with num_experts_per_tok 1 is not supported: HF "
-            "renormalises the one chosen score to 1, eurotrain's router weighs a single expert "
-            "by its score (as HF with norm_topk_prob false)"
-        )
     dense = d.get("mlp_only_layers")
     dense = [] if dense is None else dense
     if not isinstance(dense, list) or any(

@@ -47,10 +47,10 @@ def moe_model_type(cfg: ModelConfig) -> str:
                 f"dense blocks {dense} (model.moe.dense_layers / every; Qwen3-MoE has them "
                 f"but also q/k norms)"
             )
-        if m.top_k == 1:
+        if not m.norm_topk_prob:
             problems.append(
-                "model.moe.top_k 1 (Mixtral renormalises the one chosen score to 1; eurotrain "
-                "weighs it by its score, as Qwen3-MoE with q/k norms can)"
+                "model.moe.norm_topk_prob false (Mixtral always renormalises the chosen scores; "
+                "Qwen3-MoE, with q/k norms, has the switch)"
             )
         if cfg.attention_bias:
             problems.append("model.attention_bias")
@@ -86,8 +86,7 @@ def moe_hf_config(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     d.update(
         num_experts=m.num_experts,
         moe_intermediate_size=cfg.expert_ffn_dim,
-        # A single expert keeps its score in eurotrain: HF's unnormalised top-1.
-        norm_topk_prob=m.norm_topk_prob and m.top_k > 1,
+        norm_topk_prob=m.norm_topk_prob,
         decoder_sparse_step=m.every,
         mlp_only_layers=sorted(set(m.dense_layers)),
         attention_bias=cfg.attention_bias,

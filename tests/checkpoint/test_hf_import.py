@@ -81,10 +81,6 @@ REFUSED_BY_HF_CLASS = {
                            "shared_expert_intermediate_size": 32},
         "HF config: model_type 'qwen2_moe' is not supported: Qwen2-MoE adds a shared expert",
     ),
-    "mixtral top-1": (
-        "MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 1},
-        "HF config: num_experts_per_tok 1 is not supported: HF's Mixtral renormalises",
-    ),
     "olmoe": (
         "OlmoeConfig", {"num_experts": 4},
         "HF config: model_type 'olmoe' is not supported: OLMoE normalises queries and keys",

@@ -41,8 +41,7 @@ VARIANTS = {
                                   norm_topk_prob=False)),
         "Qwen3MoeForCausalLM",
     ),
-    # top-1 with norm_topk_prob: eurotrain weighs the one expert by its score, which is HF's
-    # norm_topk_prob false.
+    # top-1 with norm_topk_prob: the one expert weighs 1, as in HF.
     "qwen3-moe-top1": (
         ModelConfig(**SHAPE, num_layers=2, qk_norm=True, tie_embeddings=True,
                     moe=MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=16)),
@@ -183,7 +182,7 @@ MOE = dict(num_experts=4, top_k=2)
         (ModelConfig(moe=MoEConfig(**MOE, num_shared_experts=1)), "model.moe.num_shared_experts 1"),
         (ModelConfig(moe=MoEConfig(**MOE, route_scale=2.5)), "model.moe.route_scale 2.5"),
         (ModelConfig(moe=MoEConfig(**MOE, dense_layers=[0])), "dense blocks"),
-        (ModelConfig(moe=MoEConfig(num_experts=4, top_k=1)), "model.moe.top_k 1"),
+        (ModelConfig(moe=MoEConfig(**MOE, norm_topk_prob=False)), "model.moe.norm_topk_prob false"),
         (ModelConfig(attention_bias=True, moe=MoEConfig(**MOE)), "model.attention_bias"),
         (ModelConfig(qk_norm=True, mlp_bias=True, moe=MoEConfig(**MOE, every=2)), "model.mlp_bias"),
     ],
@@ -202,10 +201,6 @@ HF = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers
 @pytest.mark.parametrize(
     "d, message",
     [
-        ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 1},
-         "num_experts_per_tok 1 is not supported: HF's Mixtral renormalises"),
-        ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 1,
-          "norm_topk_prob": True}, "norm_topk_prob true with num_experts_per_tok 1"),
         ({"model_type": "mixtral", "num_local_experts": 4, "num_experts": 8},
          "num_experts 8 and num_local_experts 4 disagree"),
         ({"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3},
