@@ -42,20 +42,23 @@ class MoEBalance(Callback):
         if not self.layers:
             return
         layers = list(self.layers.values())
-        counts = torch.stack([layer.tokens_per_expert for layer in layers])
+        # One collective for all layers: [layers, experts + 2] (loads, then the aux-loss sums).
+        both = torch.stack([torch.cat([m.tokens_per_expert, m.aux_loss_sum]) for m in layers])
         if self.group is not None:
-            dist.all_reduce(counts, group=self.group)
+            dist.all_reduce(both, group=self.group)
+        counts, aux = both[:, :-2], both[:, -2:]
         if self.rate:
             mean = counts.mean(-1, keepdim=True)
             step_bias = self.rate * torch.sign(mean - counts)
             for layer, delta in zip(layers, step_bias):
                 layer.expert_bias += delta
         if trainer.is_log_step(step):
-            metrics.update(**self.statistics(counts))
+            metrics.update(**self.statistics(counts, aux))
         for layer in layers:
             layer.tokens_per_expert.zero_()
+            layer.aux_loss_sum.zero_()
 
-    def statistics(self, counts: torch.Tensor) -> dict[str, object]:
+    def statistics(self, counts: torch.Tensor, aux: torch.Tensor) -> dict[str, object]:
         """Numbers for every logger, per-expert shares for metrics.jsonl (one host read)."""
         share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
         ratio = share * share.shape[-1]  # 1.0 = the expert got exactly its share
@@ -68,6 +71,8 @@ class MoEBalance(Callback):
                 k: [round(v, 4) for v in row] for k, row in zip(self.layers, loads)
             },
         }
+        if aux[:, 1].sum() > 0:  # token-weighted mean over the step, averaged over the blocks
+            out["moe_aux_loss"] = float((aux[:, 0] / aux[:, 1].clamp(min=1)).mean())
         if self.rate:
             biases = torch.stack([layer.expert_bias for layer in self.layers.values()])
             out["moe_bias_range"] = float((biases.max(-1).values - biases.min(-1).values).max())

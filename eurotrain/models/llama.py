@@ -207,6 +207,7 @@ class Transformer(nn.Module):
         for layer in moe_layers(self).values():  # to_empty() left them uninitialised
             layer.expert_bias.zero_()
             layer.tokens_per_expert.zero_()
+            layer.aux_loss_sum.zero_()
         c = self.cfg
         residual_std = c.init_std / math.sqrt(2 * c.num_layers)
         for name, p in self.named_parameters():

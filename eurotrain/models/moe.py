@@ -102,6 +102,7 @@ class MoE(nn.Module):
 
     expert_bias: torch.Tensor  # buffers, registered in __init__
     tokens_per_expert: torch.Tensor
+    aux_loss_sum: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, swiglu: Callable, shared: nn.Module | None) -> None:
         super().__init__()
@@ -118,6 +119,8 @@ class MoE(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False
         )
+        # (sum over micro-batches of tokens x aux loss, tokens) since the last step, for the log.
+        self.register_buffer("aux_loss_sum", torch.zeros(2, dtype=torch.float32), persistent=False)
         self.aux_loss_scale = 1.0
         """Factor on the aux loss's gradient: the engine sets 1 / (global label tokens) per step,
         times this micro-batch's token count below, the same normalisation as the cross-entropy."""
@@ -145,7 +148,8 @@ class MoE(nn.Module):
         idx, weights, scores = self.route(x)
         flat = idx.flatten()
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if self.training and not _in_backward():  # not again when checkpointing recomputes
+        counting = self.training and not _in_backward()  # not again when checkpointing recomputes
+        if counting:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         order = flat.argsort(stable=True)
         rows = order // self.top_k  # the token each sorted slot came from
@@ -159,6 +163,9 @@ class MoE(nn.Module):
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled():
             aux = self.aux_loss(counts, scores)
             y = _AuxLossGrad.apply(y, aux, self.aux_loss_coef * self.aux_loss_scale * x.shape[0])
+            if counting:
+                tokens = torch.tensor(float(x.shape[0]), device=aux.device)
+                self.aux_loss_sum += torch.stack([aux.detach() * tokens, tokens])
         return y.view(shape)
 
     def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

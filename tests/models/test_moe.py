@@ -212,6 +212,7 @@ def test_training_logs_expert_loads_and_moves_the_bias(tmp_path):
     assert sorted(loads) == ["1", "2", "3"]  # block 0 is dense in tiny-moe
     assert all(len(v) == 8 and sum(v) == pytest.approx(1.0, abs=1e-3) for v in loads.values())
     assert record["moe_load_max"] >= 1.0 >= record["moe_load_min"]
+    assert 0.5 < record["moe_aux_loss"] < 8.0  # 1.0 balanced, E = 8 all on one expert
     # Three updates of at most 0.001 each: the biases moved, by at most 0.003.
     bias = torch.stack([m.expert_bias for m in moe_layers(trainer.model).values()])
     assert 0 < bias.abs().max().item() <= 0.003 + 1e-7
