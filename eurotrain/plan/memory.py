@@ -29,7 +29,14 @@ from eurotrain.configtools import ConfigError
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
-from eurotrain.plan.shapes import RankShare, fsdp_shards, rank_shares
+from eurotrain.plan.shapes import (
+    Param,
+    RankShare,
+    expert_parallel,
+    fsdp_shards,
+    padded_numel,
+    rank_shares,
+)
 
 GIB = 1024**3
 FP32 = 4
@@ -157,7 +164,8 @@ def _torch_rank(
     cfg: Config, dims: ParallelDims, setting: Setting, share: RankShare
 ) -> MemoryEstimate:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    shards = fsdp_shards(dims, p.engine)
+    ep = expert_parallel(cfg)
+    shards = fsdp_shards(dims, p.engine, ep)
     fsdp = uses_fsdp(cfg, dims)
     prec = precision(cfg, dims, setting)
     local_batch = t.global_batch_size // dims.dp
@@ -171,53 +179,69 @@ def _torch_rank(
 
     est = MemoryEstimate(pp_rank=share.pp_rank)
     master = share.shard_numel(shards) * FP32
-    est.params = master + len(share.stages) * _rope_bytes(cfg)
+    # the MoE blocks' expert_bias and tokens_per_expert buffers (fp32, never sharded)
+    moe_buffers = share.moe_blocks * 2 * m.moe.num_experts * FP32
+    est.params = master + len(share.stages) * _rope_bytes(cfg) + moe_buffers
     est.optimizer = 2 * master + FP32 * share.num_tensors()
     if dims.pp > 1:
         est.buffers = _pipeline_buffers(cfg, shape, prec, share, num_micro)
-    padded = share.shard_numel(shards) * shards  # unsharded, as FSDP2 gathers it (padded)
-    block_padded = sum(q.shard_numel(shards) * shards for q in share.block)
-    root_padded = padded - share.num_blocks * block_padded
+    padded = padded_numel(share.params(), shards)  # unsharded, as FSDP2 gathers it (padded)
+    block_padded = [padded_numel(q, shards) for q in share.block]
+    root_padded = padded_numel(share.root, shards)
     head = act.head(m, shape, prec) if share.has_head else act.HeadActivations(0, 0, 0)
 
     # Activations: one micro-batch of each stage of this rank, times the micro-batches in flight.
     stages = []
-    offsets = _stage_offsets(cfg, share)
-    for stage, first, count, k in zip(share.stages, offsets, share.blocks, _in_flight(
+    done_blocks = 0
+    for stage, first, count, k in zip(share.stages, share.first_block, share.blocks, _in_flight(
         cfg, dims, share, num_micro
     )):  # fmt: skip
         blocks = [
-            act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every)
+            act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every, ep)
             for i in range(first, first + count)
         ]
+        params = share.block[done_blocks : done_blocks + count]
+        done_blocks += count
         ends = (shape.tokens * 8 if stage == 0 else 0) + (
             head.saved if stage == share.num_stages - 1
             else _boundary(cfg, shape, prec) if dims.pp > 1 else 0  # the stage output, kept
         )  # fmt: skip
-        stages.append((blocks, ends, k))
-    saved = sum(k * (sum(b.saved for b in blocks) + ends) for blocks, ends, k in stages)
+        stages.append((blocks, params, ends, k))
+    saved = sum(k * (sum(b.saved for b in blocks) + ends) for blocks, _, ends, k in stages)
 
     # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
+    largest = sorted(block_padded, reverse=True)[:2]
     if fsdp:
         keep = dims.pp > 1 or num_micro > 1  # no reduce-scatter before the last backward
         kept = padded * FP32 if keep else 0
-        done_per_block = 0 if keep else sum(q.shard_numel(shards) for q in share.block) * FP32
-        running = block_padded * prec.gathered_param
+
+        def done_by(q: list[Param]) -> int:
+            return 0 if keep else sum(x.shard_numel(shards.of(x)) for x in q) * FP32
+
+        def running(q: list[Param]) -> int:
+            return padded_numel(q, shards) * prec.gathered_param
+
         # root group and two blocks (the running one and the next, gathered ahead), or all of
         # them under pipelining (the schedule does not reshard between micro-batches)
-        gathered = (root_padded + 2 * block_padded) * prec.gathered_param
+        gathered = (root_padded + 2 * largest[0]) * prec.gathered_param
         if dims.pp > 1:
             gathered = padded * prec.gathered_param
     else:
         # DDP's gradients are views into its buckets, which live for the whole run
         keep = dims.pp > 1 or num_micro > 1 or dims.dp_replicate > 1
         kept = share.numel() * FP32 if keep else 0
-        done_per_block = 0 if keep else sum(q.numel for q in share.block) * FP32
-        running = 0
+
+        def done_by(q: list[Param]) -> int:
+            return 0 if keep else sum(x.numel for x in q) * FP32
+
+        def running(q: list[Param]) -> int:
+            return 0
+
         gathered = share.numel() * prec.gathered_param if prec.autocast else 0
     head_grads = 0 if keep else sum(
-        q.shard_numel(shards) if fsdp else q.numel for q in share.root if q.name != "tok_embeddings"
+        q.shard_numel(shards.of(q)) if fsdp else q.numel
+        for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
 
     phases = [
@@ -229,26 +253,17 @@ def _torch_rank(
     ]  # fmt: skip
     # the backward of each block of the stage with the most activations (of the micro-batch
     # being processed): its recomputation and gradient temporaries, the gradients so far
-    blocks, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[1])
+    blocks, params, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[2])
     others = saved - sum(b.saved for b in blocks) - ends
     done = head_grads
-    workspace = act.block_backward_workspace(m, shape, prec)
     for j in reversed(range(len(blocks))):
         acts = others + sum(b.saved for b in blocks[: j + 1])
         phases.append(replace(
-            est, activations=acts, grads=kept + done + running, gathered=gathered,
-            workspace=blocks[j].recompute + workspace,
+            est, activations=acts, grads=kept + done + running(params[j]), gathered=gathered,
+            workspace=blocks[j].recompute + blocks[j].workspace,
         ))  # fmt: skip
-        done += done_per_block
+        done += done_by(params[j])
     return max(phases, key=lambda e: e.model_bytes)
-
-
-def _stage_offsets(cfg: Config, share: RankShare) -> list[int]:
-    """Global index of the first block of each of this rank's stages."""
-    from eurotrain.parallel.checks import balanced_split
-
-    layers = cfg.parallel.pp_layers or balanced_split(cfg.model.num_layers, share.num_stages)
-    return [sum(layers[:s]) for s in share.stages]
 
 
 def _boundary(cfg: Config, shape: act.Shape, prec: act.Precision) -> int:
