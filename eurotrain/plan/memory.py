@@ -23,6 +23,7 @@ What the code does, and the model follows (docs/planner.md has the derivations):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from itertools import accumulate
 
 from eurotrain.config import Config
 from eurotrain.configtools import ConfigError
@@ -32,6 +33,7 @@ from eurotrain.plan import activations as act
 from eurotrain.plan.shapes import (
     Param,
     RankShare,
+    Shards,
     expert_parallel,
     fsdp_shards,
     padded_numel,
@@ -185,22 +187,30 @@ def _torch_rank(
     est.optimizer = 2 * master + FP32 * share.num_tensors()
     if dims.pp > 1:
         est.buffers = _pipeline_buffers(cfg, shape, prec, share, num_micro)
-    padded = padded_numel(share.params(), shards)  # unsharded, as FSDP2 gathers it (padded)
-    block_padded = [padded_numel(q, shards) for q in share.block]
+    padded = share.padded_numel(shards)  # unsharded, as FSDP2 gathers it (padded)
+    kinds = [q for q, _ in share.groups[:-1]]  # one parameter list per kind of block
+    largest_block = max((padded_numel(q, shards) for q in kinds), default=0)
     root_padded = padded_numel(share.root, shards)
     head = act.head(m, shape, prec) if share.has_head else act.HeadActivations(0, 0, 0)
 
     # Activations: one micro-batch of each stage of this rank, times the micro-batches in flight.
     stages = []
     done_blocks = 0
+    cache: dict[tuple[int, bool], act.Block] = {}
+
+    def block_at(i: int, params: list[Param]) -> act.Block:
+        """Block i's activations: the same for every block of its kind (its parameter list)
+        and checkpointing."""
+        key = (id(params), i % p.ac_every == 0)
+        if key not in cache:
+            cache[key] = act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every, ep)
+        return cache[key]
+
     for stage, first, count, k in zip(share.stages, share.first_block, share.blocks, _in_flight(
         cfg, dims, share, num_micro
     )):  # fmt: skip
-        blocks = [
-            act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every, ep)
-            for i in range(first, first + count)
-        ]
         params = share.block[done_blocks : done_blocks + count]
+        blocks = [block_at(first + j, q) for j, q in enumerate(params)]
         done_blocks += count
         ends = (shape.tokens * 8 if stage == 0 else 0) + (
             head.saved if stage == share.num_stages - 1
@@ -211,32 +221,22 @@ def _torch_rank(
 
     # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
-    largest = sorted(block_padded, reverse=True)[:2]
     if fsdp:
         keep = dims.pp > 1 or num_micro > 1  # no reduce-scatter before the last backward
         kept = padded * FP32 if keep else 0
-
-        def done_by(q: list[Param]) -> int:
-            return 0 if keep else sum(x.shard_numel(shards.of(x)) for x in q) * FP32
-
-        def running(q: list[Param]) -> int:
-            return padded_numel(q, shards) * prec.gathered_param
-
+        done_by = {id(q): 0 if keep else _shard_numel(q, shards) * FP32 for q in kinds}
+        running = {id(q): padded_numel(q, shards) * prec.gathered_param for q in kinds}
         # root group and two blocks (the running one and the next, gathered ahead), or all of
         # them under pipelining (the schedule does not reshard between micro-batches)
-        gathered = (root_padded + 2 * largest[0]) * prec.gathered_param
+        gathered = (root_padded + 2 * largest_block) * prec.gathered_param
         if dims.pp > 1:
             gathered = padded * prec.gathered_param
     else:
         # DDP's gradients are views into its buckets, which live for the whole run
         keep = dims.pp > 1 or num_micro > 1 or dims.dp_replicate > 1
         kept = share.numel() * FP32 if keep else 0
-
-        def done_by(q: list[Param]) -> int:
-            return 0 if keep else sum(x.numel for x in q) * FP32
-
-        def running(q: list[Param]) -> int:
-            return 0
+        done_by = {id(q): 0 if keep else sum(x.numel for x in q) * FP32 for q in kinds}
+        running = {id(q): 0 for q in kinds}
 
         gathered = share.numel() * prec.gathered_param if prec.autocast else 0
     head_grads = 0 if keep else sum(
@@ -256,14 +256,25 @@ def _torch_rank(
     blocks, params, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[2])
     others = saved - sum(b.saved for b in blocks) - ends
     done = head_grads
+    upto = list(accumulate(b.saved for b in blocks))  # saved by blocks 0..j
+    worst, worst_bytes = None, -1
     for j in reversed(range(len(blocks))):
-        acts = others + sum(b.saved for b in blocks[: j + 1])
+        # only the busiest block's phase is built: a model has up to ~100 blocks per rank
+        phase = (others + upto[j], kept + done + running[id(params[j])],
+                 blocks[j].recompute + blocks[j].workspace)  # fmt: skip
+        if sum(phase) > worst_bytes:
+            worst, worst_bytes = phase, sum(phase)
+        done += done_by[id(params[j])]
+    if worst is not None:
+        acts, grads, workspace = worst
         phases.append(replace(
-            est, activations=acts, grads=kept + done + running(params[j]), gathered=gathered,
-            workspace=blocks[j].recompute + blocks[j].workspace,
+            est, activations=acts, grads=grads, gathered=gathered, workspace=workspace
         ))  # fmt: skip
-        done += done_by(params[j])
     return max(phases, key=lambda e: e.model_bytes)
+
+
+def _shard_numel(params: list[Param], shards: Shards) -> int:
+    return sum(q.shard_numel(shards.of(q)) for q in params)
 
 
 def _boundary(cfg: Config, shape: act.Shape, prec: act.Precision) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from eurotrain.config import Config
 from eurotrain.models.config import ModelConfig
@@ -66,8 +67,9 @@ def _swiglu(prefix: str, dim: int, hidden: int) -> list[Param]:
             Param(f"{prefix}w2", dim, hidden)]  # fmt: skip
 
 
-def block_params(m: ModelConfig, tp: int, index: int = 0, ep: int = 1) -> list[Param]:
-    """Block ``index``'s parameters on one tensor-parallel (and expert-parallel) rank."""
+def block_params(m: ModelConfig, tp: int, moe: bool = False, ep: int = 1) -> list[Param]:
+    """A dense or (``moe``) mixture-of-experts block's parameters on one tensor-parallel (and
+    expert-parallel) rank."""
     assert m.head_dim is not None and m.num_kv_heads is not None
     q, kv = m.num_heads * m.head_dim // tp, m.num_kv_heads * m.head_dim // tp
     params = [
@@ -82,7 +84,7 @@ def block_params(m: ModelConfig, tp: int, index: int = 0, ep: int = 1) -> list[P
         params += [Param("bq", q), Param("bk", kv), Param("bv", kv)]
     if m.qk_norm:
         params += [Param("q_norm", m.head_dim), Param("k_norm", m.head_dim)]
-    if not m.is_moe_layer(index):
+    if not moe:
         return params + _swiglu("", m.dim, m.ffn_dim // tp)
     e, f = m.moe.num_experts, m.expert_ffn_dim // tp
     params += [
@@ -137,18 +139,30 @@ class RankShare:
     def has_head(self) -> bool:
         return self.num_stages - 1 in self.stages
 
-    def params(self) -> list[Param]:
-        return [p for block in self.block for p in block] + self.root
+    @cached_property
+    def groups(self) -> list[tuple[list[Param], int]]:
+        """(parameters, how many times this rank holds them): each kind of block (blocks of a
+        kind share one list), then the root group once."""
+        counts: dict[int, tuple[list[Param], int]] = {}
+        for params in self.block:
+            counts[id(params)] = (params, counts.get(id(params), (params, 0))[1] + 1)
+        return [*counts.values(), (self.root, 1)]
 
     def numel(self) -> int:
-        return sum(p.numel for p in self.params())
+        return sum(n * sum(p.numel for p in params) for params, n in self.groups)
 
     def shard_numel(self, shards: Shards) -> int:
         """Elements of this rank's FSDP shards (its whole share when not sharded)."""
-        return sum(p.shard_numel(shards.of(p)) for p in self.params())
+        return sum(
+            n * sum(p.shard_numel(shards.of(p)) for p in params) for params, n in self.groups
+        )
+
+    def padded_numel(self, shards: Shards) -> int:
+        """Elements of this rank's parameters as FSDP2 gathers them (dim 0 padded)."""
+        return sum(n * padded_numel(params, shards) for params, n in self.groups)
 
     def num_tensors(self) -> int:
-        return len(self.params())
+        return sum(n * len(params) for params, n in self.groups)
 
 
 def padded_numel(params: list[Param], shards: Shards) -> int:
@@ -164,6 +178,9 @@ def rank_shares(cfg: Config, dims: ParallelDims) -> list[RankShare]:
     layers = p.pp_layers or balanced_split(m.num_layers, num_stages)
     tied = m.tie_embeddings and dims.pp == 1
     ep = expert_parallel(cfg)
+    # one list per kind of block (dense, MoE), shared by the blocks of that kind
+    moe_layers = [m.is_moe_layer(i) for i in range(m.num_layers)]
+    kinds = {moe: block_params(m, dims.tp, moe, ep) for moe in set(moe_layers)}
     shares = []
     for rank in range(dims.pp):
         stages = stage_ids(rank, dims.pp, per_rank, p.pp_schedule) if dims.pp > 1 else [0]
@@ -174,8 +191,8 @@ def rank_shares(cfg: Config, dims: ParallelDims) -> list[RankShare]:
             root += head_params(m, dims.tp, tied)
         firsts = [sum(layers[:s]) for s in stages]
         ids = [i for s, first in zip(stages, firsts) for i in range(first, first + layers[s])]
-        block = [block_params(m, dims.tp, i, ep) for i in ids]
-        moe = sum(m.is_moe_layer(i) for i in ids)
+        block = [kinds[moe_layers[i]] for i in ids]
+        moe = sum(moe_layers[i] for i in ids)
         shares.append(RankShare(
             rank, stages, [layers[s] for s in stages], num_stages, block, root, firsts, moe
         ))  # fmt: skip
