@@ -3,7 +3,9 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
 
 - Compute: the model's FLOPs (models/config.py flops_per_token: 6 N + attention) plus what
   activation checkpointing recomputes (a block's forward, a third of its training FLOPs, under
-  "full"; "selective" recomputes only element-wise ops), at peak x efficiency.
+  "full"; "selective" recomputes element-wise ops, counted as free, and in MoE blocks the routed
+  experts' grouped matmuls, which it does not keep), at peak x efficiency; MoE FLOPs count the
+  active parameters (the top_k experts a token passes through).
 - Tensor parallelism with sequence parallelism: per block and micro-batch, two all-gathers and
   two reduce-scatters of the [tokens, dim] activations in forward and again in backward, on the
   node's links, not overlapped (plain DTensor TP, no asynchronous TP).
@@ -71,6 +73,17 @@ def _recompute_fraction(cfg: Config) -> float:
     return checkpointed / 3  # one more forward of the blocks: 2 of their 6 N FLOPs
 
 
+def _selective_expert_flops(cfg: Config) -> float:
+    """Per token: selective checkpointing keeps the outputs of mm, addmm, bmm and attention
+    (eurotrain/parallel/ac.py), not of the experts' grouped matmuls, so the backward of each
+    checkpointed MoE block runs its routed experts' forward again (2 FLOPs per active weight)."""
+    p, m = cfg.parallel, cfg.model
+    if p.activation_checkpointing != "selective" or not m.moe.enabled:
+        return 0.0
+    blocks = sum(m.is_moe_layer(i) for i in range(0, m.num_layers, p.ac_every))
+    return blocks * 2 * m.moe.top_k * 3 * m.dim * m.expert_ffn_dim
+
+
 def _group(hw: Hardware, inner: int, size: int) -> tuple[int, bool]:
     """(members per node, whether it spans nodes) of a mesh axis of ``size`` whose inner axes
     (closer to tp, the innermost) multiply to ``inner``."""
@@ -88,6 +101,7 @@ def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
     model_flops = per_token * tokens
     blocks_share = 1 - m.vocab_size * m.dim * 6 / max(1.0, per_token)
     hw_flops = model_flops * (1 + _recompute_fraction(cfg) * blocks_share)
+    hw_flops += _selective_expert_flops(cfg) * tokens
     rate = hw.peak_tflops * 1e12 * hw.efficiency
     compute = hw_flops / dims.world_size / rate
 

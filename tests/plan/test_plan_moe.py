@@ -108,3 +108,15 @@ def test_all_to_all_time() -> None:
     # compute and MFU count the active parameters
     assert within.model_flops == m.flops_per_token(4096) * 512 * 4096
     assert within.model_flops < 6 * m.num_params() * 512 * 4096 / 5
+
+
+def test_selective_checkpointing_recomputes_the_experts() -> None:
+    """parallel/ac.py keeps mm/addmm/bmm outputs, not the experts' grouped matmuls: their
+    forward runs again in backward (hardware FLOPs, not model FLOPs)."""
+    cfg = qwen3("--parallel.activation_checkpointing", "selective")
+    st = step_time(cfg, check_layout(cfg, 64, cuda=True), HW)
+    m, tokens = cfg.model, 512 * 4096
+    experts = m.num_layers * 2 * m.moe.top_k * 3 * m.dim * m.expert_ffn_dim * tokens
+    assert st.hardware_flops == pytest.approx(st.model_flops + experts)
+    none = qwen3("--parallel.activation_checkpointing", "none")
+    assert step_time(none, check_layout(none, 64, cuda=True), HW).hardware_flops == (st.model_flops)
