@@ -4,7 +4,8 @@ What the code does, and the model follows (docs/planner.md has the derivations):
 
 - Master weights, gradients and AdamW's two moments are fp32, sharded by FSDP2 over
   dp_shard x cp (each parameter's dim 0 padded to a multiple of the shard count), whole
-  otherwise; tensor parallelism splits them first (eurotrain/plan/shapes.py).
+  otherwise; tensor parallelism splits them first (eurotrain/plan/shapes.py), expert
+  parallelism splits a mixture of experts' routed experts (eurotrain/plan/moe.py).
 - FSDP2 gathers one block at a time in the compute dtype (two while the next is prefetched in
   backward), the root group (embedding, final norm, output) for the whole forward and again
   for the whole backward. Gradient accumulation skips the reduce-scatter until the last
