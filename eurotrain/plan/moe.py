@@ -39,6 +39,13 @@ def _shared_hidden(m: ModelConfig, shape: act.Shape) -> int:
     return m.moe.num_shared_experts * m.expert_ffn_dim // shape.tp
 
 
+def _expert_bytes(prec: act.Precision) -> int:
+    """The experts' rows: the compute dtype, except under autocast (a GPU without FSDP), where
+    the gathered rows keep the fp32 residual stream's dtype and the weights are fp32; whether
+    autocast lowers the grouped matmul is unmeasured, so fp32 (the safe side)."""
+    return act.FP32 if prec.autocast else prec.compute
+
+
 def ffn_saved(m: ModelConfig, shape: act.Shape, prec: act.Precision) -> int:
     """Bytes an MoE feed-forward keeps for backward (its input norm not included)."""
     t, c, d = shape.tokens, prec.compute, m.dim
@@ -47,7 +54,7 @@ def ffn_saved(m: ModelConfig, shape: act.Shape, prec: act.Precision) -> int:
     router = t * m.moe.num_experts * act.FP32 + 3 * rows * INDEX + rows * act.FP32
     if m.moe.norm_topk_prob and m.moe.top_k > 1:
         router += t * act.FP32
-    experts = rows * d * c + (swiglu + 1) * rows * f * c
+    experts = rows * d * _expert_bytes(prec) + (swiglu + 1) * rows * f * _expert_bytes(prec)
     combine = 2 * rows * d * act.FP32 + rows * act.FP32
     shared = (swiglu + 1) * t * fs * c
     aux = t * act.FP32 if m.moe.aux_loss_coef > 0 else 0
@@ -76,7 +83,7 @@ def ffn_backward_workspace(m: ModelConfig, shape: act.Shape, prec: act.Precision
     of [T k, D] come on top."""
     rows, c, d, f = _rows(m, shape), prec.compute, m.dim, m.expert_ffn_dim // shape.tp
     combine = 2 * rows * d * act.FP32
-    experts = 3 * rows * f * c
+    experts = 3 * rows * f * _expert_bytes(prec)
     shared = 3 * shape.tokens * _shared_hidden(m, shape) * c
     return max(combine, experts, shared) + (all_to_all_buffers(m, shape, prec) if ep > 1 else 0)
 
