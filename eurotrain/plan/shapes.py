@@ -58,7 +58,7 @@ class Shards:
 
 
 def expert_parallel(cfg: Config) -> int:
-    """``parallel.ep`` (1 for a dense model, or a config written before the field existed)."""
+    """``parallel.ep`` of a mixture of experts; 1 for a dense model, whatever it says."""
     return cfg.parallel.ep if cfg.model.moe.enabled else 1
 
 
@@ -143,10 +143,12 @@ class RankShare:
     def groups(self) -> list[tuple[list[Param], int]]:
         """(parameters, how many times this rank holds them): each kind of block (blocks of a
         kind share one list), then the root group once."""
-        counts: dict[int, tuple[list[Param], int]] = {}
+        kinds: dict[int, list[Param]] = {}
+        counts: dict[int, int] = {}
         for params in self.block:
-            counts[id(params)] = (params, counts.get(id(params), (params, 0))[1] + 1)
-        return [*counts.values(), (self.root, 1)]
+            kinds[id(params)] = params
+            counts[id(params)] = counts.get(id(params), 0) + 1
+        return [(params, counts[key]) for key, params in kinds.items()] + [(self.root, 1)]
 
     def numel(self) -> int:
         return sum(n * sum(p.numel for p in params) for params, n in self.groups)
