@@ -117,14 +117,16 @@ def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[Me
         )
     ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
     for est in ests:
-        _add_overheads(est, dims, setting)
+        _add_overheads(est, dims, setting, expert_parallel(cfg))
     return ests
 
 
-def _add_overheads(est: MemoryEstimate, dims: ParallelDims, setting: Setting) -> None:
+def _add_overheads(est: MemoryEstimate, dims: ParallelDims, setting: Setting, ep: int) -> None:
     if setting.cuda:
         est.allocator = int(ALLOCATOR_FRACTION * est.model_bytes)
         axes = sum(1 for v in dims.degrees().values() if v > 1)
+        # expert parallelism: the ep group's all-to-alls, and the experts' own FSDP group
+        axes += (ep > 1) + (1 < dims.dp_shard // ep * dims.cp < dims.dp_shard * dims.cp)
         est.runtime = RUNTIME_BYTES + max(0, axes - 1) * COMMUNICATOR_BYTES
 
 

@@ -17,7 +17,7 @@ from eurotrain.parallel.config import ParallelConfig
 from eurotrain.plan.cli import main
 from eurotrain.plan.hardware import Hardware
 from eurotrain.plan.layouts import candidates
-from eurotrain.plan.memory import GIB, Setting, estimate
+from eurotrain.plan.memory import COMMUNICATOR_BYTES, GIB, Setting, estimate
 from eurotrain.plan.speed import step_time
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +86,8 @@ def test_expert_parallelism_memory() -> None:
     assert one.grads - eight.grads == pytest.approx((experts * 4 + block * 2) * 7 / 8)
     assert one.gathered > eight.gathered
     assert eight.workspace > one.workspace  # the all-to-all's send and receive buffers
+    # two more communicators: the ep group and the experts' FSDP group
+    assert eight.runtime == one.runtime + 2 * COMMUNICATOR_BYTES
     with pytest.raises(ConfigError, match=r"parallel\.ep: 0"):
         ParallelConfig(ep=0)
 
