@@ -54,16 +54,18 @@ def test_qwen3_moe_plan_fits_with_expert_parallelism(capsys: pytest.CaptureFixtu
 
 
 def test_expert_parallel_degrees_enumerated() -> None:
-    cfg = load_config(TINY_MOE, ["--train.global_batch_size", "64"])
+    cfg = load_config(
+        TINY_MOE, ["--train.global_batch_size", "64", "--model.moe.num_experts", "12"]
+    )
     cands, _ = candidates(cfg, 8, 8)
     # (without pipelining or replicas: the layouts every ep must accept)
     fsdp = [c for c in cands if c.dims.pp == 1 and c.dims.dp_replicate == 1]
     seen = {(c.dims.dp_shard, c.cfg.parallel.ep) for c in fsdp}
     for dp_shard in {d for d, _ in seen}:
-        # divisors of dp_shard that divide the 8 experts
-        expected = {e for e in (1, 2, 4, 8) if dp_shard % e == 0}
+        # divisors of dp_shard that divide the 12 experts
+        expected = {e for e in (1, 2, 4, 8) if dp_shard % e == 0 and 12 % e == 0}
         assert {e for d, e in seen if d == dp_shard} == expected
-    assert (8, 8) in seen
+    assert (8, 4) in seen and (8, 8) not in seen
     # a dense model keeps ep = 1 and no ep override
     dense, _ = candidates(load_config(str(REPO / "configs" / "tiny.yaml")), 8, 8)
     assert {c.cfg.parallel.ep for c in dense} == {1}
