@@ -14,6 +14,7 @@ Counted from the code (and checked against real training steps, tests/plan):
 - SwiGLU, reference: both inputs and silu(a); Triton: both inputs; w2 keeps the product.
 - Activation checkpointing keeps a block's input ("full"), plus the outputs of every matmul and of
   SDPA ("selective", eurotrain/parallel/ac.py); the block is recomputed in backward.
+- A mixture-of-experts block's feed-forward: eurotrain/plan/moe.py.
 - The loss: the fused, chunked linear + cross-entropy (kernels "triton", and always under tensor
   parallelism) computes the gradients in the forward and keeps d hidden and d weight; the
   reference ("torch", "compile") materialises the logits and keeps their fp32 log-softmax.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from eurotrain.kernels.cross_entropy import default_chunk_size
 from eurotrain.models.config import ModelConfig
+from eurotrain.plan import moe
 
 FP32 = 4
 
@@ -82,29 +84,37 @@ def _norm_saved(m: ModelConfig, shape: Shape, prec: Precision) -> int:
     return rows * m.dim * (FP32 + prec.residual) + rstd
 
 
-def _linear_inputs(m: ModelConfig, shape: Shape, prec: Precision, readers: int) -> int:
+def linear_inputs(m: ModelConfig, shape: Shape, prec: Precision, readers: int) -> int:
     """The norm's output as the linear layers that read it keep it (gathered under SP)."""
     copies = readers if prec.autocast else 1
     return copies * shape.tokens * m.dim * prec.compute
 
 
-def block_saved(m: ModelConfig, shape: Shape, prec: Precision) -> int:
-    """Bytes one block keeps for backward without activation checkpointing."""
+def _attention_saved(m: ModelConfig, shape: Shape, prec: Precision) -> int:
+    """The attention half of a block: its norm, q/k/v's input, q, k, v, SDPA's outputs."""
     assert m.head_dim is not None and m.num_kv_heads is not None
     t, c = shape.tokens, prec.compute
     q = m.num_heads * m.head_dim // shape.tp
     kv = m.num_kv_heads * m.head_dim // shape.tp
     kv_kept = q if m.num_heads != m.num_kv_heads else kv  # repeated to every query head
-    ffn = m.ffn_dim // shape.tp
     attention = t * (2 * q + 2 * kv_kept) * c + t * (m.num_heads // shape.tp) * FP32
     if shape.cp > 1:
         attention += t * q * c  # the Ulysses all-to-all output, permuted back by a copy
+    return _norm_saved(m, shape, prec) + linear_inputs(m, shape, prec, readers=3) + attention
+
+
+def block_saved(m: ModelConfig, shape: Shape, prec: Precision, index: int = 0) -> int:
+    """Bytes block ``index`` keeps for backward without activation checkpointing."""
+    ffn_norm = _norm_saved(m, shape, prec)
+    if m.is_moe_layer(index):
+        return _attention_saved(m, shape, prec) + ffn_norm + moe.ffn_saved(m, shape, prec)
+    t, c = shape.tokens, prec.compute
+    ffn = m.ffn_dim // shape.tp
     swiglu = (2 if shape.fused_ops else 3) * t * ffn * c
     return (
-        2 * _norm_saved(m, shape, prec)
-        + _linear_inputs(m, shape, prec, readers=3)
-        + attention
-        + _linear_inputs(m, shape, prec, readers=2)
+        _attention_saved(m, shape, prec)
+        + ffn_norm
+        + linear_inputs(m, shape, prec, readers=2)
         + swiglu
         + t * ffn * c  # w2's input
     )
@@ -114,22 +124,29 @@ def block_input(m: ModelConfig, shape: Shape, prec: Precision) -> int:
     return shape.residual_rows * m.dim * prec.residual
 
 
-def selective_saved(m: ModelConfig, shape: Shape, prec: Precision) -> int:
+def selective_saved(m: ModelConfig, shape: Shape, prec: Precision, index: int = 0) -> int:
     """Bytes a block keeps under selective checkpointing: its input, every matmul's output and
     SDPA's outputs (eurotrain/parallel/ac.py _SAVE_OPS)."""
     assert m.head_dim is not None and m.num_kv_heads is not None
     t, c = shape.tokens, prec.compute
     q = m.num_heads * m.head_dim // shape.tp
     kv = m.num_kv_heads * m.head_dim // shape.tp
-    ffn = m.ffn_dim // shape.tp
-    matmuls = t * (q + 2 * kv + 2 * m.dim + 2 * ffn) * c  # wq wk wv, wo w2 (partial sums), w1 w3
+    attention = t * (q + 2 * kv + m.dim) * c  # wq wk wv, wo (partial sums)
+    if m.is_moe_layer(index):
+        ffn = moe.ffn_selective_saved(m, shape, prec)
+    else:
+        ffn = t * (m.dim + 2 * (m.ffn_dim // shape.tp)) * c  # w2 (partial sums), w1 w3
     sdpa = t * q * c + t * (m.num_heads // shape.tp) * FP32
-    return block_input(m, shape, prec) + matmuls + sdpa
+    return block_input(m, shape, prec) + attention + ffn + sdpa
 
 
-def block_backward_workspace(m: ModelConfig, shape: Shape, prec: Precision) -> int:
+def block_backward_workspace(
+    m: ModelConfig, shape: Shape, prec: Precision, index: int = 0, ep: int = 1
+) -> int:
     """Gradients of a block's activations alive at once in its backward: the MLP's three
-    [tokens, ffn] gradients (d c, d a, d b)."""
+    [tokens, ffn] gradients (d c, d a, d b), or the MoE's (eurotrain/plan/moe.py)."""
+    if m.is_moe_layer(index):
+        return moe.ffn_backward_workspace(m, shape, prec, ep)
     return 3 * shape.tokens * (m.ffn_dim // shape.tp) * prec.compute
 
 
@@ -141,33 +158,39 @@ class Block:
     """Kept from its forward to its backward."""
     recompute: int
     """Rebuilt at the start of its backward (0 when it is not checkpointed)."""
+    workspace: int = 0
+    """Gradient temporaries of its backward."""
 
 
 def block(
-    m: ModelConfig, shape: Shape, prec: Precision, index: int, mode: str, every: int
+    m: ModelConfig, shape: Shape, prec: Precision, index: int, mode: str, every: int, ep: int = 1
 ) -> Block:
     """Block ``index`` (global: checkpointing picks every ``every``-th block, whatever the
-    pipeline split)."""
-    full = block_saved(m, shape, prec)
+    pipeline split; it decides whether the block is a mixture of experts, too)."""
+    full = block_saved(m, shape, prec, index)
+    workspace = block_backward_workspace(m, shape, prec, index, ep)
     if mode == "none" or index % every:
-        return Block(full, 0)
+        return Block(full, 0, workspace)
     # The rebuilt attention norm keeps its input as it is when that is fp32 already, and that
     # input is the one the checkpoint kept: not a second copy.
     kept = block_input(m, shape, prec)
     shared = kept if prec.residual == FP32 and not _fused_norm(shape) else 0
     if mode == "full":
-        return Block(kept, full - shared)
+        return Block(kept, full - shared, workspace)
     # What the backward rebuilds: all it would have kept, less what selective checkpointing
     # cached (SDPA's outputs and the SwiGLU inputs w1 and w3 made).
-    cached = _cached_and_kept(m, shape, prec)
-    return Block(selective_saved(m, shape, prec), full - cached - shared)
+    cached = _cached_and_kept(m, shape, prec, index)
+    return Block(selective_saved(m, shape, prec, index), full - cached - shared, workspace)
 
 
-def _cached_and_kept(m: ModelConfig, shape: Shape, prec: Precision) -> int:
+def _cached_and_kept(m: ModelConfig, shape: Shape, prec: Precision, index: int) -> int:
     assert m.head_dim is not None
     t, c = shape.tokens, prec.compute
     q = m.num_heads * m.head_dim // shape.tp
-    return t * q * c + t * (m.num_heads // shape.tp) * FP32 + 2 * t * (m.ffn_dim // shape.tp) * c
+    sdpa = t * q * c + t * (m.num_heads // shape.tp) * FP32
+    if m.is_moe_layer(index):
+        return sdpa + moe.ffn_cached_and_kept(m, shape, prec)
+    return sdpa + 2 * t * (m.ffn_dim // shape.tp) * c
 
 
 @dataclass(frozen=True)

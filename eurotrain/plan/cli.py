@@ -171,6 +171,7 @@ def _row(o: Option) -> dict[str, Any]:
             "compute": round(o.time.compute_s, 4),
             "tp": round(o.time.tp_s, 4),
             "cp": round(o.time.cp_s, 4),
+            "ep": round(o.time.ep_s, 4),
             "dp_exposed": round(o.time.dp_s, 4),
             "bubble": round(o.time.bubble_s, 4),
         },
@@ -190,6 +191,7 @@ def to_json(
     return {
         "model": req.cfg.model.name,
         "params": req.cfg.model.num_params(),
+        "active_params": req.cfg.model.num_params(active=True),
         "seq_len": req.cfg.data.seq_len,
         "global_batch": req.cfg.train.global_batch_size,
         "steps": req.steps,
@@ -222,8 +224,9 @@ def render(
     hw, m = req.hw, req.cfg.model
     tokens = req.steps * req.cfg.train.global_batch_size * req.cfg.data.seq_len
     assumed = [k for k, v in hw.sources.items() if v == "default"]
+    active = f" ({m.num_params(active=True) / 1e9:.2f}B active)" if m.moe.enabled else ""
     lines = [
-        f"{m.name}: {m.num_params() / 1e9:.2f}B parameters, seq {req.cfg.data.seq_len}, "
+        f"{m.name}: {m.num_params() / 1e9:.2f}B parameters{active}, seq {req.cfg.data.seq_len}, "
         f"global batch {req.cfg.train.global_batch_size}, {req.steps} steps "
         f"({tokens:.3g} tokens)",
         f"{hw.cluster}: {hw.gpus_per_node}x {hw.device}, {hw.memory_gib:g} GiB "

@@ -3,8 +3,9 @@ planner varies that eurotrain's own ``check_layout`` accepts.
 
 Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
 only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved 1F1B
-(2 stages per rank) schedules, dp_replicate (1, or one replica per node: HSDP), the micro-batch
-(1, 2, 4, 8) and activation checkpointing (none, selective, full), on the FSDP engine. Everything
+(2 stages per rank) schedules, dp_replicate (1, or one replica per node: HSDP), for a mixture
+of experts ep (the divisors of dp_shard that divide num_experts), the micro-batch (1, 2, 4, 8)
+and activation checkpointing (none, selective, full), on the FSDP engine. Everything
 else is the config's own. Left out, because the memory model does not describe what the code
 then allocates (measured in docs/planner.md): the zero-bubble schedules (their split backward
 fails under selective checkpointing and keeps what full checkpointing would free) and DeepSpeed
@@ -59,7 +60,17 @@ def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
                 reps = [1] + ([nodes] if nodes > 1 and dp % nodes == 0 and dp > nodes else [])
                 for rep in reps:
                     base = {"tp": tp, "cp": cp, **pipe, "dp_replicate": rep, "dp_shard": dp // rep}
-                    yield {**base, "engine": "fsdp"}
+                    for ep in _expert_options(cfg, dp // rep):
+                        yield {**base, "ep": ep, "engine": "fsdp"}
+
+
+def _expert_options(cfg: Config, dp_shard: int) -> list[int]:
+    """Expert-parallel degrees: the divisors of dp_shard that divide the experts (ep is a
+    sub-axis of dp_shard; each ep rank holds num_experts / ep); 1 for a dense model."""
+    experts = cfg.model.moe.num_experts
+    if not cfg.model.moe.enabled:
+        return [1]
+    return [e for e in divisors(dp_shard) if experts % e == 0]
 
 
 def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candidate], list[str]]:

@@ -4,7 +4,8 @@ What the code does, and the model follows (docs/planner.md has the derivations):
 
 - Master weights, gradients and AdamW's two moments are fp32, sharded by FSDP2 over
   dp_shard x cp (each parameter's dim 0 padded to a multiple of the shard count), whole
-  otherwise; tensor parallelism splits them first (eurotrain/plan/shapes.py).
+  otherwise; tensor parallelism splits them first (eurotrain/plan/shapes.py), expert
+  parallelism splits a mixture of experts' routed experts (eurotrain/plan/moe.py).
 - FSDP2 gathers one block at a time in the compute dtype (two while the next is prefetched in
   backward), the root group (embedding, final norm, output) for the whole forward and again
   for the whole backward. Gradient accumulation skips the reduce-scatter until the last
@@ -23,13 +24,22 @@ What the code does, and the model follows (docs/planner.md has the derivations):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from itertools import accumulate
 
 from eurotrain.config import Config
 from eurotrain.configtools import ConfigError
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
-from eurotrain.plan.shapes import RankShare, fsdp_shards, rank_shares
+from eurotrain.plan.shapes import (
+    Param,
+    RankShare,
+    Shards,
+    expert_parallel,
+    fsdp_shards,
+    padded_numel,
+    rank_shares,
+)
 
 GIB = 1024**3
 FP32 = 4
@@ -107,14 +117,16 @@ def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[Me
         )
     ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
     for est in ests:
-        _add_overheads(est, dims, setting)
+        _add_overheads(est, dims, setting, expert_parallel(cfg))
     return ests
 
 
-def _add_overheads(est: MemoryEstimate, dims: ParallelDims, setting: Setting) -> None:
+def _add_overheads(est: MemoryEstimate, dims: ParallelDims, setting: Setting, ep: int) -> None:
     if setting.cuda:
         est.allocator = int(ALLOCATOR_FRACTION * est.model_bytes)
         axes = sum(1 for v in dims.degrees().values() if v > 1)
+        # expert parallelism: the ep group's all-to-alls, and the experts' own FSDP group
+        axes += (ep > 1) + (1 < dims.dp_shard // ep * dims.cp < dims.dp_shard * dims.cp)
         est.runtime = RUNTIME_BYTES + max(0, axes - 1) * COMMUNICATOR_BYTES
 
 
@@ -157,7 +169,8 @@ def _torch_rank(
     cfg: Config, dims: ParallelDims, setting: Setting, share: RankShare
 ) -> MemoryEstimate:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    shards = fsdp_shards(dims, p.engine)
+    ep = expert_parallel(cfg)
+    shards = fsdp_shards(dims, p.engine, ep)
     fsdp = uses_fsdp(cfg, dims)
     prec = precision(cfg, dims, setting)
     local_batch = t.global_batch_size // dims.dp
@@ -171,53 +184,67 @@ def _torch_rank(
 
     est = MemoryEstimate(pp_rank=share.pp_rank)
     master = share.shard_numel(shards) * FP32
-    est.params = master + len(share.stages) * _rope_bytes(cfg)
+    # the MoE blocks' expert_bias and tokens_per_expert buffers (fp32, never sharded)
+    moe_buffers = share.moe_blocks * 2 * m.moe.num_experts * FP32
+    est.params = master + len(share.stages) * _rope_bytes(cfg) + moe_buffers
     est.optimizer = 2 * master + FP32 * share.num_tensors()
     if dims.pp > 1:
         est.buffers = _pipeline_buffers(cfg, shape, prec, share, num_micro)
-    padded = share.shard_numel(shards) * shards  # unsharded, as FSDP2 gathers it (padded)
-    block_padded = sum(q.shard_numel(shards) * shards for q in share.block)
-    root_padded = padded - share.num_blocks * block_padded
+    padded = share.padded_numel(shards)  # unsharded, as FSDP2 gathers it (padded)
+    kinds = [q for q, _ in share.groups[:-1]]  # one parameter list per kind of block
+    largest_block = max((padded_numel(q, shards) for q in kinds), default=0)
+    root_padded = padded_numel(share.root, shards)
     head = act.head(m, shape, prec) if share.has_head else act.HeadActivations(0, 0, 0)
 
     # Activations: one micro-batch of each stage of this rank, times the micro-batches in flight.
     stages = []
-    offsets = _stage_offsets(cfg, share)
-    for stage, first, count, k in zip(share.stages, offsets, share.blocks, _in_flight(
+    done_blocks = 0
+    cache: dict[tuple[int, bool], act.Block] = {}
+
+    def block_at(i: int, params: list[Param]) -> act.Block:
+        """Block i's activations: the same for every block of its kind (its parameter list)
+        and checkpointing."""
+        key = (id(params), i % p.ac_every == 0)
+        if key not in cache:
+            cache[key] = act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every, ep)
+        return cache[key]
+
+    for stage, first, count, k in zip(share.stages, share.first_block, share.blocks, _in_flight(
         cfg, dims, share, num_micro
     )):  # fmt: skip
-        blocks = [
-            act.block(m, shape, prec, i, p.activation_checkpointing, p.ac_every)
-            for i in range(first, first + count)
-        ]
+        params = share.block[done_blocks : done_blocks + count]
+        blocks = [block_at(first + j, q) for j, q in enumerate(params)]
+        done_blocks += count
         ends = (shape.tokens * 8 if stage == 0 else 0) + (
             head.saved if stage == share.num_stages - 1
             else _boundary(cfg, shape, prec) if dims.pp > 1 else 0  # the stage output, kept
         )  # fmt: skip
-        stages.append((blocks, ends, k))
-    saved = sum(k * (sum(b.saved for b in blocks) + ends) for blocks, ends, k in stages)
+        stages.append((blocks, params, ends, k))
+    saved = sum(k * (sum(b.saved for b in blocks) + ends) for blocks, _, ends, k in stages)
 
     # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
     if fsdp:
         keep = dims.pp > 1 or num_micro > 1  # no reduce-scatter before the last backward
         kept = padded * FP32 if keep else 0
-        done_per_block = 0 if keep else sum(q.shard_numel(shards) for q in share.block) * FP32
-        running = block_padded * prec.gathered_param
+        done_by = {id(q): 0 if keep else _shard_numel(q, shards) * FP32 for q in kinds}
+        running = {id(q): padded_numel(q, shards) * prec.gathered_param for q in kinds}
         # root group and two blocks (the running one and the next, gathered ahead), or all of
         # them under pipelining (the schedule does not reshard between micro-batches)
-        gathered = (root_padded + 2 * block_padded) * prec.gathered_param
+        gathered = (root_padded + 2 * largest_block) * prec.gathered_param
         if dims.pp > 1:
             gathered = padded * prec.gathered_param
     else:
         # DDP's gradients are views into its buckets, which live for the whole run
         keep = dims.pp > 1 or num_micro > 1 or dims.dp_replicate > 1
         kept = share.numel() * FP32 if keep else 0
-        done_per_block = 0 if keep else sum(q.numel for q in share.block) * FP32
-        running = 0
+        done_by = {id(q): 0 if keep else sum(x.numel for x in q) * FP32 for q in kinds}
+        running = {id(q): 0 for q in kinds}
+
         gathered = share.numel() * prec.gathered_param if prec.autocast else 0
     head_grads = 0 if keep else sum(
-        q.shard_numel(shards) if fsdp else q.numel for q in share.root if q.name != "tok_embeddings"
+        q.shard_numel(shards.of(q)) if fsdp else q.numel
+        for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
 
     phases = [
@@ -229,26 +256,28 @@ def _torch_rank(
     ]  # fmt: skip
     # the backward of each block of the stage with the most activations (of the micro-batch
     # being processed): its recomputation and gradient temporaries, the gradients so far
-    blocks, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[1])
+    blocks, params, ends, _ = max(stages, key=lambda s: sum(b.saved for b in s[0]) + s[2])
     others = saved - sum(b.saved for b in blocks) - ends
     done = head_grads
-    workspace = act.block_backward_workspace(m, shape, prec)
+    upto = list(accumulate(b.saved for b in blocks))  # saved by blocks 0..j
+    worst, worst_bytes = None, -1
     for j in reversed(range(len(blocks))):
-        acts = others + sum(b.saved for b in blocks[: j + 1])
+        # only the busiest block's phase is built: a model has up to ~100 blocks per rank
+        phase = (others + upto[j], kept + done + running[id(params[j])],
+                 blocks[j].recompute + blocks[j].workspace)  # fmt: skip
+        if sum(phase) > worst_bytes:
+            worst, worst_bytes = phase, sum(phase)
+        done += done_by[id(params[j])]
+    if worst is not None:
+        acts, grads, workspace = worst
         phases.append(replace(
-            est, activations=acts, grads=kept + done + running, gathered=gathered,
-            workspace=blocks[j].recompute + workspace,
+            est, activations=acts, grads=grads, gathered=gathered, workspace=workspace
         ))  # fmt: skip
-        done += done_per_block
     return max(phases, key=lambda e: e.model_bytes)
 
 
-def _stage_offsets(cfg: Config, share: RankShare) -> list[int]:
-    """Global index of the first block of each of this rank's stages."""
-    from eurotrain.parallel.checks import balanced_split
-
-    layers = cfg.parallel.pp_layers or balanced_split(cfg.model.num_layers, share.num_stages)
-    return [sum(layers[:s]) for s in share.stages]
+def _shard_numel(params: list[Param], shards: Shards) -> int:
+    return sum(q.shard_numel(shards.of(q)) for q in params)
 
 
 def _boundary(cfg: Config, shape: act.Shape, prec: act.Precision) -> int:

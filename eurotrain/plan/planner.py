@@ -29,6 +29,8 @@ class Option:
         """A short description: the axes > 1, schedule, micro-batch, checkpointing, engine."""
         d, p = self.candidate.dims, self.candidate.cfg.parallel
         axes = [f"{k}={v}" for k, v in d.degrees().items() if v > 1]
+        if p.ep > 1:
+            axes.append(f"ep={p.ep}")
         if d.pp > 1:
             axes.append(
                 p.pp_schedule + (f"x{p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "")

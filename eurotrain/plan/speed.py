@@ -3,7 +3,9 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
 
 - Compute: the model's FLOPs (models/config.py flops_per_token: 6 N + attention) plus what
   activation checkpointing recomputes (a block's forward, a third of its training FLOPs, under
-  "full"; "selective" recomputes only element-wise ops), at peak x efficiency.
+  "full"; "selective" recomputes element-wise ops, counted as free, and in MoE blocks the routed
+  experts' grouped matmuls, which it does not keep), at peak x efficiency; MoE FLOPs count the
+  active parameters (the top_k experts a token passes through).
 - Tensor parallelism with sequence parallelism: per block and micro-batch, two all-gathers and
   two reduce-scatters of the [tokens, dim] activations in forward and again in backward, on the
   node's links, not overlapped (plain DTensor TP, no asynchronous TP).
@@ -15,19 +17,26 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
   exceeds the compute, plus the first block's gather, shows.
 - Replicas (HSDP's replicate axis, DDP): gradients all-reduced
   (fp32) during backward, overlapped with it the same way.
+- Expert parallelism: per MoE block and micro-batch, four all-to-alls (dispatch and combine,
+  forward and backward) of the [tokens x top_k, dim] rows, (ep - 1) / ep of them leaving the
+  rank, not overlapped, with a balanced load; on the node's links when the ep group fits in a
+  node (ep is the inner part of dp_shard: the group spans tp x cp x ep consecutive ranks), at
+  the profile's per-GPU inter-node bandwidth otherwise (every rank sends at once).
 - Pipelines: the bubble (p - 1) / m for 1F1B and GPipe, (p - 1) / (v m) interleaved,
   (p - 1) / (3 m) for the zero-bubble schedules; point-to-point transfers are neglected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from eurotrain.config import Config
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
+from eurotrain.plan import moe
 from eurotrain.plan.hardware import Hardware
-from eurotrain.plan.shapes import rank_shares
+from eurotrain.plan.shapes import Param, expert_parallel, fsdp_shards, rank_shares
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -38,6 +47,8 @@ class StepTime:
     compute_s: float
     tp_s: float
     cp_s: float
+    ep_s: float
+    """Expert parallelism's all-to-alls."""
     dp_s: float
     """Exposed FSDP / replica communication (after overlap)."""
     bubble_s: float
@@ -50,7 +61,7 @@ class StepTime:
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.tp_s + self.cp_s + self.dp_s + self.bubble_s
+        return self.compute_s + self.tp_s + self.cp_s + self.ep_s + self.dp_s + self.bubble_s
 
 
 def _recompute_fraction(cfg: Config) -> float:
@@ -60,6 +71,17 @@ def _recompute_fraction(cfg: Config) -> float:
     m = cfg.model
     checkpointed = len(range(0, m.num_layers, p.ac_every)) / m.num_layers
     return checkpointed / 3  # one more forward of the blocks: 2 of their 6 N FLOPs
+
+
+def _selective_expert_flops(cfg: Config) -> float:
+    """Per token: selective checkpointing keeps the outputs of mm, addmm, bmm and attention
+    (eurotrain/parallel/ac.py), not of the experts' grouped matmuls, so the backward of each
+    checkpointed MoE block runs its routed experts' forward again (2 FLOPs per active weight)."""
+    p, m = cfg.parallel, cfg.model
+    if p.activation_checkpointing != "selective" or not m.moe.enabled:
+        return 0.0
+    blocks = sum(m.is_moe_layer(i) for i in range(0, m.num_layers, p.ac_every))
+    return blocks * 2 * m.moe.top_k * 3 * m.dim * m.expert_ffn_dim
 
 
 def _group(hw: Hardware, inner: int, size: int) -> tuple[int, bool]:
@@ -75,9 +97,11 @@ def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
     m, t = cfg.model, cfg.train
     seq = cfg.data.seq_len
     tokens = t.global_batch_size * seq
-    model_flops = m.flops_per_token(seq) * tokens
-    blocks_share = 1 - m.vocab_size * m.dim * 6 / max(1.0, m.flops_per_token(seq))
+    per_token = m.flops_per_token(seq)
+    model_flops = per_token * tokens
+    blocks_share = 1 - m.vocab_size * m.dim * 6 / max(1.0, per_token)
     hw_flops = model_flops * (1 + _recompute_fraction(cfg) * blocks_share)
+    hw_flops += _selective_expert_flops(cfg) * tokens
     rate = hw.peak_tflops * 1e12 * hw.efficiency
     compute = hw_flops / dims.world_size / rate
 
@@ -98,36 +122,58 @@ def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
         per_node, spans = _group(hw, dims.tp, dims.cp)
         cp_s = volume / (hw.bus_GBps(per_node, spans) * GB)
 
+    ep_s = _expert_parallel(cfg, dims, hw, local_tokens, act)
     dp_s = _data_parallel_exposed(cfg, dims, hw, compute)
-    bubble = _bubble(cfg, dims) * (compute + tp_s + cp_s)
-    return StepTime(compute, tp_s, cp_s, dp_s, bubble, tokens, model_flops, hw_flops)
+    bubble = _bubble(cfg, dims) * (compute + tp_s + cp_s + ep_s)
+    return StepTime(compute, tp_s, cp_s, ep_s, dp_s, bubble, tokens, model_flops, hw_flops)
+
+
+def _expert_parallel(
+    cfg: Config, dims: ParallelDims, hw: Hardware, local_tokens: int, dtype_bytes: int
+) -> float:
+    """The all-to-alls of the busiest pipeline rank's MoE blocks over a step."""
+    ep = expert_parallel(cfg)
+    if ep == 1:
+        return 0.0
+    layers = max(s.moe_blocks for s in rank_shares(cfg, dims))
+    volume = layers * moe.all_to_all_bytes(cfg.model, local_tokens, ep, dtype_bytes)
+    _, spans = _group(hw, dims.tp * dims.cp, ep)
+    return volume / ((hw.inter_GBps if spans else hw.intra_GBps) * GB)
 
 
 def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float) -> float:
     """Exposed time of FSDP's gathers and reduce-scatters and of the replicas' all-reduce."""
     p, t = cfg.parallel, cfg.train
     share = max(rank_shares(cfg, dims), key=lambda s: s.numel())
-    numel = share.numel()  # this rank's parameters after tp and pp
-    shards = dims.dp_shard * dims.cp
+    shards = fsdp_shards(dims, "fsdp", expert_parallel(cfg))
+    groups = share.groups  # this rank's parameters after tp, pp and ep
     replicas = dims.dp_replicate
     busy = 0.0
     gather_first = 0.0
-    if shards > 1:
-        per_node, spans = _group(hw, dims.tp, shards)
+    if shards.dense > 1:
+        per_node, spans = _group(hw, dims.tp, shards.dense)
         bw = hw.bus_GBps(per_node, spans) * GB
-        frac = (shards - 1) / shards
+        # each kind over its own shard group (the experts' is smaller under ep), on the links
+        # of the dense group
+        moved = sum(n * q.numel * (shards.of(q) - 1) / shards.of(q) for q, n in _each(groups))
         micro = t.global_batch_size // dims.dp // t.micro_batch_size
         # a pipeline schedule gathers once per step and never reshards in between
         gathers = 1 if dims.pp > 1 else micro * (2 if p.reshard_after_forward else 1)
-        gather = numel * BF16 * frac / bw
-        busy += gathers * gather + numel * FP32 * frac / bw  # + one reduce-scatter
+        gather = moved * BF16 / bw
+        busy += gathers * gather + moved * FP32 / bw  # + one reduce-scatter
         gather_first = gather / max(1, share.num_blocks)
     if replicas > 1:
         inner = dims.tp * dims.cp * dims.dp_shard
         per_node, spans = _group(hw, inner, replicas)
         bw = hw.bus_GBps(per_node, spans) * GB
-        busy += 2 * (numel / shards) * FP32 * (replicas - 1) / replicas / bw
+        sharded = sum(n * q.numel / shards.of(q) for q, n in _each(groups))
+        busy += 2 * sharded * FP32 * (replicas - 1) / replicas / bw
     return gather_first + max(0.0, busy - compute)
+
+
+def _each(groups: list[tuple[list[Param], int]]) -> Iterator[tuple[Param, int]]:
+    """Every parameter of ``RankShare.groups`` with how many times the rank holds it."""
+    return ((q, n) for params, n in groups for q in params)
 
 
 def _bubble(cfg: Config, dims: ParallelDims) -> float:

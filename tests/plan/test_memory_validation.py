@@ -1,12 +1,13 @@
 """The planner's memory model against what the real training step allocates (docs/planner.md):
 for each layout, the predicted bytes of parameters, gradients, optimizer state, activations and
 buffers at the step's peak are within +-10 % of the peak measured on CPU by the PyTorch
-profiler's allocation events, on every rank of real gloo processes (tests/plan/memtrace.py)."""
+profiler's allocation events, on every rank of real gloo processes (tests/plan/memtrace.py);
+the ``SINGLE`` cases run in each of those processes alone, as one-process runs."""
 
 from __future__ import annotations
 
 import pytest
-from memcases import load, measure_cases
+from memcases import TINY_MOE, load, measure_cases
 from multiproc import run_distributed
 
 from eurotrain.parallel.checks import check_layout
@@ -28,24 +29,36 @@ CASES = [
     [*PP, *FULL],
     [*PP, "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"],
     CP,
+    # mixture of experts (tiny-moe: a dense first block, 8 experts top 2, a shared expert)
+    [TINY_MOE, *FSDP],
+    [TINY_MOE, *FSDP, *FULL],
+    [TINY_MOE, *FSDP, *SELECTIVE],
+    [TINY_MOE, *PP],
+    [TINY_MOE, *PP, *FULL],
+]
+SINGLE = [
+    # one process each (no mesh; every rank runs it alone): mixture of experts, 2 micro-batches
+    [TINY_MOE],
+    [TINY_MOE, *FULL],
 ]
 
 
 @pytest.fixture(scope="module")
 def measured() -> list[list[dict[str, int]]]:
     """Bytes by rank and case, every case in one group of processes (reused)."""
-    return run_distributed(measure_cases, RANKS, CASES, timeout=120)
+    return run_distributed(measure_cases, RANKS, CASES, SINGLE, timeout=120)
 
 
 def test_memory_prediction_matches_real_step(measured: list[list[dict[str, int]]]) -> None:
     failures = []
-    for i, overrides in enumerate(CASES):
+    for i, overrides in enumerate(CASES + SINGLE):
+        world = RANKS if i < len(CASES) else 1
         cfg = load(overrides)
-        dims = check_layout(cfg, RANKS, cuda=False)
+        dims = check_layout(cfg, world, cuda=False)
         predicted = estimate_ranks(cfg, dims, Setting(cuda=False))
         for rank in range(RANKS):
             # ranks are ordered pp outermost: rank r is pipeline rank r // (ranks // pp)
-            est = predicted[rank // (RANKS // dims.pp)]
+            est = predicted[rank // (RANKS // dims.pp) if world == RANKS else 0]
             peak = measured[rank][i]["peak"]
             ratio = est.model_bytes / peak
             if not 0.9 <= ratio <= 1.1:
