@@ -92,6 +92,10 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad, aux_grad, None
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _in_backward() -> bool:
     """True while autograd runs backward (activation checkpointing re-running a forward)."""
     return torch._C._current_graph_task_id() != -1
@@ -122,10 +126,16 @@ class MoE(nn.Module):
         """Factor on the aux loss's gradient: the engine sets 1 / (global label tokens) per step,
         times this micro-batch's token count below, the same normalisation as the cross-entropy."""
         self.dispatch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.local_dispatch
+        self.grad_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """Applied to the router weight in forward. Tensor parallelism (eurotrain/parallel/ep.py)
+        sets one that sums its gradient over the tp ranks, each of which holds a partial one."""
+        self.aux_grad_share = 1.0
+        """This rank's share of the aux loss's gradient: 1 / tp under tensor parallelism, whose
+        ranks compute the same aux loss and sum their gradients."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k], routing weights [T, k] fp32, scores [T, E] fp32)."""
-        logits = F.linear(x, _local(self.router.weight)).float()
+        logits = F.linear(x, self.grad_sum(_local(self.router.weight))).float()
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         # The bias only chooses (aux-loss-free balancing); the weights come from the scores.
         # A zero bias leaves the choice exactly as without one.
@@ -158,7 +168,8 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled():
             aux = self.aux_loss(counts, scores)
-            y = _AuxLossGrad.apply(y, aux, self.aux_loss_coef * self.aux_loss_scale * x.shape[0])
+            scale = self.aux_loss_coef * self.aux_loss_scale * self.aux_grad_share * x.shape[0]
+            y = _AuxLossGrad.apply(y, aux, scale)
         return y.view(shape)
 
     def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
