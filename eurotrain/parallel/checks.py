@@ -141,6 +141,13 @@ def _check_expert_parallel(cfg: Config, dims: ParallelDims) -> None:
             f"parallelism splits the dp_shard ranks into groups of ep; use parallel.ep in "
             f"{{{_fits(dims.dp_shard, divisors(dims.dp_shard))}}}"
         )
+    if p.activation_checkpointing == "selective":
+        # The experts are an FSDP module of their own inside the block, whose hooks run again
+        # in the recomputation; selective checkpointing requires the same ops in the same order.
+        raise ConfigError(
+            f"parallel.activation_checkpointing = selective with parallel.ep = {dims.ep} is not "
+            f"supported yet: use activation_checkpointing full (or none), or parallel.ep = 1"
+        )
     if m.moe.num_experts % dims.ep:
         raise ConfigError(
             f"parallel.ep = {dims.ep} does not divide model.moe.num_experts = "

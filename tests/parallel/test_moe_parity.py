@@ -33,6 +33,9 @@ FOUR_RANKS = {
     },
     "tp=2 sp x pp=2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.dp_shard": 1},
     "ep=2 x pp=2": {"parallel.ep": 2, "parallel.dp_shard": 2, "parallel.pp": 2},
+    "ep=2 dp_shard=4 + full ac": {
+        "parallel.ep": 2, "parallel.dp_shard": 4, "parallel.activation_checkpointing": "full",
+    },
 }  # fmt: skip
 
 
