@@ -113,26 +113,35 @@ def test_moe_layouts_match_one_process(reference, tmp_path):
     assert not bad, "MoE layouts drift from the one-process run:\n" + "\n".join(bad)
 
 
-def _resume(out: str, run: str, layout: dict) -> list[float]:
+STEPS4 = ["--train.steps", "4"]
+
+
+def _resume(out: str, run: str, layout: dict) -> tuple[list[float], list[float]]:
     from eurotrain.train import Trainer
 
     ckpt = Path(out) / "ep2" / "checkpoints" / "step-000002"
     resume = {"checkpoint.resume": str(ckpt), "checkpoint.verify": "full"}
-    return Trainer(_config({**layout, **resume}, out, run)).train().losses
+    got = Trainer(_config({**layout, **resume}, out, run, STEPS4)).train()
+    return got.losses, got.grad_norms
 
 
-def save_ep2_resume_ep4(rank: int, world: int, out: str) -> tuple[list[float], list[float]]:
-    """Train 3 steps under ep=2 (dp_shard 4) saving at step 2, then resume step 2 under ep=4."""
+def save_ep2_resume_ep4(rank: int, world: int, out: str) -> tuple[tuple, tuple]:
+    """Train 4 steps under ep=2 (dp_shard 4) saving at step 2, then resume step 2 under ep=4."""
     from eurotrain.train import Trainer
 
     saved_layout = {"parallel.ep": 2, "parallel.dp_shard": 4, "checkpoint.interval": 2}
-    saved = Trainer(_config(saved_layout, out, "ep2")).train().losses
-    return saved, _resume(out, "ep4", {"parallel.ep": 4, "parallel.dp_shard": 4})
+    got = Trainer(_config(saved_layout, out, "ep2", STEPS4)).train()
+    return (got.losses, got.grad_norms), _resume(
+        out, "ep4", {"parallel.ep": 4, "parallel.dp_shard": 4}
+    )
 
 
 def test_checkpoint_reshards_between_ep_sizes(tmp_path):
+    """Steps 3 and 4 after the resume: the loaded weights (step 3's loss) and the loaded Adam
+    moments (step 4's) are those of the uninterrupted run."""
     saved, ep4 = run_distributed(save_ep2_resume_ep4, 4, str(tmp_path))[0]
     one = _resume(str(tmp_path), "ep1", {})
-    assert len(saved) == 3 and len(ep4) == 1 and len(one) == 1
-    assert ep4[0] == pytest.approx(saved[2], rel=RTOL)
-    assert one[0] == pytest.approx(saved[2], rel=RTOL)
+    assert len(saved[0]) == 4
+    for resumed in (ep4, one):
+        for got, want in zip(resumed, saved):
+            assert got == pytest.approx(want[2:], rel=RTOL)
