@@ -11,9 +11,10 @@ from eurotrain.parallel.config import ParallelConfig
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """The configured degrees, outermost first: tp innermost so it stays inside a node's fast links."""
-MESH_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
-"""The mesh's own dimensions: dp_shard split into (dp_shard / ep, ep), ep inner so the experts'
-all-to-all stays among neighbouring ranks; "dp_shard" is the flattened pair."""
+MESH_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+"""The mesh's own dimensions: dp_shard split into (dp_shard / ep, ep), "dp_shard" the flattened
+pair. ep sits inside cp so that the experts' data mesh (dp_shard_mod_ep x cp) comes before it,
+as FSDP's (data, expert) mesh must; without cp, the all-to-all stays among neighbouring ranks."""
 
 
 @dataclass
@@ -84,8 +85,8 @@ class ParallelDims:
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
         mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
         mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
-        mesh["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp")
-        mesh["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard_mod_ep", "cp", "ep"]._flatten("dp_cp")
+        mesh["dp_shard_mod_ep", "cp", "ep"]._flatten("dp_shard_cp")
         mesh["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp")
         self._mesh = mesh
         return mesh

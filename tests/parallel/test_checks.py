@@ -184,5 +184,5 @@ def test_expert_parallel_layouts():
           "does not divide the experts' hidden size model.moe.expert_ffn_dim = 33")  # fmt: skip
     fails(moe_cfg(parallel__ep=2, parallel__activation_checkpointing="selective"), 2,
           "activation_checkpointing = selective with parallel.ep = 2")  # fmt: skip
-    with pytest.raises(ConfigError, match="parallel.ep: 0 must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"parallel\.ep: 0 must be a positive integer"):
         moe_cfg(parallel__ep=0)
