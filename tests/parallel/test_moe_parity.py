@@ -74,8 +74,15 @@ def train_layouts(rank: int, world: int, layouts: list[dict], out: str) -> list[
     for i, layout in enumerate(layouts):
         trainer = Trainer(_config(layout, out, f"layout{i}"))
         got = trainer.train()
+        experts = [p for n, p in trainer.model.named_parameters() if ".experts." in n]
+        held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in experts)
         results.append(
-            {"losses": got.losses, "grad_norms": got.grad_norms, "params": _param_stats(trainer)}
+            {
+                "losses": got.losses,
+                "grad_norms": got.grad_norms,
+                "params": _param_stats(trainer),
+                "expert_numel": (held, sum(p.numel() for p in experts)),
+            }
         )
     return results
 
@@ -122,6 +129,17 @@ def test_moe_layouts_match_one_process(reference, tmp_path):
         ref = reference["no aux" if "model.moe.aux_loss_coef" in FOUR_RANKS[name] else "aux"]
         bad += _check(name, [ranks[i] for ranks in per_rank], ref)
     assert not bad, "MoE layouts drift from the one-process run:\n" + "\n".join(bad)
+    # Each rank holds its share of the experts: 1 / (ep x tp x FSDP shards over the rest).
+    shares = {
+        "ep=4": 4,
+        "ep=2 dp_shard=4": 4,
+        "ep=2 x tp=2": 4,
+        "ep=2 dp_shard=2 (dp_replicate=2)": 2,
+    }
+    for name, share in shares.items():
+        for ranks in per_rank:
+            held, total = ranks[names.index(name)]["expert_numel"]
+            assert held * share == total, (name, held, total)
 
 
 STEPS4 = ["--train.steps", "4"]
