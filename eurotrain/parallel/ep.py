@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
@@ -130,14 +131,6 @@ def _distribute(
     setattr(module, name, nn.Parameter(dt, requires_grad=param.requires_grad))
 
 
-def _partial_swiglu(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
-    """A shared expert on this tp rank's hidden slice: a partial sum of its output."""
-    w1, w2, w3 = (cast(nn.Linear, getattr(ffn, n)).weight for n in ("w1", "w2", "w3"))
-    local = [cast(DTensor, w).to_local() for w in (w1, w2, w3)]
-    h = ffn.ops.swiglu(nn.functional.linear(x, local[0]), nn.functional.linear(x, local[2]))
-    return nn.functional.linear(h, local[1])
-
-
 class _TPInput:
     """Forward pre-hook: the full tokens on every tp rank; their gradient (partial per rank) is
     summed over the tp ranks on the way back (reduce-scatter to the sequence shard, or
@@ -208,6 +201,7 @@ def apply_moe_parallel(
 def _apply_tp(layer: MoE, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     if layer.shared is not None:
         shared = cast(FeedForward, layer.shared)
+        assert shared.w1.bias is None, "shared experts have no biases"
         for name, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
             _distribute(getattr(shared, name), "weight", tp_mesh, [Shard(dim)])
         # The module keeps its parameter names; only its forward runs on the local slices.
@@ -219,11 +213,18 @@ def _apply_tp(layer: MoE, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
 
 
 class _SharedForward:
+    """A shared expert's forward under tensor parallelism: this rank's hidden slice (w1 / w3
+    column-, w2 row-parallel), a partial sum of the output like the routed experts'."""
+
     def __init__(self, ffn: FeedForward) -> None:
         self.ffn = ffn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _partial_swiglu(self.ffn, x)
+        w1, w2, w3 = (
+            cast(DTensor, getattr(self.ffn, n).weight).to_local() for n in ("w1", "w2", "w3")
+        )
+        h = self.ffn.ops.swiglu(F.linear(x, w1), F.linear(x, w3))
+        return F.linear(h, w2)
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
