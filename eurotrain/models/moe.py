@@ -130,6 +130,11 @@ class MoE(nn.Module):
         """Applied to the router weight in forward. Tensor parallelism (eurotrain/parallel/ep.py)
         sets one that sums its gradient over the tp ranks, each of which holds a partial one."""
         self.aux_grad_share = 1.0
+        self.aux_counts_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.aux_split = 1
+        """Context parallelism (eurotrain/parallel/ep.py) splits each micro-batch over aux_split
+        ranks, and sets aux_counts_sum to sum the per-expert counts over them: the aux loss is
+        then the whole micro-batch's, as in one process."""
         """This rank's share of the aux loss's gradient: 1 / tp under tensor parallelism, whose
         ranks compute the same aux loss and sum their gradients."""
 
@@ -167,17 +172,21 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled():
-            aux = self.aux_loss(counts, scores)
-            scale = self.aux_loss_coef * self.aux_loss_scale * self.aux_grad_share * x.shape[0]
+            aux, tokens = self.aux_loss(counts, scores)
+            scale = self.aux_loss_coef * self.aux_loss_scale * self.aux_grad_share * tokens
             y = _AuxLossGrad.apply(y, aux, scale)
         return y.view(shape)
 
-    def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """E * sum_i f_i P_i over this micro-batch's tokens: f_i the share of the token slots
-        routed to expert i (not differentiable), P_i the mean normalised score of expert i."""
-        f = counts.float() / (scores.shape[0] * self.top_k)
-        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
-        return self.num_experts * (f * p).sum()
+    def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(E * sum_i f_i P_i over this micro-batch's tokens, their number): f_i the share of
+        the token slots routed to expert i (not differentiable), P_i the mean normalised score
+        of expert i. When the micro-batch is split over ranks (context parallelism) f_i and the
+        token count are those of the whole micro-batch (``aux_counts_sum``) while P_i sums only
+        this rank's tokens, so the ranks' gradients add up to the whole micro-batch's."""
+        tokens = scores.shape[0] * self.aux_split
+        f = self.aux_counts_sum(counts.float()) / (tokens * self.top_k)
+        p = (scores / scores.sum(-1, keepdim=True)).sum(0) / tokens
+        return self.num_experts * (f * p).sum(), tokens
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

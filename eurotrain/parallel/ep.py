@@ -123,6 +123,18 @@ class _GradSum:
         return cast(torch.Tensor, _SumGradOverGroup.apply(t, self.group))
 
 
+class _SumOver:
+    """Sum a tensor (no gradient) over ``group``."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
 def _distribute(
     module: nn.Module, name: str, mesh: DeviceMesh, placements: list[Placement]
 ) -> None:
@@ -179,11 +191,16 @@ def _experts_layout(ep: int, tp: int) -> tuple[list[str], dict[str, list[Placeme
 
 
 def apply_moe_parallel(
-    model: nn.Module, mesh: DeviceMesh, ep: int, tp: int, sequence_parallel: bool
+    model: nn.Module, mesh: DeviceMesh, ep: int, tp: int, cp: int, sequence_parallel: bool
 ) -> None:
     """Split every MoE block of ``model`` (a Transformer or a pipeline stage) over the "ep" and
     "tp" dims of ``mesh``, in place; parameter names unchanged. Call after apply_tp (which
-    leaves MoE blocks alone) and before FSDP."""
+    leaves MoE blocks alone) and before FSDP. Under context parallelism the aux loss counts the
+    tokens of the whole micro-batch (summed over "cp")."""
+    if cp > 1:
+        for layer in moe_layers(model).values():
+            layer.aux_counts_sum = _SumOver(mesh["cp"].get_group())
+            layer.aux_split = cp
     layout = _experts_layout(ep, tp)
     if layout is None:
         return

@@ -73,8 +73,8 @@ def parallelize(
         # (ColwiseParallel) both shard the [vocab, dim] weight on dim 0, so one DTensor serves
         # both; FSDP below then registers it once and sets it on both modules.
         cast(Transformer, model).tie_weights()
-    if mesh is not None and (dims.ep > 1 or dims.tp > 1):
-        apply_moe_parallel(model, mesh, dims.ep, dims.tp, sequence_parallel=sp)
+    if mesh is not None and (dims.ep > 1 or dims.tp > 1 or dims.cp > 1):
+        apply_moe_parallel(model, mesh, dims.ep, dims.tp, dims.cp, sequence_parallel=sp)
     if mesh is not None and dims.cp > 1 and cfg.cp_method == "ulysses":
         apply_ulysses(model, mesh["cp"])
     apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)

@@ -33,11 +33,7 @@ FOUR_RANKS = {
     },
     "tp=2 sp x pp=2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.dp_shard": 1},
     "ep=2 x pp=2": {"parallel.ep": 2, "parallel.dp_shard": 2, "parallel.pp": 2},
-    # Under cp each rank's aux loss sees its slice of the sequence (another balancing loss than
-    # one process's over whole sequences): compared with a one-process run without it.
-    "ep=2 x cp=2 (no aux loss)": {
-        "parallel.ep": 2, "parallel.dp_shard": 2, "parallel.cp": 2, "model.moe.aux_loss_coef": 0,
-    },
+    "ep=2 x cp=2": {"parallel.ep": 2, "parallel.dp_shard": 2, "parallel.cp": 2},
     "ep=2 dp_shard=4 + full ac": {
         "parallel.ep": 2, "parallel.dp_shard": 4, "parallel.activation_checkpointing": "full",
     },
@@ -87,14 +83,9 @@ def train_layouts(rank: int, world: int, layouts: list[dict], out: str) -> list[
     return results
 
 
-NO_AUX = {"model.moe.aux_loss_coef": 0}
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
-    """One process: with the aux loss, and without it (for the cp layout)."""
-    with_aux, without = train_layouts(0, 1, [{}, NO_AUX], str(tmp_path_factory.mktemp("ref")))
-    return {"aux": with_aux, "no aux": without}
+def reference(tmp_path_factory) -> dict:
+    return train_layouts(0, 1, [{}], str(tmp_path_factory.mktemp("moe-ref")))[0]
 
 
 def _close(a: float, b: float) -> bool:
@@ -126,8 +117,7 @@ def test_moe_layouts_match_one_process(reference, tmp_path):
     per_rank = run_distributed(train_layouts, 4, [FOUR_RANKS[n] for n in names], str(tmp_path))
     bad = []
     for i, name in enumerate(names):
-        ref = reference["no aux" if "model.moe.aux_loss_coef" in FOUR_RANKS[name] else "aux"]
-        bad += _check(name, [ranks[i] for ranks in per_rank], ref)
+        bad += _check(name, [ranks[i] for ranks in per_rank], reference)
     assert not bad, "MoE layouts drift from the one-process run:\n" + "\n".join(bad)
     # Each rank holds its share of the experts: 1 / (ep x tp x FSDP shards over the rest).
     shares = {
