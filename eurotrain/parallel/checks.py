@@ -142,8 +142,10 @@ def _check_expert_parallel(cfg: Config, dims: ParallelDims) -> None:
             f"{{{_fits(dims.dp_shard, divisors(dims.dp_shard))}}}"
         )
     if p.activation_checkpointing == "selective":
-        # The experts are an FSDP module of their own inside the block, whose hooks run again
-        # in the recomputation; selective checkpointing requires the same ops in the same order.
+        # The experts are an FSDP module of their own inside the checkpointed block: in the
+        # recomputation (during backward) FSDP takes it for a forward root and records more
+        # profiler ranges than in forward, which selective checkpointing rejects as a
+        # different op sequence. Full checkpointing replays without that check.
         raise ConfigError(
             f"parallel.activation_checkpointing = selective with parallel.ep = {dims.ep} is not "
             f"supported yet: use activation_checkpointing full (or none), or parallel.ep = 1"
