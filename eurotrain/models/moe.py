@@ -12,7 +12,9 @@ Balancing, two ways that may be combined:
   experts, moved after each optimizer step towards balance by ``MoEBalance`` (callback).
 
 Expert parallelism swaps ``MoE.dispatch`` for a version that all-to-alls the sorted tokens to the
-ranks holding their experts and back (eurotrain/parallel/ep.py); the model never sees a mesh.
+ranks holding their experts and back; tensor parallelism sets ``grad_sum`` and ``aux_grad_share``,
+context parallelism ``aux_counts_sum`` and ``aux_split`` (all in eurotrain/parallel/ep.py); the
+model never sees a mesh.
 """
 
 from __future__ import annotations
