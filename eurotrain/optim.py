@@ -122,7 +122,14 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
     whatever the optimizer was built or loaded with)."""
 
     def load_state_dict(self, state_dict: dict) -> None:
+        groups = len(self.optimizer.param_groups)
         super().load_state_dict(state_dict)
+        if len(self.base_lrs) != groups:
+            # The parameter groups depend on the layout (one per mesh the DTensors live on:
+            # expert or tensor parallelism adds some), the learning rates do not: every group
+            # peaks at optim.lr. A checkpoint from another layout has another number of them.
+            self.base_lrs = [self.base_lrs[0]] * groups
+            self._last_lr = [self._last_lr[0]] * groups
         for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
             group["lr"] = lr
 

@@ -12,7 +12,9 @@ Balancing, two ways that may be combined:
   experts, moved after each optimizer step towards balance by ``MoEBalance`` (callback).
 
 Expert parallelism swaps ``MoE.dispatch`` for a version that all-to-alls the sorted tokens to the
-ranks holding their experts and back (eurotrain/parallel/ep.py); the model never sees a mesh.
+ranks holding their experts and back; tensor parallelism sets ``grad_sum`` and ``aux_grad_share``,
+context parallelism ``aux_counts_sum`` and ``aux_split`` (all in eurotrain/parallel/ep.py); the
+model never sees a mesh.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad, aux_grad, None
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _in_backward() -> bool:
     """True while autograd runs backward (activation checkpointing re-running a forward)."""
     return torch._C._current_graph_task_id() != -1
@@ -125,10 +131,21 @@ class MoE(nn.Module):
         """Factor on the aux loss's gradient: the engine sets 1 / (global label tokens) per step,
         times this micro-batch's token count below, the same normalisation as the cross-entropy."""
         self.dispatch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.local_dispatch
+        self.grad_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """Applied to the router weight in forward. Tensor parallelism (eurotrain/parallel/ep.py)
+        sets one that sums its gradient over the tp ranks, each of which holds a partial one."""
+        self.aux_grad_share = 1.0
+        self.aux_counts_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.aux_split = 1
+        """Context parallelism (eurotrain/parallel/ep.py) splits each micro-batch over aux_split
+        ranks, and sets aux_counts_sum to sum the per-expert counts over them: the aux loss is
+        then the whole micro-batch's, as in one process."""
+        """This rank's share of the aux loss's gradient: 1 / tp under tensor parallelism, whose
+        ranks compute the same aux loss and sum their gradients."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k], routing weights [T, k] fp32, scores [T, E] fp32)."""
-        logits = F.linear(x, _local(self.router.weight)).float()
+        logits = F.linear(x, self.grad_sum(_local(self.router.weight))).float()
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         # The bias only chooses (aux-loss-free balancing); the weights come from the scores.
         # A zero bias leaves the choice exactly as without one.
@@ -161,19 +178,25 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training and self.aux_loss_coef > 0 and torch.is_grad_enabled():
-            aux = self.aux_loss(counts, scores)
-            y = _AuxLossGrad.apply(y, aux, self.aux_loss_coef * self.aux_loss_scale * x.shape[0])
-            if counting:
-                tokens = torch.tensor(float(x.shape[0]), device=aux.device)
-                self.aux_loss_sum += torch.stack([aux.detach() * tokens, tokens])
+            aux, tokens = self.aux_loss(counts, scores)
+            scale = self.aux_loss_coef * self.aux_loss_scale * self.aux_grad_share * tokens
+            y = _AuxLossGrad.apply(y, aux, scale)
+            if counting:  # for the log: summed over the ranks sharing the micro-batch, the
+                # tokens add up to the micro-batch's once (aux_split ranks each add a share)
+                weight = torch.tensor([tokens, tokens / self.aux_split], device=aux.device)
+                self.aux_loss_sum += weight * torch.stack([aux.detach(), aux.new_ones(())])
         return y.view(shape)
 
-    def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """E * sum_i f_i P_i over this micro-batch's tokens: f_i the share of the token slots
-        routed to expert i (not differentiable), P_i the mean normalised score of expert i."""
-        f = counts.float() / (scores.shape[0] * self.top_k)
-        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
-        return self.num_experts * (f * p).sum()
+    def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(E * sum_i f_i P_i over this micro-batch's tokens, their number): f_i the share of
+        the token slots routed to expert i (not differentiable), P_i the mean normalised score
+        of expert i. When the micro-batch is split over ranks (context parallelism) f_i and the
+        token count are those of the whole micro-batch (``aux_counts_sum``) while P_i sums only
+        this rank's tokens, so the ranks' gradients add up to the whole micro-batch's."""
+        tokens = scores.shape[0] * self.aux_split
+        f = self.aux_counts_sum(counts.float()) / (tokens * self.top_k)
+        p = (scores / scores.sum(-1, keepdim=True)).sum(0) / tokens
+        return self.num_experts * (f * p).sum(), tokens
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

@@ -76,6 +76,9 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
             f"set train.eval_interval = 0 or use data/tensor parallelism"
         )
 
+    if dims.ep > 1:
+        _check_expert_parallel(cfg, dims)
+
     if m.moe.enabled:
         _check_moe(cfg, dims)
 
@@ -110,10 +113,48 @@ def _check_moe(cfg: Config, dims: ParallelDims) -> None:
             f"supported (eurotrain's experts run on PyTorch's own stack): use parallel.engine = "
             f"fsdp, or model.moe.num_experts = 0"
         )
-    if dims.tp > 1:
+    if dims.tp > 1 and m.expert_ffn_dim % dims.tp:
         raise ConfigError(
-            f"model.moe.num_experts = {m.moe.num_experts} with parallel.tp = {dims.tp} is not "
-            f"supported yet: use parallel.tp = 1 (data, pipeline and context parallelism work)"
+            f"parallel.tp = {dims.tp} does not divide the experts' hidden size "
+            f"model.moe.expert_ffn_dim = {m.expert_ffn_dim}: tensor parallelism splits it across "
+            f"the tp ranks; use parallel.tp in "
+            f"{{{_fits(m.expert_ffn_dim, divisors(dims.world_size))}}}"
+        )
+
+
+def _check_expert_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """parallel.ep: experts split across a sub-axis of dp_shard (eurotrain/parallel/ep.py)."""
+    p, m = cfg.parallel, cfg.model
+    if p.engine == "deepspeed":
+        raise ConfigError(
+            f"parallel.ep = {dims.ep} with parallel.engine = deepspeed is not supported (DeepSpeed "
+            f"runs data parallelism only): use parallel.engine = fsdp, or parallel.ep = 1"
+        )
+    if not m.moe.enabled:
+        raise ConfigError(
+            f"parallel.ep = {dims.ep} needs a mixture-of-experts model but model.moe.num_experts "
+            f"= 0 (every block dense): set parallel.ep = 1, or model.moe.num_experts > 0"
+        )
+    if dims.dp_shard % dims.ep:
+        raise ConfigError(
+            f"parallel.ep = {dims.ep} does not divide parallel.dp_shard = {dims.dp_shard}: expert "
+            f"parallelism splits the dp_shard ranks into groups of ep; use parallel.ep in "
+            f"{{{_fits(dims.dp_shard, divisors(dims.dp_shard))}}}"
+        )
+    if p.activation_checkpointing == "selective":
+        # The experts are an FSDP module of their own inside the checkpointed block: in the
+        # recomputation (during backward) FSDP takes it for a forward root and records more
+        # profiler ranges than in forward, which selective checkpointing rejects as a
+        # different op sequence. Full checkpointing replays without that check.
+        raise ConfigError(
+            f"parallel.activation_checkpointing = selective with parallel.ep = {dims.ep} is not "
+            f"supported yet: use activation_checkpointing full (or none), or parallel.ep = 1"
+        )
+    if m.moe.num_experts % dims.ep:
+        raise ConfigError(
+            f"parallel.ep = {dims.ep} does not divide model.moe.num_experts = "
+            f"{m.moe.num_experts}: each ep rank holds an equal share of the experts; use "
+            f"parallel.ep in {{{_fits(m.moe.num_experts, divisors(dims.dp_shard))}}}"
         )
 
 

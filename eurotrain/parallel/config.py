@@ -33,9 +33,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline parallel: consecutive layers on consecutive ranks."""
     ep: int = 1
-    """Expert parallel (mixture-of-experts models): each of these ranks holds num_experts / ep
-    experts and tokens are all-to-all'ed to them; a sub-axis of dp_shard (ep divides dp_shard
-    and model.moe.num_experts)."""
+    """Expert parallel (mixture-of-experts models): each MoE block's experts split across this
+    many ranks of dp_shard (ep divides dp_shard and takes no extra ranks); tokens travel to
+    their experts' ranks and back by all-to-all."""
     engine: Literal["fsdp", "deepspeed"] = "fsdp"
     """Data-parallel engine: PyTorch FSDP2 or DeepSpeed ZeRO (data parallelism only)."""
     reshard_after_forward: bool = True
@@ -77,7 +77,7 @@ class ParallelConfig:
         if sum(getattr(self, k) == -1 for k in axes) > 1:
             raise ConfigError("only one of parallel.dp_replicate/dp_shard/cp/tp/pp may be -1")
         if self.ep < 1:
-            raise ConfigError(f"parallel.ep: {self.ep} must be a positive integer")
+            raise ConfigError(f"parallel.ep: {self.ep} must be a positive integer (1 = off)")
         if self.pp_virtual_stages < 1:
             raise ConfigError(f"parallel.pp_virtual_stages: {self.pp_virtual_stages} must be >= 1")
         if self.pp_virtual_stages > 1 and self.pp_schedule not in VIRTUAL_STAGE_SCHEDULES:

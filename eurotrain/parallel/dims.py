@@ -10,7 +10,11 @@ from eurotrain.configtools import ConfigError
 from eurotrain.parallel.config import ParallelConfig
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-"""Mesh axes outermost first: tp innermost so it stays inside a node's fast links."""
+"""The configured degrees, outermost first: tp innermost so it stays inside a node's fast links."""
+MESH_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+"""The mesh's own dimensions: dp_shard split into (dp_shard / ep, ep), "dp_shard" the flattened
+pair. ep sits inside cp so that the experts' data mesh (dp_shard_mod_ep x cp) comes before it,
+as FSDP's (data, expert) mesh must; without cp, the all-to-all stays among neighbouring ranks."""
 
 
 @dataclass
@@ -21,6 +25,8 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
+    """Expert parallelism: a sub-axis of dp_shard (no ranks of its own)."""
     _mesh: DeviceMesh | None = field(default=None, repr=False)
 
     @classmethod
@@ -51,7 +57,7 @@ class ParallelDims:
                 f"Set one degree to -1 to absorb the rest, or use for example "
                 f"{_suggest(world_size)}"
             )
-        return cls(world_size=world_size, **degrees)
+        return cls(world_size=world_size, ep=cfg.ep, **degrees)
 
     @property
     def dp(self) -> int:
@@ -61,21 +67,35 @@ class ParallelDims:
     def degrees(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in AXES}
 
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts but different tokens (dp_replicate x dp_shard / ep x
+        cp): the experts' FSDP axis."""
+        return self.dp_replicate * (self.dp_shard // self.ep) * self.cp
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """One named mesh over all axes, with flattened views "dp" (data), "dp_cp" (FSDP and
-        loss reduction) and "dp_shard_cp" (the FSDP shard axis)."""
+        """One named mesh over all axes, with flattened views "dp_shard" (dp_shard_mod_ep x ep),
+        "dp" (data), "dp_cp" (FSDP and loss reduction), "dp_shard_cp" (the FSDP shard axis) and
+        "dp_shard_mod_ep_cp" (the experts' FSDP shard axis under expert parallelism)."""
         if self._mesh is not None:
             return self._mesh
-        shape = tuple(getattr(self, k) for k in AXES)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        assert self.dp_shard % self.ep == 0, "check_layout: ep divides dp_shard"
+        sizes = {**self.degrees(), "dp_shard_mod_ep": self.dp_shard // self.ep, "ep": self.ep}
+        shape = tuple(sizes[k] for k in MESH_AXES)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
+        mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+        mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+        mesh["dp_replicate", "dp_shard_mod_ep", "cp", "ep"]._flatten("dp_cp")
+        mesh["dp_shard_mod_ep", "cp", "ep"]._flatten("dp_shard_cp")
+        mesh["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp")
         self._mesh = mesh
         return mesh
 
     def describe(self) -> str:
-        return " x ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "single rank"
+        parts = [f"{k}={v}" for k, v in self.degrees().items() if v > 1]
+        if self.ep > 1:
+            parts.append(f"ep={self.ep} (within dp_shard)")
+        return " x ".join(parts) or "single rank"
 
 
 def _suggest(world_size: int) -> str:

@@ -18,6 +18,7 @@ from eurotrain.parallel.config import ParallelConfig
 from eurotrain.parallel.cp import apply_ulysses
 from eurotrain.parallel.ddp import apply_ddp
 from eurotrain.parallel.dims import ParallelDims
+from eurotrain.parallel.ep import apply_moe_parallel, expert_modules
 from eurotrain.parallel.float8 import Float8Config, apply_float8
 from eurotrain.parallel.fsdp import apply_fsdp
 from eurotrain.parallel.pipeline import Pipeline, merged_view
@@ -65,13 +66,15 @@ def parallelize(
     only) to one model (or pipeline stage)."""
     if float8 is not None:
         apply_float8(model, float8, fsdp=uses_fsdp(dims, mesh, cfg))
+    sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else True
     if mesh is not None and dims.tp > 1:
-        sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else True
         apply_tp(model, mesh["tp"], sequence_parallel=sp)
         # Each module got its own DTensor. The embedding (RowwiseParallel) and the output
         # (ColwiseParallel) both shard the [vocab, dim] weight on dim 0, so one DTensor serves
         # both; FSDP below then registers it once and sets it on both modules.
         cast(Transformer, model).tie_weights()
+    if mesh is not None and (dims.ep > 1 or dims.tp > 1 or dims.cp > 1):
+        apply_moe_parallel(model, mesh, dims.ep, dims.tp, dims.cp, sequence_parallel=sp)
     if mesh is not None and dims.cp > 1 and cfg.cp_method == "ulysses":
         apply_ulysses(model, mesh["cp"])
     apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
@@ -85,6 +88,7 @@ def parallelize(
         apply_fsdp(
             model,
             dp_mesh,
+            experts=(expert_modules(model), _expert_dp_mesh(dims, mesh)) if dims.ep > 1 else None,
             param_dtype=param_dtype,
             reduce_dtype=torch.float32,
             reshard_after_forward=cfg.reshard_after_forward,
@@ -94,6 +98,13 @@ def parallelize(
         assert mesh is not None
         apply_ddp(model, mesh["dp_replicate"].get_group(), device or torch.device("cpu"))
     return model
+
+
+def _expert_dp_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks that hold the same experts but different tokens: the experts' FSDP mesh."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard_mod_ep_cp"]
+    return mesh["dp_shard_mod_ep_cp"]
 
 
 @dataclass

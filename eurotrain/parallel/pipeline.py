@@ -30,6 +30,7 @@ from torch.distributed.pipelining import (
 
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.llama import Transformer, build_model
+from eurotrain.models.moe import MoE, moe_layers
 from eurotrain.parallel.checks import balanced_split
 from eurotrain.parallel.config import MULTI_STAGE_SCHEDULES, PP_SCHEDULES
 
@@ -65,6 +66,28 @@ def build_stage_model(cfg: ModelConfig, stage: int, layers_per_stage: list[int])
         model.norm = None
         model.output = None
     return model
+
+
+class _UncountedFirstForward:
+    """One-shot hooks on an MoE layer: its first forward is the schedule's shape inference (every
+    stage's forward, run once before the first step's micro-batches on uninitialised tensors for
+    all but the first stage), whose routed-token counts must not reach the balancing."""
+
+    def __init__(self, layer: MoE) -> None:
+        self.saved: torch.Tensor | None = None
+        self.handles = [
+            layer.register_forward_pre_hook(self.before),
+            layer.register_forward_hook(self.after),
+        ]
+
+    def before(self, layer: nn.Module, args: tuple) -> None:
+        self.saved = cast(MoE, layer).tokens_per_expert.clone()
+
+    def after(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        assert self.saved is not None
+        cast(MoE, layer).tokens_per_expert.copy_(self.saved)
+        for handle in self.handles:
+            handle.remove()
 
 
 def merged_view(model_cfg: ModelConfig, parts: list[nn.Module]) -> Transformer:
@@ -122,6 +145,7 @@ class Pipeline:
         self.has_first = 0 in self.stage_ids
         self.has_last = self.num_stages - 1 in self.stage_ids
         self.schedule = None
+        self._inferred = False
 
     def build_schedule(self, device: torch.device) -> None:
         """Wrap the (parallelized, initialised) parts in PipelineStages and make the schedule."""
@@ -152,6 +176,11 @@ class Pipeline:
         kwargs: dict = dict(model_kwargs)
         if self.has_last:
             kwargs.update(target=y, losses=[], labels=y)
+        if not self._inferred:  # the first step begins with PyTorch's shape inference
+            self._inferred = True
+            for part in self.parts:
+                for layer in moe_layers(part).values():
+                    _UncountedFirstForward(layer)
         # The last stage's outputs are per-micro-batch losses, kept by loss_fn: nothing to merge.
         self.schedule.step(*args, return_outputs=False, **kwargs)
         if not self.loss_fn.summed:

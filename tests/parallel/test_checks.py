@@ -156,3 +156,33 @@ def test_balanced_split():
 def test_cpu_offload_needs_a_gpu():
     fails(cfg(parallel__fsdp_cpu_offload=True), 2, "fsdp_cpu_offload = false")
     check_layout(cfg(parallel__fsdp_cpu_offload=True), 2, cuda=True)
+
+
+MOE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml")
+
+
+def moe_cfg(**overrides):
+    args = ["--train.micro_batch_size", "1"]
+    for key, value in overrides.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return load_config(MOE, args)
+
+
+def test_expert_parallel_layouts():
+    dims = check_layout(moe_cfg(parallel__ep=2, parallel__tp=2), 8, cuda=False)
+    assert (dims.dp_shard, dims.ep, dims.tp, dims.expert_dp) == (4, 2, 2, 2)
+    assert check_layout(moe_cfg(parallel__tp=2), 2, cuda=False).tp == 2  # MoE under tp works
+    fails(moe_cfg(parallel__ep=3, train__global_batch_size=12), 6, "parallel.ep = 3 does not divide model.moe.num_experts = 8",
+          "parallel.ep in {1, 2}")  # fmt: skip
+    fails(moe_cfg(parallel__ep=4, parallel__dp_shard=2, parallel__tp=2), 4,
+          "parallel.ep = 4 does not divide parallel.dp_shard = 2", "{1, 2}")  # fmt: skip
+    fails(cfg(parallel__ep=2), 2, "parallel.ep = 2 needs a mixture-of-experts model",
+          "model.moe.num_experts = 0")  # fmt: skip
+    fails(moe_cfg(parallel__ep=2, parallel__engine="deepspeed"), 2,
+          "parallel.ep = 2 with parallel.engine = deepspeed", "parallel.engine = fsdp")  # fmt: skip
+    fails(moe_cfg(parallel__tp=2, model__moe__expert_ffn_dim=33), 2,
+          "does not divide the experts' hidden size model.moe.expert_ffn_dim = 33")  # fmt: skip
+    fails(moe_cfg(parallel__ep=2, parallel__activation_checkpointing="selective"), 2,
+          "activation_checkpointing = selective with parallel.ep = 2")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"parallel\.ep: 0 must be a positive integer"):
+        moe_cfg(parallel__ep=0)

@@ -31,7 +31,8 @@ def qwen3(*overrides: str) -> Any:
 
 
 def test_qwen3_moe_plan_fits_with_expert_parallelism(capsys: pytest.CaptureFixture[str]) -> None:
-    args = [QWEN3_MOE, "--cluster", "leonardo-booster", "--nodes", "8,16", "--tokens", "1e11"]
+    args = [QWEN3_MOE, "--cluster", "leonardo-booster", "--nodes", "8,16", "--tokens", "1e11",
+            "--top", "200"]  # fmt: skip
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["active_params"] < out["params"] / 8  # 3.3B of 30.5B
