@@ -12,7 +12,10 @@ step after each update.
 Which linears: those whose fully qualified name matches no ``exclude`` pattern and whose
 in/out features are both at least ``min_features`` and multiples of 16 (FP8 matmuls need that;
 small layers are faster in bf16). The output head is never converted: the loss reads its
-weight directly (the fused linear + cross-entropy), and it is the layer FP8 hurts most.
+weight directly (the fused linear + cross-entropy), and it is the layer FP8 hurts most. Nor are
+mixture-of-experts routers (their logits are computed from the weight in fp32); the routed
+experts are grouped [E, ...] weights, not linears, and stay in the compute dtype; shared experts
+convert like any MLP.
 
 FP8 matmuls need NVIDIA compute capability >= 8.9 (H100, H200, GH200, L40S) or AMD MI300;
 elsewhere the run is refused before the model is built, unless ``emulate`` (torchao's emulation
@@ -99,6 +102,8 @@ def _no_fp8(device: torch.device) -> str:
 
 def _converts(cfg: Float8Config, fqn: str, module: nn.Module) -> bool:
     if not isinstance(module, nn.Linear) or fqn == "output" or fqn.endswith(".output"):
+        return False
+    if fqn.endswith(".moe.router"):  # read directly for fp32 logits; routing is precision-bound
         return False
     if any(fnmatch.fnmatchcase(fqn, pattern) for pattern in cfg.exclude):
         return False

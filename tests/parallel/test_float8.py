@@ -93,3 +93,15 @@ def test_refused_without_fp8_hardware_or_torchao(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"float8.enabled needs torchao: pip install"):
         check_float8(Float8Config(enabled=True), torch.device("cpu"))
+
+
+def test_moe_routers_stay_out_and_shared_experts_convert():
+    pytest.importorskip("torchao.float8")
+    from eurotrain.models import ModelConfig, MoEConfig
+
+    moe = MoEConfig(num_experts=16, top_k=2, expert_ffn_dim=32, num_shared_experts=1)
+    model = build_model(ModelConfig(num_layers=2, moe=moe), "meta")
+    chosen = apply_float8(model, Float8Config(**_float8("tensorwise")), False)
+    assert not any("router" in n for n in chosen), chosen  # 16 x 128 would qualify by size
+    assert "layers.0.moe.shared.w1" in chosen and "layers.0.attention.wq" in chosen
+    assert not any("experts" in n for n in chosen)
