@@ -7,9 +7,9 @@ bytes = 4 x params). It measures, on --dir, --runs times (dd and save alternatin
 see the same load on a shared machine), and prints each figure and the min / median of the
 ratios:
   * dd-style: the same bytes written in 64 MiB blocks to one file, fsynced (the ceiling);
-  * save: eurotrain's sync save (staging, DCP write, blake2b while writing, fsync, commit)
+  * save: eurotrain's sync save (staging, DCP write, SHA-256 while writing, fsync, commit)
     -> GB/s, ratio to dd (the dd of the same run);
-  * verify: checkpoint.verify metadata, and full (blake2b of every file; one rank does all)
+  * verify: checkpoint.verify metadata, and full (SHA-256 of every file; one rank does all)
     -> s/GB, with the page cache dropped first when --cold (needs root) or warm otherwise;
   * load: DCP load through the safe reader into preallocated tensors -> GB/s (cache warm);
   * stall: --steps training steps, each a fixed amount of compute (a matmul loop) and then an
@@ -208,7 +208,7 @@ def main() -> None:
         )
     print(f"save / dd throughput: {ratios([d / s for d, s in zip(dd_s, save_s)])}")
     print(f"first save of the run (writer start, fresh buffer): {first_s:.2f} s")
-    print(f"blake2b of the file {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
+    print(f"sha256 of the file  {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
     cache = "page cache dropped" if cold else "page cache warm"
     print(f"verify metadata     {meta_s / gb:6.2f} s/GB ({meta_s:.2f} s, {cache})")
     print(f"verify full         {full_s / gb:6.2f} s/GB ({full_s:.2f} s, {cache}, one rank)")
