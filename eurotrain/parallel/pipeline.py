@@ -71,21 +71,25 @@ def build_stage_model(cfg: ModelConfig, stage: int, layers_per_stage: list[int])
 class _UncountedFirstForward:
     """One-shot hooks on an MoE layer: its first forward is the schedule's shape inference (every
     stage's forward, run once before the first step's micro-batches on uninitialised tensors for
-    all but the first stage), whose routed-token counts must not reach the balancing."""
+    all but the first stage), whose routed-token counts (and aux-loss sums) must not reach the
+    balancing and the log."""
 
     def __init__(self, layer: MoE) -> None:
-        self.saved: torch.Tensor | None = None
+        self.saved: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handles = [
             layer.register_forward_pre_hook(self.before),
             layer.register_forward_hook(self.after),
         ]
 
     def before(self, layer: nn.Module, args: tuple) -> None:
-        self.saved = cast(MoE, layer).tokens_per_expert.clone()
+        moe = cast(MoE, layer)
+        self.saved = moe.tokens_per_expert.clone(), moe.aux_loss_sum.clone()
 
     def after(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
         assert self.saved is not None
-        cast(MoE, layer).tokens_per_expert.copy_(self.saved)
+        moe = cast(MoE, layer)
+        moe.tokens_per_expert.copy_(self.saved[0])
+        moe.aux_loss_sum.copy_(self.saved[1])
         for handle in self.handles:
             handle.remove()
 
