@@ -59,6 +59,11 @@ def freeze_for_test(rank: int, step: int, first_step: int) -> None:
             if how == "SLEEP":
                 time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL if how == "KILL" else signal.SIGSTOP)
+            if how == "STOP":
+                # Woken by SIGCONT: faulthandler's dump may run on another thread a moment
+                # later (seen in CI: the main thread had already returned to the loop); stay
+                # here meanwhile, so the stacks show where the rank froze.
+                time.sleep(2)
         if once:
             return  # in order: this one has not fired yet
 
