@@ -1,7 +1,9 @@
 """One loss component on every path: with model.kernels triton the fused, chunked linear +
 cross-entropy runs in one process, under tensor parallelism (on the vocabulary shards), under
 pipelining (in the last stage) and under both, and gives one process's losses and gradient
-norms. The Triton kernels run through the CPU interpreter here (TRITON_INTERPRET=1)."""
+norms. Under tensor + sequence parallelism the other kernels (norms, RoPE, SwiGLU) see sharded
+widths and DTensor inputs: there the Triton run also equals the PyTorch ops' run. The Triton
+kernels run through the CPU interpreter here (TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,14 @@ def test_fused_loss_in_every_layout(tmp_path):
     two = [
         {**TRITON, "parallel.dp_shard": 1, "parallel.tp": 2},
         {**TRITON, "parallel.dp_shard": 1, "parallel.pp": 2},
+        {**SMALL, "parallel.dp_shard": 1, "parallel.tp": 2, "model.kernels": "torch"},
     ]
-    tp, pp = zip(*run_distributed(train_layouts, 2, two, str(tmp_path / "two")))
-    for rank_result in tp:
+    tp, pp, tp_torch = zip(*run_distributed(train_layouts, 2, two, str(tmp_path / "two")))
+    for rank_result, torch_ops in zip(tp, tp_torch):
         assert rank_result["loss_fns"] == ["vocab-parallel-triton"]
         _same(one, rank_result)
+        assert torch_ops["loss_fns"] == ["vocab-parallel-torch"]
+        _same(torch_ops, rank_result)  # every kernel under tp + sp: the PyTorch ops' numbers
     assert [r["loss_fns"] for r in pp] == [[""], ["fused-triton"]]  # the last stage has it
     _same(one, pp[-1])
 
