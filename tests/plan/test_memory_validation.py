@@ -29,17 +29,16 @@ CASES = [
     [*PP, *FULL],
     [*PP, "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"],
     CP,
-    # mixture of experts (tiny-moe: a dense first block, 8 experts top 2, a shared expert)
-    [TINY_MOE, *FSDP],
+    # mixture of experts (tiny-moe: a dense first block, 8 experts top 2, a shared expert);
+    # FSDP without AC, PP with full AC and one process with AC full were also within 5 % when
+    # measured (docs/planner.md) and are left out of the suite for its time
     [TINY_MOE, *FSDP, *FULL],
     [TINY_MOE, *FSDP, *SELECTIVE],
     [TINY_MOE, *PP],
-    [TINY_MOE, *PP, *FULL],
 ]
 SINGLE = [
     # one process each (no mesh; every rank runs it alone): mixture of experts, 2 micro-batches
     [TINY_MOE],
-    [TINY_MOE, *FULL],
 ]
 
 
