@@ -183,8 +183,11 @@ class MoE(nn.Module):
             y = _AuxLossGrad.apply(y, aux, scale)
             if counting:  # for the log: summed over the ranks sharing the micro-batch, the
                 # tokens add up to the micro-batch's once (aux_split ranks each add a share)
-                weight = torch.tensor([tokens, tokens / self.aux_split], device=aux.device)
-                self.aux_loss_sum += weight * torch.stack([aux.detach(), aux.new_ones(())])
+                # (no tensor from host values: a fill and scalar products, no copy to the device)
+                one = aux.new_ones(())
+                self.aux_loss_sum += torch.stack(
+                    [aux.detach() * tokens, one * (tokens / self.aux_split)]
+                )
         return y.view(shape)
 
     def aux_loss(self, counts: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
