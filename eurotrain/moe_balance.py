@@ -33,7 +33,7 @@ class MoEBalance(Callback):
             for name, layer in moe_layers(part).items():
                 # "layers.3.moe" (or the same below a wrapper's prefix): the block index.
                 self.layers[name.split("layers.", 1)[-1].split(".", 1)[0]] = layer
-        mesh = trainer.engine.mesh if hasattr(trainer.engine, "mesh") else None
+        mesh = trainer.mesh
         if mesh is not None and mesh["dp_cp"].size() > 1:
             # Tensor-parallel ranks route the same tokens; pipeline stages hold other layers.
             self.group = mesh["dp_cp"].get_group()

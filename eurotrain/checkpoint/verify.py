@@ -60,8 +60,10 @@ def check_file(ckpt: Path, name: str, want: dict[str, Any], deep: bool) -> None:
             f"{path}: {info.st_size} bytes, the commit marker says {want['size']} (truncated "
             f"or overwritten); use an older checkpoint (checkpoint.resume PATH)"
         )
-    algorithm, expected = entry_digest(want) if deep else ("", "")
-    if deep and checksum(path, algorithm) != expected:
+    if not deep:
+        return
+    algorithm, expected = entry_digest(want)
+    if checksum(path, algorithm) != expected:
         raise CheckpointError(
             f"{path}: {algorithm} checksum differs from the commit marker (corrupted on disk); "
             f"use an older checkpoint (checkpoint.resume PATH)"

@@ -19,7 +19,7 @@ model never sees a mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -207,8 +207,7 @@ def moe_layers(model: nn.Module) -> dict[str, MoE]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def set_aux_loss_scale(parts: list[nn.Module], scale: float) -> None:
-    """The factor on every MoE layer's aux-loss gradient for the coming step."""
-    for part in parts:
-        for layer in moe_layers(part).values():
-            layer.aux_loss_scale = scale
+def set_aux_loss_scale(layers: Iterable[MoE], scale: float) -> None:
+    """The factor on the aux-loss gradient of ``layers`` (``moe_layers``) for the coming step."""
+    for layer in layers:
+        layer.aux_loss_scale = scale

@@ -26,32 +26,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from eurotrain.models.attention import AttentionMask
 from eurotrain.models.attention import attention as local_attention
 from eurotrain.models.llama import TransformerBlock
-
-
-class _AllToAll(torch.autograd.Function):
-    """Equal-split all-to-all over dim 0; its gradient is the same all-to-all of the grads."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        x = x.contiguous()  # before empty_like, which would copy a permuted input's strides
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad, group=ctx.group)
-        return out, None
+from eurotrain.parallel.collectives import all_to_all
 
 
 def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.Tensor:
     """[B, s, H, D] (sequence slice, all heads) -> [B, cp*s, H/cp, D] (whole sequence)."""
     b, s, h, d = x.shape
     x = x.reshape(b, s, cp, h // cp, d).permute(2, 0, 1, 3, 4)  # [cp (head group), B, s, h, D]
-    x = _AllToAll.apply(x, group)  # now dim 0 = the sequence slice each chunk came from
+    x = all_to_all(x, group)  # now dim 0 = the sequence slice each chunk came from
     return x.permute(1, 0, 2, 3, 4).reshape(b, cp * s, h // cp, d)
 
 
@@ -59,7 +41,7 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.T
     """[B, S, h, D] (whole sequence, head group) -> [B, S/cp, cp*h, D] (sequence slice)."""
     b, seq, h, d = x.shape
     x = x.reshape(b, cp, seq // cp, h, d).permute(1, 0, 2, 3, 4)  # [cp (seq slice), B, s, h, D]
-    x = _AllToAll.apply(x, group)  # now dim 0 = the head group each chunk came from
+    x = all_to_all(x, group)  # now dim 0 = the head group each chunk came from
     return x.permute(1, 2, 0, 3, 4).reshape(b, seq // cp, cp * h, d)
 
 

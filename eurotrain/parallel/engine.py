@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from eurotrain.configtools import ConfigError
 from eurotrain.models.attention import document_ids
-from eurotrain.models.moe import set_aux_loss_scale
+from eurotrain.models.moe import moe_layers, set_aux_loss_scale
 from eurotrain.optim import build_optimizer
 from eurotrain.parallel import cp as context_parallel
 from eurotrain.parallel.checks import pipeline_microbatches
@@ -168,6 +168,8 @@ class TorchEngine:
         self.float8 = cfg.float8
         self._fsdp = uses_fsdp(dims, mesh, cfg.parallel)
         self.model_parts = built.parts
+        # Found once: the step sets their aux-loss scale without walking the module tree.
+        self._moe_layers = [m for part in self.model_parts for m in moe_layers(part).values()]
         self.pipeline = built.pipeline
         self.model = built.model
         self.optimizer: torch.optim.Optimizer = build_optimizer(
@@ -226,7 +228,7 @@ class TorchEngine:
         """Forward and backward of every micro-batch (gradient accumulation, or the pipeline
         schedule); each token's loss is divided by the global token count."""
         self._train_mode(True)
-        set_aux_loss_scale(self.model_parts, 1.0 / num_tokens)
+        set_aux_loss_scale(self._moe_layers, 1.0 / num_tokens)
         if self.pipeline is not None:
             x = self._to_device(torch.cat(batch.inputs))
             y = self._to_device(torch.cat(batch.labels))

@@ -47,30 +47,7 @@ from torch.distributed.tensor import (
 
 from eurotrain.models.llama import FeedForward
 from eurotrain.models.moe import GroupedExperts, MoE, moe_layers
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows of ``x`` split ``send`` per rank to the ranks of ``group``, ``recv`` per rank back;
-    the gradient goes the reverse way."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup
-    ) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return _all_to_all(x, send, recv, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
-
-
-def _all_to_all(
-    x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup
-) -> torch.Tensor:
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
-    return out
+from eurotrain.parallel.collectives import all_to_all
 
 
 class AllToAllDispatch:
@@ -89,13 +66,13 @@ class AllToAllDispatch:
         received = received.view(ep, local)
         # One host read of both: the split sizes of the row all-to-all live on the host.
         send, recv = torch.stack([counts.view(ep, local).sum(1), received.sum(1)]).tolist()
-        rows = _AllToAll.apply(x, send, recv, self.group)
+        rows = all_to_all(x, self.group, send, recv)
         # Arrived grouped by (source rank, local expert); the grouped matmul wants them by expert.
         expert = torch.arange(local, device=x.device).repeat(ep)
         order = torch.repeat_interleave(expert, received.flatten()).argsort(stable=True)
         out = self.experts(rows[order], received.sum(0))
         out = out[order.argsort()]  # back to arrival order
-        return _AllToAll.apply(out, recv, send, self.group)
+        return all_to_all(out, self.group, recv, send)
 
 
 class _SumGradOverGroup(torch.autograd.Function):

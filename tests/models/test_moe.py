@@ -94,7 +94,7 @@ def test_aux_loss_gradient_is_the_gradient_of_the_weighted_loss_and_not_in_its_v
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
 
     model = built(cfg)
-    moe_module.set_aux_loss_scale([model], 1.0 / global_tokens)
+    moe_module.set_aux_loss_scale(moe_layers(model).values(), 1.0 / global_tokens)
     loss = model(tokens, tokens)
     (loss / global_tokens).backward()
     injected = {n: p.grad.clone() for n, p in model.named_parameters()}
