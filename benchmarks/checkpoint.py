@@ -6,8 +6,11 @@ One process, fp32 model of --params parameters split into 64 tensors (plus nothi
 bytes = 4 x params). It measures, on --dir, --runs times (dd and save alternating, so that both
 see the same load on a shared machine), and prints each figure and the min / median of the
 ratios:
-  * dd-style: the same bytes written in 64 MiB blocks to one file, fsynced (the ceiling);
-  * save: eurotrain's sync save (staging, DCP write, SHA-256 while writing, fsync, commit)
+  * dd-style: the same bytes written in 64 MiB blocks to a new file, fsynced (the ceiling;
+    the previous file is deleted outside the timing);
+  * save: eurotrain's sync save of a new step (staging, DCP write, SHA-256 while writing,
+    fsync, commit), until it returns; the retention that then deletes the previous step runs
+    on the checkpoint thread after the commit and is timed apart, like dd's deletion
     -> GB/s, ratio to dd (the dd of the same run);
   * verify: checkpoint.verify metadata, and full (SHA-256 of every file; one rank does all)
     -> s/GB, with the page cache dropped first when --cold (needs root) or warm otherwise;
@@ -93,13 +96,15 @@ def drop_page_cache() -> bool:
 
 
 def run_steps(
-    parts, ck, steps: int, save_at: int, sync: bool, work: torch.Tensor, matmuls: int
+    parts, ck, first: int, steps: int, save_at: int, sync: bool, work: torch.Tensor, matmuls: int
 ) -> float:
-    """(seconds of the loop, seconds of it spent inside the checkpointer's calls)."""
+    """(seconds of the loop, seconds of it spent inside the checkpointer's calls). Steps are
+    numbered from ``first``, so that every save is a new step (as in training: retention then
+    deletes the previous one after the commit, while the loop goes on)."""
     params = list(parts["model"].model.parameters())
     blocked = 0.0
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(first, first + steps):
         for _ in range(matmuls):
             work @ work  # forward and backward: a fixed amount of compute per step
         t0 = time.perf_counter()
@@ -107,7 +112,7 @@ def run_steps(
         blocked += time.perf_counter() - t0
         with torch.no_grad():
             torch._foreach_add_(params, 1e-6)  # the update: every saved tensor changes
-        if step == save_at:
+        if step == first + save_at - 1:
             t0 = time.perf_counter()
             ck.save(step, parts, INFO, sync=sync)
             blocked += time.perf_counter() - t0
@@ -135,7 +140,7 @@ def main() -> None:
     work_dir = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-bench-", dir=args.dir))
     try:
         model = Blob(params)
-        dd_s, save_s = [], []
+        dd_s, save_s, retention_s = [], [], []
         cfg = CheckpointConfig(dir=str(work_dir / "ck"), interval=1, keep_last=1)
         parts = checkpoint_parts(model)
         ck = Checkpointer(cfg, Path(cfg.dir), 0, 1, log=lambda m: None)
@@ -150,13 +155,15 @@ def main() -> None:
                 t0 = time.perf_counter()
                 checksum(work_dir / "dd.bin")
                 sum_s = time.perf_counter() - t0
-            (work_dir / "dd.bin").unlink()
-            ck.last_saved_step = -1
+            (work_dir / "dd.bin").unlink()  # outside the timing, as the save's retention:
             t0 = time.perf_counter()
-            ck.save(1, parts, INFO, sync=True)
+            ck.save(2 + run, parts, INFO, sync=True)  # a new step each run, like training
             save_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ck.wait()  # the retention that deletes the previous step after the commit
+            retention_s.append(time.perf_counter() - t0)
 
-        ckpt = work_dir / "ck" / "step-000001"
+        ckpt = work_dir / "ck" / f"step-{1 + args.runs:06d}"
         target = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
         cold = args.cold and drop_page_cache()
         t0 = time.perf_counter()
@@ -172,21 +179,21 @@ def main() -> None:
 
         work = torch.randn(512, 512)
         stalls, blocks = [], []
+        first = 100  # steps after the throughput runs' saves
         for _ in range(args.runs):
-            ck.last_saved_step = -1
-            base, _ = run_steps(
-                parts, ck, args.steps, save_at=-1, sync=True, work=work, matmuls=args.matmuls
-            )
-            ck.last_saved_step = -1
+            common = {"work": work, "matmuls": args.matmuls}
+            base, _ = run_steps(parts, ck, first, args.steps, save_at=-1, sync=True, **common)
+            first += args.steps
             sync_s, sync_blocked = run_steps(
-                parts, ck, args.steps, save_at=2, sync=True, work=work, matmuls=args.matmuls
+                parts, ck, first, args.steps, save_at=2, sync=True, **common
             )
-            ck.last_saved_step = -1
+            first += args.steps
             # async: the loop waits only where the copy to host memory is not done by the
             # next update; the write overlaps later steps.
             async_loop, async_blocked = run_steps(
-                parts, ck, args.steps, save_at=2, sync=False, work=work, matmuls=args.matmuls
+                parts, ck, first, args.steps, save_at=2, sync=False, **common
             )
+            first += args.steps
             stalls.append((base, max(sync_s - base, 1e-9), max(async_loop - base, 1e-9)))
             blocks.append((sync_blocked, async_blocked))
         ck.close()
@@ -207,6 +214,11 @@ def main() -> None:
             f"{gb / s:5.2f} GB/s ({s:.2f} s) = {d / s:.2f} x dd"
         )
     print(f"save / dd throughput: {ratios([d / s for d, s in zip(dd_s, save_s)])}")
+    print(
+        "retention after each save's commit (deleting the previous step, off the save's path): "
+        + ", ".join(f"{r:.2f}" for r in retention_s)
+        + " s"
+    )
     print(f"first save of the run (writer start, fresh buffer): {first_s:.2f} s")
     print(f"sha256 of the file  {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
     cache = "page cache dropped" if cold else "page cache warm"

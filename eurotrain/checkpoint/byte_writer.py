@@ -17,6 +17,7 @@ socket closes (the training process ended, however it ended).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -35,6 +36,10 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 FILE_MODE = 0o640
 """Checkpoint files: readable by the project group, writable by the owner only."""
 CHUNK = 32 << 20
+NICENESS = 10
+"""The writer process runs at this lower CPU priority: where the node's cores are all busy
+(data loading, the training process's own threads), the scheduler gives them to training
+first, and the write, which waits on the disk most of the time, takes what is left."""
 """Bytes written, handed to the disk and hashed at a time."""
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -164,6 +169,8 @@ def serve_fd(fd: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent at start
+    with contextlib.suppress(OSError):  # where not allowed: at the trainer's priority
+        os.nice(NICENESS)
     serve(Connection(fd))
 
 

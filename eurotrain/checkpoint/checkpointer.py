@@ -114,6 +114,7 @@ class Checkpointer:
         self.last_saved_step = -1
         self._inflight: deque[Future] = deque()
         self._committed: deque[tuple[int, Path]] = deque()
+        self._cleanup: deque[Future] = deque()  # retention after each commit (rank 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eurotrain-ckpt")
         self._cuda = cuda
         self._staging: Staged | None = None
@@ -191,14 +192,19 @@ class Checkpointer:
         """(step, path) of the saves committed since the last call, in order (never blocks)."""
         while self._inflight and self._inflight[0].done():
             self._inflight.popleft().result()
+        while self._cleanup and self._cleanup[0].done():
+            self._cleanup.popleft().result()
         out = list(self._committed)
         self._committed.clear()
         return out
 
     def wait(self) -> None:
-        """Block until every save in flight is committed (raising the first failure)."""
+        """Block until every save in flight is committed (raising the first failure) and the
+        retention that follows each commit has run."""
         while self._inflight:
             self._inflight.popleft().result()
+        while self._cleanup:
+            self._cleanup.popleft().result()
 
     def close(self) -> None:
         """Wait for every save in flight, then release the worker and the process group."""
@@ -287,21 +293,37 @@ class Checkpointer:
                 all_files = {k: v for part in gathered for k, v in part.items()}
                 marker = directory.make_marker(info, self.world_size, all_files, write_s)
                 write_commit(tmp, final, marker)
-                removed = directory.apply_retention(
-                    self.root, info["step"], self.cfg.keep_last, self.cfg.keep_every
-                )
                 size = sum(f["size"] for f in all_files.values()) / 2**20
                 self._log(
                     f"checkpoint step {info['step']}: committed {final} ({size:.1f} MiB, "
                     f"stage {info['stage_s']:.2f}s, write+commit {write_s:.2f}s)"
-                    + (f", removed {', '.join(p.name for p in removed)}" if removed else "")
                 )
+                # Deleting older checkpoints takes as long as writing a file's worth of
+                # extents on some file systems: it runs after this save has returned, as the
+                # worker's next task (so before any later save writes), awaited by wait().
+                self._cleanup.append(self._executor.submit(self._retention, info["step"]))
             except Exception as e:
                 outcome[0] = f"{type(e).__name__}: {e}"
         if self.pg is not None:
             dist.broadcast_object_list(outcome, src=0, group=self.pg)
         if outcome[0]:
             raise CheckpointError(f"commit of {tmp} failed on rank 0: {outcome[0]}")
+
+    def _retention(self, newest: int) -> None:
+        """Rank 0, after the commit of ``newest``: the retention policy (directory.py). A
+        failure is logged, not raised: the save it follows is committed, and the next save
+        tries again."""
+        try:
+            removed = directory.apply_retention(
+                self.root, newest, self.cfg.keep_last, self.cfg.keep_every
+            )
+        except OSError as e:
+            self._log(
+                f"checkpoint: retention after step {newest} failed, old checkpoints kept: {e}"
+            )
+            return
+        if removed:
+            self._log(f"checkpoint: removed {', '.join(p.name for p in removed)} (retention)")
 
     # ---- loading -------------------------------------------------------------------------
     def find_resume(self) -> tuple[list[Candidate], list[str]]:

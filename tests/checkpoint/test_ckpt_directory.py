@@ -76,3 +76,55 @@ def test_every_file_is_verified_by_exactly_one_rank_balanced_by_size():
         assert names == sorted(n for n in files if n != ".metadata")  # every rank reads that
         loads = [sum(files[n]["size"] for n in s) for s in shares]
         assert max(loads) - min(loads) <= 106, (world, loads)  # at most one file apart
+
+
+def test_retention_runs_after_the_commit_and_never_fails_a_save(tmp_path, monkeypatch):
+    """A sync save returns at its commit; deleting older checkpoints is the checkpoint thread's
+    next task, which wait() awaits; a failing deletion is logged and the save stays good."""
+    import threading
+
+    import torch
+
+    from eurotrain.checkpoint import checkpointer as ck_mod
+    from eurotrain.checkpoint.checkpointer import Checkpointer
+    from eurotrain.parallel.engine import ModelState, OptimizerState
+    from eurotrain.state import TrainState
+
+    cfg = CheckpointConfig(dir=str(tmp_path), interval=1, keep_last=1, writer="thread")
+    logs: list[str] = []
+    ck = Checkpointer(cfg, tmp_path, 0, 1, log=logs.append)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()  # optimizer state exists (a fresh one would be initialised by every save)
+    parts = {
+        "model": ModelState(model),
+        "optim": OptimizerState(model, opt),
+        "train": TrainState(),
+    }
+    info = {"tokens_seen": 0, "layout": {}, "config_yaml": "x: 1\n"}
+    release = threading.Event()
+    real = ck_mod.directory.apply_retention
+
+    def held(root, newest, *args):
+        if newest == 2:  # step 1's retention (nothing to delete) runs before save 2 writes
+            assert release.wait(30)
+        return real(root, newest, *args)
+
+    monkeypatch.setattr(ck_mod.directory, "apply_retention", held)
+    ck.save(1, parts, info, sync=True)
+    ck.save(2, parts, info, sync=True)  # returns with step 1's deletion still held back
+    assert (tmp_path / "step-000002" / MARKER).exists() and (tmp_path / "step-000001").exists()
+    release.set()
+    ck.wait()
+    assert not (tmp_path / "step-000001").exists()
+    assert any("removed step-000001 (retention)" in line for line in logs)
+
+    def broken(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "step-000002"))
+
+    monkeypatch.setattr(ck_mod.directory, "apply_retention", broken)
+    ck.save(3, parts, info, sync=True)
+    ck.close()  # no error: step 3 is committed, step 2 kept
+    assert (tmp_path / "step-000003" / MARKER).exists() and (tmp_path / "step-000002").exists()
+    assert any("retention after step 3 failed, old checkpoints kept" in line for line in logs)
