@@ -35,6 +35,9 @@ CASES = [
     [TINY_MOE, *FSDP, *FULL],
     [TINY_MOE, *FSDP, *SELECTIVE],
     [TINY_MOE, *PP],
+    # expert parallelism (ep 2 inside dp_shard 2) and the MoE under tensor parallelism
+    [TINY_MOE, *FSDP, "--parallel.ep", "2", *FULL],
+    [TINY_MOE, *TP, *SELECTIVE],
 ]
 SINGLE = [
     # one process each (no mesh; every rank runs it alone): mixture of experts, 2 micro-batches
