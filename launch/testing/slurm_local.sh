@@ -43,6 +43,10 @@ start() {
     host=$(hostname -s)
     ctld_port=$(free_port)
     first_port=$(free_port)
+    # MinJobAge=5: a finished job stays visible for 5 s (scontrol show job right after it
+    # ends). It also sets how often `sbatch --wait` polls: every 2 s while 2 < MinJobAge / 2
+    # is false, otherwise 2, 8, then 32 s apart, which kept each `eurotrain launch --wait` test
+    # waiting ~30 s after its job had ended (SLURM's default is 300).
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=eurotrain-local
 SlurmctldHost=$host(127.0.0.1)
@@ -68,7 +72,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-MinJobAge=300
+MinJobAge=5
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 NodeName=node[1-$nodes] NodeHostname=$host NodeAddr=127.0.0.1 Port=$first_port-$((first_port + nodes - 1)) CPUs=$cpus State=UNKNOWN
