@@ -36,11 +36,11 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 FILE_MODE = 0o640
 """Checkpoint files: readable by the project group, writable by the owner only."""
 CHUNK = 32 << 20
+"""Bytes written, handed to the disk and hashed at a time."""
 NICENESS = 10
 """The writer process runs at this lower CPU priority: where the node's cores are all busy
 (data loading, the training process's own threads), the scheduler gives them to training
 first, and the write, which waits on the disk most of the time, takes what is left."""
-"""Bytes written, handed to the disk and hashed at a time."""
 _SYNC_FILE_RANGE_WRITE = 2
 
 Segment = bytes | tuple[int, int, int]
