@@ -155,7 +155,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 checksum(work_dir / "dd.bin")
                 sum_s = time.perf_counter() - t0
-            (work_dir / "dd.bin").unlink()  # outside the timing, as the save's retention:
+            (work_dir / "dd.bin").unlink()  # outside the timing, like the save's retention
             t0 = time.perf_counter()
             ck.save(2 + run, parts, INFO, sync=True)  # a new step each run, like training
             save_s.append(time.perf_counter() - t0)

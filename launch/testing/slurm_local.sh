@@ -43,10 +43,10 @@ start() {
     host=$(hostname -s)
     ctld_port=$(free_port)
     first_port=$(free_port)
-    # MinJobAge=5: a finished job stays visible for 5 s (scontrol show job right after it
-    # ends). It also sets how often `sbatch --wait` polls: every 2 s while 2 < MinJobAge / 2
-    # is false, otherwise 2, 8, then 32 s apart, which kept each `eurotrain launch --wait` test
-    # waiting ~30 s after its job had ended (SLURM's default is 300).
+    # MinJobAge=5: a finished job stays visible for at least 5 s (the tests run scontrol show
+    # job right after it ends). It also sets how often `sbatch --wait` polls: 2 s apart while
+    # MinJobAge / 2 (rounded down) is at most 2, else 2, 8, then 32 s apart. With SLURM's
+    # default of 300, each `eurotrain launch --wait` test waited ~30 s after its job had ended.
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=eurotrain-local
 SlurmctldHost=$host(127.0.0.1)
