@@ -127,15 +127,22 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=STATE_OPTIONS)
 
 
-def apply_update(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+def apply_update(
+    optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor, *, keep_grads: bool = False
+) -> None:
     """The optimizer step, skipped when ``nonfinite`` (a device flag) is set, without a host sync
-    where the optimizer can skip on the device (fused AdamW reads ``found_inf``)."""
+    where the optimizer can skip on the device (fused AdamW reads ``found_inf``).
+
+    ``keep_grads``: zero the gradients in place instead of dropping them. Under DDP they are
+    views into its all-reduce buckets; dropped, the first micro-batch of the next step would
+    allocate new ones (DDP hands the bucket views back only when it syncs), one more copy of
+    every gradient for the whole accumulation (measured: docs/planner.md)."""
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]
         optimizer.step()
     elif not nonfinite.item():  # foreach/for-loop AdamW cannot skip on the device
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
 
 
 class TorchEngine:
@@ -153,7 +160,8 @@ class TorchEngine:
         self.cp_method = cfg.parallel.cp_method
         # FSDP2 and DDP (replicas only) both reduce gradients in backward, on the last
         # micro-batch only (set_requires_gradient_sync).
-        self.syncs_grads = uses_fsdp(dims, mesh, cfg.parallel) or uses_ddp(dims, mesh, cfg.parallel)
+        self._ddp = uses_ddp(dims, mesh, cfg.parallel)
+        self.syncs_grads = uses_fsdp(dims, mesh, cfg.parallel) or self._ddp
         built = build_parallel_model(
             cfg.model,
             cfg.parallel,
@@ -265,7 +273,7 @@ class TorchEngine:
         skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if veto is not None:
             skip = skip | veto(loss, grad_norm)
-        apply_update(self.optimizer, skip)
+        apply_update(self.optimizer, skip, keep_grads=self._ddp)
         precompute_scales(self.model_parts, self.float8, self._fsdp)
         return grad_norm, skip
 

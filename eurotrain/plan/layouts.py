@@ -3,13 +3,15 @@ planner varies that eurotrain's own ``check_layout`` accepts.
 
 Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
 only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved 1F1B
-(2 stages per rank) schedules, dp_replicate (1, or one replica per node: HSDP), for a mixture
-of experts ep (the divisors of dp_shard that divide num_experts), the micro-batch (1, 2, 4, 8)
-and activation checkpointing (none, selective, full), on the FSDP engine. Everything
+(2 stages per rank) schedules, dp_replicate (1, one replica per node: HSDP, or every rank a
+replica without tp, cp or pp: DDP), for a mixture of experts ep (the divisors of dp_shard that
+divide num_experts), the micro-batch (1, 2, 4, 8) and activation checkpointing (none,
+selective, full), on the FSDP engine (which runs replicas-only layouts through DDP). Everything
 else is the config's own. Left out, because the memory model does not describe what the code
 then allocates (measured in docs/planner.md): the zero-bubble schedules (their split backward
-fails under selective checkpointing and keeps what full checkpointing would free) and DeepSpeed
-(buckets allocated at full size, and again under accumulation or selective checkpointing).
+keeps the whole graph of a micro-batch until its weight gradients; under checkpointing it fails
+or keeps what full checkpointing would free) and DeepSpeed (buckets allocated at full size, and
+again under accumulation or selective checkpointing).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
             for pipe in _pipelines(m.num_layers, divisors(rest)):
                 dp = rest // pipe["pp"]
                 reps = [1] + ([nodes] if nodes > 1 and dp % nodes == 0 and dp > nodes else [])
+                if dp > 1 and tp == cp == pipe["pp"] == 1 and dp not in reps:
+                    reps.append(dp)  # replicas only: DDP (eurotrain/parallel/ddp.py)
                 for rep in reps:
                     base = {"tp": tp, "cp": cp, **pipe, "dp_replicate": rep, "dp_shard": dp // rep}
                     for ep in _expert_options(cfg, dp // rep):

@@ -4,8 +4,9 @@ Method: PyTorch's profiler with ``profile_memory=True`` records every allocation
 the CPU allocator (size and time), including the temporaries inside kernels. It runs from
 before the model is built, so every byte the engine holds is known: live bytes at any moment
 are the running sum of the events. The engine (the real eurotrain engine: FSDP2, TP, PP, AC as
-the config says) runs two optimizer steps; the second one is measured, after the first has
-created the optimizer state and the pipeline's buffers (the steady state of a long run).
+the config says) runs two optimizer steps and measures the second, after the first has created the
+optimizer state and the pipeline's buffers (the steady state of a long run); under DDP three,
+measuring the third (DDP rebuilds its buckets in its second).
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
     """Bytes this rank holds at the start of a training step (the persistent state) and at the
     peak of the step. ``cfg`` is a eurotrain Config; the process group (if any) is up.
 
-    The engine runs one step first (it creates the optimizer state and the pipeline's buffers,
-    as in the steady state of a long run). The persistent bytes are then counted directly:
+    The engine runs one step first, as in the steady state of a long run: it creates the
+    optimizer state and the pipeline's buffers. Under DDP (replicas only) it runs two: DDP
+    rebuilds its gradient buckets in the second, in the order the gradients arrived (a new set
+    allocated, the old one freed before the trace: measured at the second step, DDP showed one
+    gradient copy too many). The persistent bytes are then counted directly:
     every tensor storage Python can reach. The second step runs under the profiler, whose
     allocation events give the bytes allocated on top of them at every moment. (The profiler
     misses frees that happen on gloo's worker threads, which would make a running sum across
@@ -94,7 +98,9 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
         loss = engine.reduce_loss(engine.forward_backward(b, tokens)) / tokens
         engine.step(t.grad_clip, loss)
 
-    step(batch(), engine)
+    replicas_only = dims.dp_replicate > 1 and dims.world_size == dims.dp_replicate  # DDP
+    for _ in range(2 if replicas_only else 1):
+        step(batch(), engine)
     measured = batch()  # the data loader's tensors, not the model's: not counted
     data = {x.untyped_storage().data_ptr() for x in [*measured.inputs, *measured.labels]}
     gc.collect()

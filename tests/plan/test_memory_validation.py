@@ -17,6 +17,7 @@ RANKS = 2
 FSDP, TP = ["--parallel.dp_shard", "2"], ["--parallel.dp_shard", "1", "--parallel.tp", "2"]
 PP = ["--parallel.dp_shard", "1", "--parallel.pp", "2", "--model.tie_embeddings", "false"]
 CP = ["--parallel.dp_shard", "1", "--parallel.cp", "2"]
+DDP = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]
 FULL = ["--parallel.activation_checkpointing", "full"]
 SELECTIVE = ["--parallel.activation_checkpointing", "selective"]
 CASES = [
@@ -29,6 +30,8 @@ CASES = [
     [*PP, *FULL],
     [*PP, "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"],
     CP,
+    # replicas only (DDP), with accumulation: the gradients stay views into DDP's buckets
+    [*DDP, "--train.micro_batch_size", "4"],
     # mixture of experts (tiny-moe: a dense first block, 8 experts top 2, a shared expert);
     # FSDP without AC, PP with full AC and one process with AC full were also within 5 % when
     # measured (docs/planner.md) and are left out of the suite for its time
