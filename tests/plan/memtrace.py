@@ -69,7 +69,7 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
     rebuilds its gradient buckets in the second, in the order the gradients arrived (a new set
     allocated, the old one freed before the trace: measured at the second step, DDP showed one
     gradient copy too many). The persistent bytes are then counted directly:
-    every tensor storage Python can reach. The second step runs under the profiler, whose
+    every tensor storage Python can reach. The next step runs under the profiler, whose
     allocation events give the bytes allocated on top of them at every moment. (The profiler
     misses frees that happen on gloo's worker threads, which would make a running sum across
     several steps drift; within one step the effect is a few blocks of communication buffers.)
