@@ -160,8 +160,9 @@ class TorchEngine:
         self.cp_method = cfg.parallel.cp_method
         # FSDP2 and DDP (replicas only) both reduce gradients in backward, on the last
         # micro-batch only (set_requires_gradient_sync).
+        self._fsdp = uses_fsdp(dims, mesh, cfg.parallel)
         self._ddp = uses_ddp(dims, mesh, cfg.parallel)
-        self.syncs_grads = uses_fsdp(dims, mesh, cfg.parallel) or self._ddp
+        self.syncs_grads = self._fsdp or self._ddp
         built = build_parallel_model(
             cfg.model,
             cfg.parallel,
@@ -174,7 +175,6 @@ class TorchEngine:
             cfg.float8,
         )
         self.float8 = cfg.float8
-        self._fsdp = uses_fsdp(dims, mesh, cfg.parallel)
         self.model_parts = built.parts
         # Found once: the step sets their aux-loss scale without walking the module tree.
         self._moe_layers = [m for part in self.model_parts for m in moe_layers(part).values()]

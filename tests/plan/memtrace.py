@@ -77,6 +77,7 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
     from eurotrain.data import Batch
     from eurotrain.parallel.checks import check_layout
     from eurotrain.parallel.engine import build_engine
+    from eurotrain.parallel.parallelize import uses_ddp
 
     dims = check_layout(cfg, world_size, cuda=False)
     t = cfg.train
@@ -98,8 +99,7 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
         loss = engine.reduce_loss(engine.forward_backward(b, tokens)) / tokens
         engine.step(t.grad_clip, loss)
 
-    replicas_only = dims.dp_replicate > 1 and dims.world_size == dims.dp_replicate  # DDP
-    for _ in range(2 if replicas_only else 1):
+    for _ in range(2 if uses_ddp(dims, mesh, cfg.parallel) else 1):
         step(batch(), engine)
     measured = batch()  # the data loader's tensors, not the model's: not counted
     data = {x.untyped_storage().data_ptr() for x in [*measured.inputs, *measured.labels]}
