@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): two fill this project's 2-core machines, whose multi-process
+# tests wait on each other much of the time; 0 runs the suite in this process, in order.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-quick check lint typecheck format clean
 
@@ -25,11 +28,11 @@ demo: venv
 		-m eurotrain.train configs/tiny.yaml --train.steps 100 --logging.log_interval 10
 
 test: venv
-	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # A quick local run that skips the slowest multi-process cases (CI runs everything).
 test-quick: venv
-	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
