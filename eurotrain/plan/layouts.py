@@ -2,16 +2,16 @@
 planner varies that eurotrain's own ``check_layout`` accepts.
 
 Varied: tp (a divisor of the GPUs per node, so it stays on the node's links), cp (within a node,
-only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B and interleaved 1F1B
-(2 stages per rank) schedules, dp_replicate (1, one replica per node: HSDP, or every rank a
-replica without tp, cp or pp: DDP), for a mixture of experts ep (the divisors of dp_shard that
-divide num_experts), the micro-batch (1, 2, 4, 8) and activation checkpointing (none,
-selective, full), on the FSDP engine (which runs replicas-only layouts through DDP). Everything
-else is the config's own. Left out, because the memory model does not describe what the code
-then allocates (measured in docs/planner.md): the zero-bubble schedules (their split backward
-keeps the whole graph of a micro-batch until its weight gradients; under checkpointing it fails
-or keeps what full checkpointing would free) and DeepSpeed (buckets allocated at full size, and
-again under accumulation or selective checkpointing).
+only for sequences of 8K tokens or more), pp (up to 16 stages) with the 1F1B, interleaved 1F1B
+(2 stages per rank) and, for dense models without activation checkpointing, the zero-bubble
+ZBV and interleaved zero-bubble (2 stages per rank) schedules, dp_replicate (1, one replica per
+node: HSDP, or every rank a replica without tp, cp or pp: DDP), for a mixture of experts ep
+(the divisors of dp_shard that divide num_experts), the micro-batch (1, 2, 4, 8) and activation
+checkpointing (none, selective, full), on the FSDP engine (which runs replicas-only layouts
+through DDP). Everything else is the config's own. Left out, because the memory model does not
+describe what the code then allocates (measured in docs/planner.md): DeepSpeed (buckets
+allocated at full size, and again under accumulation or selective checkpointing), and the
+zero-bubble schedules for a mixture of experts (not measured).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from eurotrain.config import Config
 from eurotrain.configtools import ConfigError, divisors
 from eurotrain.parallel.checks import check_layout
 from eurotrain.parallel.dims import ParallelDims
+from eurotrain.plan import schedules
 
 MICRO_BATCHES = (1, 2, 4, 8)
 AC_MODES: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")
@@ -40,7 +41,8 @@ class Candidate:
     """The settings that differ from the config (dotted keys, as `eurotrain train` takes)."""
 
 
-def _pipelines(num_layers: int, pp_options: list[int]) -> Iterator[dict[str, Any]]:
+def _pipelines(num_layers: int, pp_options: list[int], dense: bool) -> Iterator[dict[str, Any]]:
+    zero_bubble = dense and schedules.order_available()
     for pp in pp_options:
         if pp == 1:
             yield {"pp": 1}
@@ -48,6 +50,9 @@ def _pipelines(num_layers: int, pp_options: list[int]) -> Iterator[dict[str, Any
             yield {"pp": pp, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
             if 2 * pp <= num_layers:
                 yield {"pp": pp, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}
+                if zero_bubble:
+                    yield {"pp": pp, "pp_schedule": "zbv", "pp_virtual_stages": 1}
+                    yield {"pp": pp, "pp_schedule": "interleaved_zb", "pp_virtual_stages": 2}
 
 
 def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[dict[str, Any]]:
@@ -57,7 +62,7 @@ def _parallel_options(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
         cps = [c for c in divisors(gpus_per_node // tp) if c == 1 or seq >= CP_MIN_SEQ]
         for cp in cps:
             rest = world // (tp * cp)
-            for pipe in _pipelines(m.num_layers, divisors(rest)):
+            for pipe in _pipelines(m.num_layers, divisors(rest), not m.moe.enabled):
                 dp = rest // pipe["pp"]
                 reps = [1] + ([nodes] if nodes > 1 and dp % nodes == 0 and dp > nodes else [])
                 if dp > 1 and tp == cp == pipe["pp"] == 1 and dp not in reps:
@@ -84,6 +89,8 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candid
     for par in _parallel_options(cfg, world, gpus_per_node):
         for micro in MICRO_BATCHES:
             for ac in AC_MODES:
+                if ac != "none" and par.get("pp_schedule") in schedules.ZERO_BUBBLE:
+                    continue  # their split backward and checkpointing exclude each other
                 overrides = {f"parallel.{k}": v for k, v in par.items()}
                 overrides["parallel.activation_checkpointing"] = ac
                 overrides["train.micro_batch_size"] = micro

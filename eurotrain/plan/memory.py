@@ -15,7 +15,8 @@ What the code does, and the model follows (docs/planner.md has the derivations):
   and unsharded gradients for the whole step (no reshard, no gradient sync before the last
   backward), preallocates one receive buffer per micro-batch for activations and one for
   gradients per stage, and keeps some micro-batches' activations in flight: 1F1B pp - rank,
-  GPipe all of them, the interleaved and zero-bubble schedules by their warm-up.
+  GPipe all of them; the multi-stage schedules (interleaved 1F1B, the zero-bubble ones) what
+  their order leaves alive at each action (eurotrain/plan/schedules.py).
 - Without FSDP on a GPU, autocast keeps a bf16 copy of every weight from forward to backward.
 - Outside what the model allocates: an allowance for the caching allocator's fragmentation and
   a fixed runtime share (CUDA context, NCCL buffers) on GPUs.
@@ -31,6 +32,7 @@ from eurotrain.configtools import ConfigError
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
+from eurotrain.plan import schedules
 from eurotrain.plan.shapes import (
     Param,
     RankShare,
@@ -247,6 +249,22 @@ def _torch_rank(
         for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
 
+    if dims.pp > 1 and p.pp_schedule in schedules.SIMULATED:
+        try:
+            return max(
+                replace(est, grads=master),  # the optimizer step
+                _from_order(cfg, dims, share, est, stages, head, shape, prec, num_micro, kept,
+                            running, gathered),
+                key=lambda e: e.model_bytes,
+            )  # fmt: skip
+        except schedules.OrderUnavailable as e:
+            if p.pp_schedule in schedules.ZERO_BUBBLE:
+                raise ConfigError(
+                    f"parallel.pp_schedule = {p.pp_schedule}: {e}, so the planner cannot model "
+                    f"its memory; plan with pp_schedule 1f1b or interleaved_1f1b"
+                ) from e
+            # interleaved 1F1B: the warm-up count of micro-batches in flight, below (within
+            # 10 % where measured, without the sends kept to the step's end)
     phases = [
         # the optimizer step: every gradient, sharded
         replace(est, grads=master),
@@ -274,6 +292,87 @@ def _torch_rank(
             est, activations=acts, grads=grads, gathered=gathered, workspace=workspace
         ))  # fmt: skip
     return max(phases, key=lambda e: e.model_bytes)
+
+
+def _from_order(
+    cfg: Config,
+    dims: ParallelDims,
+    share: RankShare,
+    est: MemoryEstimate,
+    stages: list[tuple[list[act.Block], list[list[Param]], int, int]],
+    head: act.HeadActivations,
+    shape: act.Shape,
+    prec: act.Precision,
+    num_micro: int,
+    grads: int,
+    running: dict[int, int],
+    gathered: int,
+) -> MemoryEstimate:
+    """The peak of a multi-stage schedule (eurotrain/plan/schedules.py): this rank's actions in
+    PyTorch's order, each stage's micro-batches holding their activations from F to B (or W),
+    the zero-bubble schedules' gradients kept from I to W, and every send until the step's end."""
+    m, p = cfg.model, cfg.parallel
+    zero_bubble = p.pp_schedule in schedules.ZERO_BUBBLE
+    if zero_bubble and m.moe.enabled:
+        raise ConfigError(
+            f"parallel.pp_schedule = {p.pp_schedule}: the planner does not model the zero-bubble "
+            f"schedules' memory for a mixture of experts (not measured); plan with pp_schedule "
+            f"1f1b or interleaved_1f1b"
+        )
+    boundary = _boundary(cfg, shape, prec)
+    last = share.num_stages - 1
+
+    def remote(stage: int) -> bool:
+        return schedules.stage_rank(p.pp_schedule, dims.pp, stage) != share.pp_rank
+
+    by_stage = {}
+    for stage, (blocks, params, _, _) in zip(share.stages, stages):
+        is_last = stage == last
+        ids = shape.tokens * 8 if stage == 0 else 0
+        # the stage's output: sent (alive until the step's end), or handed to the next stage on
+        # this rank, which keeps it in place of its receive buffer (counted in ``buffers``)
+        sends_output = not is_last and remote(stage + 1)
+        saved = ids + sum(b.saved for b in blocks) + (head.saved if is_last else 0)
+        # B: the loss's start on the last stage, then each block's backward (the blocks before
+        # it still saved, its recomputation, its temporaries and, under FSDP, its gradient)
+        upto = list(accumulate(b.saved for b in blocks))
+        backward = max(
+            [saved + head.backward_peak if is_last else 0]
+            + [ids + upto[j] + b.recompute + b.workspace + running[id(params[j])]
+               for j, b in enumerate(blocks)]
+        )  # fmt: skip
+        kept_for_w = input_backward = 0
+        if zero_bubble:
+            kept_for_w = len(blocks) * schedules.block_weight_grad_inputs(m, shape, prec)
+            if is_last:
+                kept_for_w += schedules.head_weight_grad_inputs(m, shape, prec)
+            input_backward = max(
+                schedules.block_input_backward_temporary(m, shape, prec),
+                head.backward_peak - kept_for_w if is_last else 0,
+            )
+        by_stage[stage] = schedules.StageBytes(
+            saved=saved,
+            forward=head.forward_peak if is_last else 0,
+            backward=backward,
+            kept_for_w=kept_for_w,
+            input_backward=input_backward,
+            sent_forward=boundary if sends_output else 0,
+            sent_backward=boundary if stage > 0 and remote(stage - 1) else 0,
+        )
+    order = schedules.rank_order(
+        p.pp_schedule, dims.pp, num_micro, len(share.stages), share.pp_rank
+    )
+    # W: one parameter group's weight gradient at a time, before it is added to .grad
+    largest = max((q.numel for params, _ in share.groups for q in params), default=0)
+    top = schedules.peak(order, by_stage, largest * prec.gathered_param)
+    return replace(
+        est,
+        activations=top.activations,
+        buffers=est.buffers + top.sent,
+        grads=grads,
+        gathered=gathered,
+        workspace=top.kept_for_w + top.temporaries,
+    )
 
 
 def _shard_numel(params: list[Param], shards: Shards) -> int:
@@ -304,15 +403,13 @@ def _in_flight(cfg: Config, dims: ParallelDims, share: RankShare, num_micro: int
         return [num_micro]
     if sched == "1f1b":
         return [min(num_micro, pp - rank)]
-    if sched == "zbv":
-        return [min(num_micro, 2 * pp - rank - 1), min(num_micro, rank + 1)]
-    # interleaved 1F1B / zero bubble: forwards before the first backward, round-robin over the
-    # rank's stages in groups of one round's micro-batches
+    # interleaved 1F1B (where PyTorch's order cannot be read: eurotrain/plan/schedules.py):
+    # forwards before the first backward, round-robin over the rank's stages in groups of one
+    # round's micro-batches
     v = len(share.stages)
     rounds = max(1, num_micro // pp)
     per_round = num_micro // rounds
-    factor = 2 if sched == "interleaved_1f1b" else 1
-    warmup = min((v - 1) * per_round + factor * (pp - 1 - rank), num_micro * v) + 1
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), num_micro * v) + 1
     counts = [0] * v
     for op in range(min(warmup, num_micro * v)):
         counts[(op // per_round) % v] += 1

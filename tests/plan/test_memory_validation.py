@@ -28,7 +28,19 @@ CASES = [
     [*TP, *SELECTIVE],
     PP,
     [*PP, *FULL],
-    [*PP, "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"],
+    # 16 micro-batches: the multi-stage schedules keep every send until the step's end
+    [
+        *PP,
+        "--parallel.pp_schedule",
+        "interleaved_1f1b",
+        "--parallel.pp_virtual_stages",
+        "2",
+        "--train.micro_batch_size",
+        "1",
+    ],
+    # the zero-bubble schedules: activations kept from F to W, weight-op gradients from I to W
+    [*PP, "--parallel.pp_schedule", "zbv"],
+    [*PP, "--parallel.pp_schedule", "interleaved_zb", "--parallel.pp_virtual_stages", "2"],
     CP,
     # replicas only (DDP), with accumulation: the gradients stay views into DDP's buckets
     [*DDP, "--train.micro_batch_size", "4"],
