@@ -1,12 +1,10 @@
 """Measure what a real training step allocates, per rank, on CPU.
 
 Method: PyTorch's profiler with ``profile_memory=True`` records every allocation and free of
-the CPU allocator (size and time), including the temporaries inside kernels. It runs from
-before the model is built, so every byte the engine holds is known: live bytes at any moment
-are the running sum of the events. The engine (the real eurotrain engine: FSDP2, TP, PP, AC as
-the config says) runs two optimizer steps and measures the second, after the first has created the
-optimizer state and the pipeline's buffers (the steady state of a long run); under DDP three,
-measuring the third (DDP rebuilds its buckets in its second).
+the CPU allocator (size and time), including the temporaries inside kernels. The engine (the
+real eurotrain engine: FSDP2, DDP, DeepSpeed, TP, PP, AC as the config says) runs two optimizer
+steps under it and the second is measured: the tensor storages Python reaches between the two
+(the persistent state), plus the running sum of the second step's events on top of them.
 """
 
 from __future__ import annotations
@@ -41,6 +39,11 @@ def _trace(prof: Any) -> tuple[list[tuple[int, int, int]], dict[str, tuple[int, 
 def live_tensor_bytes(exclude: set[int] = frozenset()) -> int:  # type: ignore[assignment]
     """Bytes of every CPU tensor storage Python can reach (DTensors by their local tensors),
     each storage counted once; ``exclude``: storages (data pointers) not to count."""
+    return sum(live_storages(exclude).values())
+
+
+def live_storages(exclude: set[int] = frozenset()) -> dict[int, int]:  # type: ignore[assignment]
+    """{data pointer: bytes} of every CPU tensor storage Python can reach."""
     storages: dict[int, int] = {}
     with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
         warnings.simplefilter("ignore")
@@ -57,22 +60,23 @@ def live_tensor_bytes(exclude: set[int] = frozenset()) -> int:  # type: ignore[a
             storages[storage.data_ptr()] = max(
                 storages.get(storage.data_ptr(), 0), storage.nbytes()
             )
-    return sum(storages.values())
+    return storages
 
 
 def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
     """Bytes this rank holds at the start of a training step (the persistent state) and at the
     peak of the step. ``cfg`` is a eurotrain Config; the process group (if any) is up.
 
-    The engine runs one step first, as in the steady state of a long run: it creates the
-    optimizer state and the pipeline's buffers. Under DDP (replicas only) it runs two: DDP
-    rebuilds its gradient buckets in the second, in the order the gradients arrived (a new set
-    allocated, the old one freed before the trace: measured at the second step, DDP showed one
-    gradient copy too many). The persistent bytes are then counted directly:
-    every tensor storage Python can reach. The next step runs under the profiler, whose
-    allocation events give the bytes allocated on top of them at every moment. (The profiler
-    misses frees that happen on gloo's worker threads, which would make a running sum across
-    several steps drift; within one step the effect is a few blocks of communication buffers.)
+    The profiler (allocation events) covers two steps, and the second is measured: the first
+    creates the optimizer state and the pipeline's buffers, as in the steady state of a long
+    run (under DDP, replicas only, one more step runs before: DDP rebuilds its gradient buckets
+    in its second step, a new set allocated and the old one freed). Between the two, every
+    tensor storage Python can reach is counted directly: the persistent bytes. The events of the
+    second step then give the bytes allocated on top of them at every moment, and its frees of
+    what the first allocated are seen: the profiler records no free of a block allocated before
+    it started, so buffers a step replaces (DeepSpeed's gradient buckets, the pipeline's local
+    hand-offs) would otherwise count twice. (It also misses frees made on gloo's worker
+    threads: within one step a few blocks of communication buffers.)
     """
     from eurotrain.data import Batch
     from eurotrain.parallel.checks import check_layout
@@ -99,28 +103,38 @@ def measure_step(cfg: Any, world_size: int) -> dict[str, int]:
         loss = engine.reduce_loss(engine.forward_backward(b, tokens)) / tokens
         engine.step(t.grad_clip, loss)
 
-    for _ in range(2 if uses_ddp(dims, mesh, cfg.parallel) else 1):
+    for _ in range(1 if uses_ddp(dims, mesh, cfg.parallel) else 0):
         step(batch(), engine)
-    measured = batch()  # the data loader's tensors, not the model's: not counted
-    data = {x.untyped_storage().data_ptr() for x in [*measured.inputs, *measured.labels]}
-    gc.collect()
-    persistent = live_tensor_bytes(exclude=data)
-    with (
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-        record_function("memtrace:step"),
-    ):
-        step(measured, engine)
-    events, _ = _trace(prof)
+    before, measured = batch(), batch()  # the data loader's tensors, not the model's: not counted
+    data = {x.untyped_storage().data_ptr() for b in (before, measured)
+            for x in [*b.inputs, *b.labels]}  # fmt: skip
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("memtrace:before"):
+            step(before, engine)
+        gc.collect()
+        alive = live_storages(exclude=data)
+        persistent = sum(alive.values())
+        with record_function("memtrace:step"):
+            step(measured, engine)
+    events, ranges = _trace(prof)
+    start = ranges["memtrace:step"][0]
     blocks: dict[int, int] = {}
     live = peak = 0
-    for _, size, address in events:
+    measuring = False
+    for time_ns, size, address in events:
+        if not measuring and time_ns >= start:
+            # what the first step allocated and Python no longer reaches was freed, seen or
+            # not (on a gloo thread): forget it, lest a reused address count as a free
+            blocks = {a: n for a, n in blocks.items() if a in alive}
+            live, measuring = 0, True
         if size > 0:
             # a block still recorded at this address was freed unseen (on a gloo thread)
             live += size - blocks.pop(address, 0)
             blocks[address] = size
         else:  # frees of blocks allocated before the trace are not recorded (sizes unknown)
             live -= blocks.pop(address, 0)
-        peak = max(peak, live)
+        if measuring:
+            peak = max(peak, live)
     del engine
     gc.collect()
     return {"persistent": persistent, "peak": persistent + peak}
