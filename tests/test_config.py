@@ -67,6 +67,8 @@ def test_impossible_values() -> None:
         load_config(None, ["--data.seq_len", "4096"])
     with pytest.raises(ConfigError, match=r"optim.lr: -1.0 must be > 0"):
         load_config(None, ["--optim.lr", "-1"])
+    with pytest.raises(ConfigError, match=r"parallel.zero_bucket_size: 0 must be a positive"):
+        load_config(None, ["--parallel.zero_bucket_size", "0"])
 
 
 def test_non_divisible_batch() -> None:

@@ -67,6 +67,11 @@ class ParallelConfig:
     """torch.compile each block in place (parameter names unchanged)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, 3: + parameters sharded)."""
+    zero_bucket_size: int = 500_000_000
+    """Elements per DeepSpeed gradient-reduction bucket (its reduce_bucket_size, and for ZeRO-1/2
+    its allgather_bucket_size). DeepSpeed allocates a bucket at this size whatever the model's:
+    5e8 (its default) is 1 GB in bf16, 2 GB in fp32, on every GPU; smaller buckets save memory
+    for more, smaller collectives."""
 
     def __post_init__(self) -> None:
         axes = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
@@ -94,6 +99,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ac_every: {self.ac_every} must be >= 1")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: {self.zero_stage} must be 1, 2 or 3")
+        if self.zero_bucket_size < 1:
+            raise ConfigError(
+                f"parallel.zero_bucket_size: {self.zero_bucket_size} must be a positive number of "
+                f"elements (DeepSpeed's default is 500000000)"
+            )
 
     def stages_per_rank(self) -> int:
         """Pipeline stages each pipeline rank holds under the chosen schedule."""

@@ -49,13 +49,18 @@ def deepspeed_config(
     dp_size: int,
     grad_clip: float,
     bf16: bool,
+    bucket_size: int = 500_000_000,
 ) -> dict[str, Any]:
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": global_batch // (micro_batch * dp_size),
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {
+            "stage": zero_stage,
+            "reduce_bucket_size": bucket_size,
+            "allgather_bucket_size": bucket_size,
+        },
         # our AdamW is a plain torch optimizer, which ZeRO wraps
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
@@ -106,6 +111,7 @@ class DeepSpeedEngine:
             dims.dp,
             t.grad_clip,
             precision.compute_dtype == torch.bfloat16,
+            cfg.parallel.zero_bucket_size,
         )
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config

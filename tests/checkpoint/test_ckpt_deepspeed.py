@@ -16,8 +16,13 @@ pytest.importorskip("deepspeed")
 REL = 1e-5  # fp32; another partitioning adds in another order
 
 
+BUCKET = 1 << 16
+"""parallel.zero_bucket_size: DeepSpeed's default allocates 5e8 elements (2 GB in fp32) per
+process whatever the model's size; the tiny model's gradients span several of these."""
+
+
 def _engine(stage: int) -> dict:
-    return {"engine": "deepspeed", "zero_stage": stage}
+    return {"engine": "deepspeed", "zero_stage": stage, "zero_bucket_size": BUCKET}
 
 
 STEPS, SAVED = 4, 2  # 4 steps saving at step 2; resumed runs do steps 3 and 4
@@ -36,8 +41,10 @@ def saved_then_resumed(rank: int, world: int, out: str, stages: list[int]) -> tu
     results = {}
     for stage in stages:
         ckpt = {"interval": SAVED, "keep_last": 0}
-        first = Trainer(tiny_config(Path(out), f"z{stage}", STEPS, parallel=_engine(stage),
-                                    checkpoint=ckpt)).train()  # fmt: skip
+        trainer = Trainer(tiny_config(Path(out), f"z{stage}", STEPS, parallel=_engine(stage),
+                                      checkpoint=ckpt))  # fmt: skip
+        assert trainer.engine.ds_optimizer.reduce_bucket_size == BUCKET  # type: ignore[attr-defined]
+        first = trainer.train()
         again = Trainer(tiny_config(Path(out), f"z{stage}-again", STEPS, parallel=_engine(stage),
                                     checkpoint=_resume(out, f"z{stage}"))).train()  # fmt: skip
         results[stage] = (first.losses, again.losses)
