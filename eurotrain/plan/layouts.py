@@ -9,9 +9,9 @@ node: HSDP, or every rank a replica without tp, cp or pp: DDP), for a mixture of
 (the divisors of dp_shard that divide num_experts), the micro-batch (1, 2, 4, 8) and activation
 checkpointing (none, selective, full), on the FSDP engine (which runs replicas-only layouts
 through DDP). Everything else is the config's own. Left out, because the memory model does not
-describe what the code then allocates (measured in docs/planner.md): DeepSpeed (buckets
-allocated at full size, and again under accumulation or selective checkpointing), and the
-zero-bubble schedules for a mixture of experts (not measured).
+describe what the code then allocates (measured in docs/planner.md): DeepSpeed (its 16-bit
+copies, ZeRO-3's gathered parameters and its backward's gradients not yet modelled against a
+measurement), and the zero-bubble schedules for a mixture of experts (not measured).
 """
 
 from __future__ import annotations
