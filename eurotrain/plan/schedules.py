@@ -193,3 +193,43 @@ def peak(order: tuple[Action, ...], stages: dict[int, StageBytes], weight_tempor
         if sum(now) > best_total:
             best, best_total = Peak(*now), sum(now)
     return best
+
+
+@functools.lru_cache(maxsize=1024)
+def bubble(schedule: str, pp: int, num_micro: int, stages_per_rank: int, backward: float) -> float:
+    """Idle time of the pipeline as a fraction of each rank's busy time, from running every
+    rank's actions in PyTorch's order: a forward of a stage takes 1, its backward ``backward``
+    (2, or 3 when the forward is recomputed), split evenly into I and W; a forward waits for
+    the previous stage's, a backward (or I) for the next stage's, W for its own I; transfers
+    take no time. The makespan over the busiest rank's work, minus one."""
+    orders = [rank_order(schedule, pp, num_micro, stages_per_rank, r) for r in range(pp)]
+    cost = {"F": 1.0, "B": backward, "I": backward / 2, "W": backward / 2}
+    last = max(s for order in orders for _, s, _ in order)
+    done: dict[tuple[str, int, int], float] = {}
+    clock = [0.0] * pp
+    at = [0] * pp
+    left = sum(len(o) for o in orders)
+    while left:
+        moved = False
+        for r, order in enumerate(orders):
+            while at[r] < len(order):
+                kind, s, mb = order[at[r]]
+                if kind == "F":
+                    need = ("F", s - 1, mb) if s > 0 else None
+                elif kind == "W":
+                    need = ("I", s, mb)
+                elif s == last:
+                    need = ("F", s, mb)
+                else:  # B or I: the next stage's input gradient, from its B or its I
+                    need = ("B", s + 1, mb) if ("B", s + 1, mb) in done else ("I", s + 1, mb)
+                if need is not None and need not in done:
+                    break
+                start = max(clock[r], done[need] if need is not None else 0.0)
+                clock[r] = done[(kind, s, mb)] = start + cost[kind]
+                at[r] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            raise OrderUnavailable(f"{schedule}: the ranks' orders wait on each other")
+    busy = max(sum(cost[k] for k, _, _ in order) for order in orders)
+    return max(clock) / busy - 1

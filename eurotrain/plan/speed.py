@@ -22,8 +22,12 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
   rank, not overlapped, with a balanced load; on the node's links when the ep group fits in a
   node (ep is the inner part of dp_shard: the group spans tp x cp x ep consecutive ranks), at
   the profile's per-GPU inter-node bandwidth otherwise (every rank sends at once).
-- Pipelines: the bubble (p - 1) / m for 1F1B and GPipe, (p - 1) / (v m) interleaved,
-  (p - 1) / (3 m) for the zero-bubble schedules; point-to-point transfers are neglected.
+- Pipelines: the bubble (p - 1) / m for 1F1B and GPipe; for the multi-stage schedules from
+  running PyTorch's order of every rank's actions with a forward taking 1 and a backward 2
+  (3 under full checkpointing), split evenly into the zero-bubble schedules' I and W: that gives
+  (p - 1) / (v m) for interleaved 1F1B, as the formula, and a third of it for the zero-bubble
+  schedules ((p - 1) / (3 v m) with their 2 stages per rank); point-to-point transfers are
+  neglected.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from eurotrain.config import Config
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
-from eurotrain.plan import moe
+from eurotrain.plan import moe, schedules
 from eurotrain.plan.hardware import Hardware
 from eurotrain.plan.shapes import Param, expert_parallel, fsdp_shards, rank_shares
 
@@ -182,7 +186,15 @@ def _bubble(cfg: Config, dims: ParallelDims) -> float:
         return 0.0
     p = cfg.parallel
     micro = pipeline_microbatches(cfg, dims)
-    if p.pp_schedule in ("zbv", "interleaved_zb"):
+    if p.pp_schedule in schedules.SIMULATED:
+        # from PyTorch's order of every rank's actions (a backward twice a forward, three
+        # times under full checkpointing; eurotrain/plan/schedules.py)
+        backward = 3.0 if p.activation_checkpointing == "full" else 2.0
+        try:
+            return schedules.bubble(p.pp_schedule, dims.pp, micro, p.stages_per_rank(), backward)
+        except schedules.OrderUnavailable:
+            pass
+    if p.pp_schedule in schedules.ZERO_BUBBLE:
         return (dims.pp - 1) / (3 * micro)
     if p.pp_schedule == "interleaved_1f1b":
         return (dims.pp - 1) / (p.pp_virtual_stages * micro)

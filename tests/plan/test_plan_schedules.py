@@ -42,6 +42,15 @@ def test_each_rank_runs_every_action_of_its_stages_once(schedule: str, pp: int, 
                 assert at["F"] == min(at.values()) and at[kinds[-1]] == max(at.values())
 
 
+@pytest.mark.parametrize("pp, micro", [(2, 4), (4, 8), (4, 12), (8, 32), (16, 64)])
+def test_bubble_from_the_order_matches_the_interleaved_formula(pp: int, micro: int) -> None:
+    """Running every rank's order with a forward taking 1 and a backward 2 (3 when recomputed)
+    gives interleaved 1F1B's published bubble, (p - 1) / (v m)."""
+    for backward in (2.0, 3.0):
+        got = schedules.bubble("interleaved_1f1b", pp, micro, 2, backward)
+        assert got == pytest.approx((pp - 1) / (2 * micro))
+
+
 def test_peak_follows_what_each_action_leaves_alive() -> None:
     # two micro-batches of one stage, F F I I W W: at the first W both micro-batches'
     # activations and kept gradients are alive, and both input gradients sent
