@@ -32,7 +32,7 @@ from eurotrain.configtools import ConfigError
 from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
-from eurotrain.plan import schedules
+from eurotrain.plan import schedules, zero
 from eurotrain.plan.shapes import (
     Param,
     RankShare,
@@ -112,11 +112,6 @@ def estimate(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimat
 
 def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[MemoryEstimate]:
     """The peak of each pipeline rank (one entry without pipelining)."""
-    if cfg.parallel.engine != "fsdp":
-        raise ConfigError(
-            f"parallel.engine = {cfg.parallel.engine}: the planner models the fsdp engine only "
-            f"(docs/planner.md); set parallel.engine = fsdp"
-        )
     ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]
     for est in ests:
         _add_overheads(est, dims, setting, expert_parallel(cfg))
@@ -146,7 +141,8 @@ def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precisio
     """The byte sizes of eurotrain's precision policy (eurotrain/parallel/engine.py Precision):
     FSDP2 casts the parameters itself; autocast only runs on GPUs."""
     mp = cfg.train.mixed_precision
-    casts_itself = uses_fsdp(cfg, dims)
+    # DeepSpeed's bf16 mode casts the model: its autocast (on GPUs) then finds bf16 weights
+    casts_itself = uses_fsdp(cfg, dims) or cfg.parallel.engine == "deepspeed"
     bf16 = mp == "bf16" or (mp == "auto" and setting.cuda)
     return act.Precision.of(bf16 and (setting.cuda or casts_itself), fsdp=casts_itself)
 
@@ -248,6 +244,16 @@ def _torch_rank(
         q.shard_numel(shards.of(q)) if fsdp else q.numel
         for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
+    step_grads = master  # at the optimizer step: every gradient, sharded
+    if p.engine == "deepspeed":  # data parallel only (check_layout): eurotrain/plan/zero.py
+        z = zero.zero_memory(cfg, share, dims.dp, prec, num_micro)
+        est.params, est.optimizer, est.buffers = z.params, z.optimizer, z.buckets
+        kept, gathered, step_grads, head_grads = z.grads, z.gathered, z.step_grads, 0
+        done_by = {id(q): 0 for q in kinds}
+        running = {id(q): z.running for q in kinds}
+        if z.keeps_grads and not kept:  # ZeRO-1, one micro-batch: they pile up in backward
+            done_by = {id(q): sum(x.numel for x in q) * prec.compute for q in kinds}
+            head_grads = sum(q.numel for q in share.root) * prec.compute
 
     if dims.pp > 1 and p.pp_schedule in schedules.SIMULATED:
         try:
@@ -267,7 +273,7 @@ def _torch_rank(
             # 10 % where measured, without the sends kept to the step's end)
     phases = [
         # the optimizer step: every gradient, sharded
-        replace(est, grads=master),
+        replace(est, grads=step_grads),
         # the loss's forward and the start of backward, with the loss's temporaries
         replace(est, activations=saved - head.saved, grads=kept, gathered=gathered,
                 loss=head.saved + max(head.forward_peak, head.backward_peak)),

@@ -37,6 +37,8 @@ class Option:
             )
         axes.append(f"mb={self.candidate.cfg.train.micro_batch_size}")
         axes.append(f"ac={p.activation_checkpointing}")
+        if p.engine == "deepspeed":
+            axes.append(f"zero{p.zero_stage}")
         return " ".join(axes)
 
 
@@ -68,10 +70,21 @@ def evaluate(req: Request, nodes: int) -> tuple[list[Option], list[str]]:
     return options, reasons
 
 
+DEEPSPEED_MARGIN = 0.99
+"""A DeepSpeed layout ranks above an FSDP one only when predicted more than 1 % faster: the model
+prices no engine's own overheads, and FSDP is eurotrain's default (it composes with tp, pp, cp
+and FP8; docs/planner.md)."""
+
+
 def ranked(options: list[Option]) -> list[Option]:
     """Fitting layouts, fastest first (then the least memory)."""
     fit = [o for o in options if o.fits]
-    return sorted(fit, key=lambda o: (-o.speed.tokens_per_s_per_gpu, o.memory.total))
+
+    def speed(o: Option) -> float:
+        deepspeed = o.candidate.cfg.parallel.engine == "deepspeed"
+        return o.speed.tokens_per_s_per_gpu * (DEEPSPEED_MARGIN if deepspeed else 1.0)
+
+    return sorted(fit, key=lambda o: (-speed(o), o.memory.total))
 
 
 def recommend(best: list[Option]) -> Option:

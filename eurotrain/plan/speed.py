@@ -17,6 +17,10 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
   exceeds the compute, plus the first block's gather, shows.
 - Replicas (HSDP's replicate axis, DDP): gradients all-reduced
   (fp32) during backward, overlapped with it the same way.
+- DeepSpeed ZeRO (data parallel only): ZeRO-1 reduce-scatters the gradients once per step,
+  ZeRO-2 at every micro-batch, and both all-gather the updated parameters after the step, not
+  overlapped (DeepSpeed's overlap_comm is off for them); ZeRO-3 gathers and reduce-scatters as
+  FSDP2 does, overlapped.
 - Expert parallelism: per MoE block and micro-batch, four all-to-alls (dispatch and combine,
   forward and backward) of the [tokens x top_k, dim] rows, (ep - 1) / ep of them leaving the
   rank, not overlapped, with a balanced load; on the node's links when the ep group fits in a
@@ -148,6 +152,8 @@ def _expert_parallel(
 def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float) -> float:
     """Exposed time of FSDP's gathers and reduce-scatters and of the replicas' all-reduce."""
     p, t = cfg.parallel, cfg.train
+    if p.engine == "deepspeed":
+        return _zero_exposed(cfg, dims, hw, compute)
     share = max(rank_shares(cfg, dims), key=lambda s: s.numel())
     shards = fsdp_shards(dims, "fsdp", expert_parallel(cfg))
     groups = share.groups  # this rank's parameters after tp, pp and ep
@@ -173,6 +179,29 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
         sharded = sum(n * q.numel / shards.of(q) for q, n in _each(groups))
         busy += 2 * sharded * FP32 * (replicas - 1) / replicas / bw
     return gather_first + max(0.0, busy - compute)
+
+
+def _zero_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float) -> float:
+    """DeepSpeed ZeRO with its defaults (data parallel only): ZeRO-1 reduce-scatters the
+    gradients once per step (at the last micro-batch), ZeRO-2 at every micro-batch, both then
+    all-gather the updated parameters, none of it overlapped (``overlap_comm`` is off for
+    stages 1 and 2); ZeRO-3 gathers the parameters in forward and again in backward and
+    reduce-scatters the gradients at every micro-batch, overlapped (``overlap_comm`` on) as
+    FSDP's are. All in the compute dtype, over the data-parallel ranks."""
+    if dims.dp == 1:
+        return 0.0
+    stage, t = cfg.parallel.zero_stage, cfg.train
+    micro = t.global_batch_size // dims.dp // t.micro_batch_size
+    c = BF16 if hw.peak_tflops else FP32
+    per_node, spans = _group(hw, 1, dims.dp)
+    bw = hw.bus_GBps(per_node, spans) * GB
+    one = cfg.model.num_params() * c * (dims.dp - 1) / dims.dp / bw  # one pass over the model
+    if stage == 1:
+        return 2 * one
+    if stage == 2:
+        return (micro + 1) * one
+    busy = 3 * micro * one
+    return one / max(1, cfg.model.num_layers) + max(0.0, busy - compute)
 
 
 def _each(groups: list[tuple[list[Param], int]]) -> Iterator[tuple[Param, int]]:
