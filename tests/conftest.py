@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers; README, Development): the tests that use the
-    test SLURM share one cluster (and the machine's one munged), so they run on one worker, in
-    one group; that group and the other long tests go first, so neither worker is left with a
-    long test at the end."""
+    """Under pytest-xdist (`make test` runs two workers; README, Development): the tests that
+    use the test SLURM share one cluster (and the machine's one munged), so they run on one
+    worker, in one group; that group and the other long tests go first, so neither worker is
+    left with a long test at the end."""
     for item in items:
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -253,12 +253,14 @@ def _torch_rank(
         running = {id(q): z.running for q in kinds}
         if z.keeps_grads and not kept:  # ZeRO-1, one micro-batch: they pile up in backward
             done_by = {id(q): sum(x.numel for x in q) * prec.compute for q in kinds}
-            head_grads = sum(q.numel for q in share.root) * prec.compute
+            head_grads = sum(
+                q.numel for q in share.root if q.name != "tok_embeddings"
+            ) * prec.compute  # fmt: skip
 
     if dims.pp > 1 and p.pp_schedule in schedules.SIMULATED:
         try:
             return max(
-                replace(est, grads=master),  # the optimizer step
+                replace(est, grads=step_grads),  # the optimizer step
                 _from_order(cfg, dims, share, est, stages, head, shape, prec, num_micro, kept,
                             running, gathered),
                 key=lambda e: e.model_bytes,

@@ -1,7 +1,7 @@
 """Memory of the multi-stage pipeline schedules (interleaved 1F1B, interleaved zero bubble, ZBV)
 from the order in which PyTorch runs each rank's forwards (F), whole backwards (B) and, for the
 zero-bubble schedules, input-gradient (I) and weight-gradient (W) halves of the backward
-(docs/planner.md, "Pipeline schedules").
+(docs/planner.md, "Multi-stage and zero-bubble schedules").
 
 What these schedules keep, and when (torch.distributed.pipelining, PyTorch 2.13):
 
