@@ -8,8 +8,7 @@ ZBV and interleaved zero-bubble (2 stages per rank) schedules, dp_replicate (1, 
 node: HSDP, or every rank a replica without tp, cp or pp: DDP), for a mixture of experts ep
 (the divisors of dp_shard that divide num_experts), the micro-batch (1, 2, 4, 8) and activation
 checkpointing (none, selective, full), on the FSDP engine (which runs replicas-only layouts
-through DDP) and, for dense models with data parallelism only, on DeepSpeed ZeRO-1, -2 and -3
-(ZeRO-3 without checkpointing: with it the model over-predicts by 11-14 %, docs/planner.md).
+through DDP) and, for dense models with data parallelism only, on DeepSpeed ZeRO-1, -2 and -3.
 Everything else is the config's own (``parallel.zero_bucket_size`` among it). Left out, because
 the memory model does not describe what the code then allocates (measured in docs/planner.md):
 the zero-bubble schedules for a mixture of experts (not measured).
@@ -97,8 +96,6 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candid
             for ac in AC_MODES:
                 if ac != "none" and par.get("pp_schedule") in schedules.ZERO_BUBBLE:
                     continue  # their split backward and checkpointing exclude each other
-                if ac != "none" and par.get("zero_stage") == 3:
-                    continue  # its memory under checkpointing is not modelled within 10 %
                 overrides = {f"parallel.{k}": v for k, v in par.items()}
                 overrides["parallel.activation_checkpointing"] = ac
                 overrides["train.micro_batch_size"] = micro

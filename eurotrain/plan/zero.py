@@ -12,9 +12,10 @@ B the bucket size in elements:
   makes it, and under accumulation from the first micro-batch on, as DDP's do.
 - ZeRO-3 shards the parameters too (N c / d) but keeps whole, on every rank, each one below
   ``stage3_param_persistence_threshold`` (1e5 elements: norms and small matrices), plus a flat
-  gradient partition (N c / d) and a bucket (B c) for the whole run. During forward and backward
-  it holds the gathered parameters twice (the all-gather's flat buffer and the parameters'
-  own tensors), up to ``stage3_max_live_parameters`` (1e9 elements).
+  gradient partition (N c / d) and a bucket (B c) for the whole run. In forward it holds the
+  gathered parameters twice (the all-gather's flat buffer and the parameters' own tensors), up
+  to ``stage3_max_live_parameters`` (1e9 elements), and once while the blocks' backward runs
+  (it releases them as it goes).
 - At the optimizer step every stage holds an fp32 gradient partition (4 N / d).
 """
 
@@ -44,7 +45,10 @@ class ZeroMemory:
     grads: int
     """Gradient buffers alive through the backward."""
     gathered: int
-    """ZeRO-3's gathered parameters during forward and backward."""
+    """ZeRO-3's gathered parameters in forward (and at the start of backward)."""
+    gathered_in_backward: int
+    """ZeRO-3's gathered parameters while the blocks' backward runs: once, as it releases the
+    all-gather's buffers (measured: under checkpointing its peak is in the forward)."""
     buckets: int
     """The gradient-reduction bucket."""
     step_grads: int
@@ -71,7 +75,7 @@ def zero_memory(
         else:
             grads = part * c * (2 if num_micro > 1 else 1)
         return ZeroMemory(
-            total * c + master, moments, grads, 0, bucket, step_grads, largest, stage == 1
+            total * c + master, moments, grads, 0, 0, bucket, step_grads, largest, stage == 1
         )
     small = sum(n * q.numel for q, n in params if q.numel < PERSISTENCE_THRESHOLD)
     big = total - small
@@ -80,6 +84,7 @@ def zero_memory(
         optimizer=moments,
         grads=part * c,
         gathered=2 * min(big, MAX_LIVE_PARAMETERS) * c,
+        gathered_in_backward=min(big, MAX_LIVE_PARAMETERS) * c,
         buckets=bucket,
         step_grads=step_grads,
         running=largest,
