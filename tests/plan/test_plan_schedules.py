@@ -51,6 +51,23 @@ def test_bubble_from_the_order_matches_the_interleaved_formula(pp: int, micro: i
         assert got == pytest.approx((pp - 1) / (2 * micro))
 
 
+@pytest.mark.parametrize("pp, micro", [(2, 4), (4, 8), (4, 16), (8, 32)])
+def test_zero_bubble_bubble_matches_pytorchs_own_lock_step_order(pp: int, micro: int) -> None:
+    """PyTorch pads its interleaved zero-bubble order with idle slots where an action waits
+    (every action one slot long: F = I = W); the planner's run of the same order idles as long."""
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    s = object.__new__(torch_schedules.ScheduleInterleavedZeroBubble)
+    s.pp_group_size, s._n_microbatches, s.n_local_stages = pp, micro, 2
+    s.number_of_rounds = max(1, micro // pp)
+    s.microbatches_per_round = micro // s.number_of_rounds
+    s.pipeline_order = {r: s._calculate_single_rank_operations(r) for r in range(pp)}
+    padded = s._add_bubbles_to_actions(2 * pp)
+    slots = max(len(actions) for actions in padded.values())
+    busy = max(sum(a is not None for a in actions) for actions in padded.values())
+    assert schedules.bubble("interleaved_zb", pp, micro, 2, 2.0) == pytest.approx(slots / busy - 1)
+
+
 def test_peak_follows_what_each_action_leaves_alive() -> None:
     # two micro-batches of one stage, F F I I W W: at the first W both micro-batches'
     # activations and kept gradients are alive, and both input gradients sent
