@@ -245,13 +245,12 @@ def _torch_rank(
         for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
     step_grads = master  # at the optimizer step: every gradient, sharded
-    in_backward = None  # the gathered parameters while the blocks' backward runs, if fewer
+    in_backward = gathered  # gathered while the blocks' backward runs
     if p.engine == "deepspeed":  # data parallel only (check_layout): eurotrain/plan/zero.py
         z = zero.zero_memory(cfg, share, dims.dp, prec, num_micro)
         est.params, est.optimizer, est.buffers = z.params, z.optimizer, z.buckets
         kept, gathered, step_grads, head_grads = z.grads, z.gathered, z.step_grads, 0
-        if p.zero_stage == 3:
-            in_backward = z.gathered_in_backward
+        in_backward = z.gathered_in_backward
         done_by = {id(q): 0 for q in kinds}
         running = {id(q): z.running for q in kinds}
         if z.keeps_grads and not kept:  # ZeRO-1, one micro-batch: they pile up in backward
@@ -300,8 +299,7 @@ def _torch_rank(
     if worst is not None:
         acts, grads, workspace = worst
         phases.append(replace(
-            est, activations=acts, grads=grads, workspace=workspace,
-            gathered=gathered if in_backward is None else in_backward,
+            est, activations=acts, grads=grads, gathered=in_backward, workspace=workspace
         ))  # fmt: skip
     return max(phases, key=lambda e: e.model_bytes)
 

@@ -64,7 +64,7 @@ def zero_memory(
 ) -> ZeroMemory:
     stage, c = cfg.parallel.zero_stage, prec.compute
     params = [(q, n) for group, n in share.groups for q in group]
-    total = sum(n * q.numel for q, n in params)
+    total = share.numel()
     part = math.ceil(total / dp)
     bucket = cfg.parallel.zero_bucket_size * c
     largest = max((q.numel for q, _ in params), default=0) * c

@@ -36,14 +36,9 @@ def _trace(prof: Any) -> tuple[list[tuple[int, int, int]], dict[str, tuple[int, 
     return events, ranges
 
 
-def live_tensor_bytes(exclude: set[int] = frozenset()) -> int:  # type: ignore[assignment]
-    """Bytes of every CPU tensor storage Python can reach (DTensors by their local tensors),
-    each storage counted once; ``exclude``: storages (data pointers) not to count."""
-    return sum(live_storages(exclude).values())
-
-
 def live_storages(exclude: set[int] = frozenset()) -> dict[int, int]:  # type: ignore[assignment]
-    """{data pointer: bytes} of every CPU tensor storage Python can reach."""
+    """{data pointer: bytes} of every CPU tensor storage Python can reach (DTensors by their
+    local tensors), each storage once; ``exclude``: storages (data pointers) to leave out."""
     storages: dict[int, int] = {}
     with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
         warnings.simplefilter("ignore")
