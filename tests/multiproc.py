@@ -68,6 +68,9 @@ def _worker(
     torch.set_num_threads(1)  # the OpenMP runtime read OMP_NUM_THREADS in the server already
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # gloo's handshake can finish on one rank before the other: a rank whose function needs
+        # no collective would otherwise exit and close the connection its peer is still opening.
+        dist.barrier()
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:
