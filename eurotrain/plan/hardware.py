@@ -14,16 +14,20 @@ from eurotrain.clusters import ClusterProfile
 # Defaults by device family, used only where the profile has no figure (docs/planner.md).
 # peak: dense bf16 TFLOP/s (datasheets); intra: GPU-to-GPU GB/s per GPU, one direction
 # (NVLink 4: 900 GB/s bidirectional per H100; NVLink 3: 600 per A100; MI250X: one 50 GB/s
-# xGMI link to most peers); efficiency: the fraction of peak an eager PyTorch step achieves on
-# the model's FLOPs (torchtitan Llama 3.1 8B on 8 H100: 36 % MFU; Megatron-Core 7B on H100 47 %;
-# LUMI runs 37-38 %), one value for all, to be replaced by a measurement.
+# xGMI link to most peers); efficiency: the fraction of peak an eager PyTorch FSDP step achieves
+# on its FLOPs while computing, as this planner reads it from IBM's fms-fsdp Llama 2 7B runs
+# (the same eager scripts on both devices, HSDP, micro-batch 2, sequence 4096): 3,700 tokens/s
+# per GPU on 128 A100 -> 0.55, 7,500 on 96 H100 -> 0.35 (benchmarks/plan_anchors.py, which
+# checks these against other published runs). GH200 has the H100's GPU. MI250X has no such
+# reference here and takes EFFICIENCY. A measurement replaces them all (--calibrate).
 DEVICE_DEFAULTS: dict[str, dict[str, float]] = {
-    "H100": {"peak": 989.4, "intra": 450.0},
-    "GH200": {"peak": 989.4, "intra": 450.0},
-    "A100": {"peak": 312.0, "intra": 300.0},
+    "H100": {"peak": 989.4, "intra": 450.0, "efficiency": 0.35},
+    "GH200": {"peak": 989.4, "intra": 450.0, "efficiency": 0.35},
+    "A100": {"peak": 312.0, "intra": 300.0, "efficiency": 0.55},
     "MI250X": {"peak": 191.5, "intra": 50.0},
 }
 EFFICIENCY = 0.40
+"""For a device without a family default."""
 INTER_NODE_GBPS = 12.5
 """Per GPU across nodes when the profile has no figure: a 200 Gb/s NIC shared by two GPUs."""
 
@@ -61,6 +65,11 @@ def _family(model: str) -> dict[str, float]:
     return {}
 
 
+def default_efficiency(device: str) -> float:
+    """The planner's efficiency for a device model name (its family's, else EFFICIENCY)."""
+    return _family(device).get("efficiency", EFFICIENCY)
+
+
 def from_profile(profile: ClusterProfile) -> Hardware:
     """The profile's figures, the family defaults where it has none."""
     acc, links = profile.accelerator, profile.links
@@ -86,5 +95,6 @@ def from_profile(profile: ClusterProfile) -> Hardware:
         peak_tflops=peak,
         intra_GBps=intra,
         inter_GBps=inter,
+        efficiency=default_efficiency(acc.model),
         sources=sources,
     )

@@ -101,7 +101,12 @@ def _group(hw: Hardware, inner: int, size: int) -> tuple[int, bool]:
     return per_node, spans
 
 
-def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
+def step_time(
+    cfg: Config, dims: ParallelDims, hw: Hardware, extra_flops_per_token: float = 0.0
+) -> StepTime:
+    """``extra_flops_per_token``: FLOPs a runtime executes per token beyond the model's and
+    eurotrain's recomputation, to price another framework's checkpointing policy when comparing
+    with its published runs (benchmarks/plan_anchors.py)."""
     m, t = cfg.model, cfg.train
     seq = cfg.data.seq_len
     tokens = t.global_batch_size * seq
@@ -109,7 +114,7 @@ def step_time(cfg: Config, dims: ParallelDims, hw: Hardware) -> StepTime:
     model_flops = per_token * tokens
     blocks_share = 1 - m.vocab_size * m.dim * 6 / max(1.0, per_token)
     hw_flops = model_flops * (1 + _recompute_fraction(cfg) * blocks_share)
-    hw_flops += _selective_expert_flops(cfg) * tokens
+    hw_flops += (_selective_expert_flops(cfg) + extra_flops_per_token) * tokens
     rate = hw.peak_tflops * 1e12 * hw.efficiency
     compute = hw_flops / dims.world_size / rate
 

@@ -13,7 +13,7 @@ import pytest
 
 from eurotrain.config import load_config
 from eurotrain.parallel.checks import check_layout
-from eurotrain.plan.hardware import Hardware
+from eurotrain.plan.hardware import EFFICIENCY, Hardware, default_efficiency
 from eurotrain.plan.speed import StepTime, step_time, throughput
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,10 +75,11 @@ def test_communication_on_the_links_it_crosses() -> None:
     assert timed(16, *hsdp, hw=slow).dp_s > timed(16, *hsdp).dp_s >= 0
 
 
-def test_scaling_shape_matches_torchtitan() -> None:
-    """8 -> 128 H100 with FSDP: published 5,762 -> 5,605 tokens/s per GPU (-2.7 %)."""
+def _anchors():
     # Loaded from its file: benchmarks/ on sys.path would make its checkpoint.py shadow the
     # tests' checkpoint helpers in every process started after this test module was collected.
+    if "plan_anchors" in sys.modules:
+        return sys.modules["plan_anchors"]
     spec = importlib.util.spec_from_file_location(
         "plan_anchors", REPO / "benchmarks/plan_anchors.py"
     )
@@ -86,7 +87,42 @@ def test_scaling_shape_matches_torchtitan() -> None:
     anchors = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = anchors  # its dataclasses look their module up there
     spec.loader.exec_module(anchors)
-    ANCHORS, predict = anchors.ANCHORS, anchors.predict
+    return anchors
 
-    small, large = ANCHORS[0], ANCHORS[1]
-    assert predict(large) / predict(small) == pytest.approx(5605 / 5762, rel=0.05)
+
+def test_scaling_shape_matches_torchtitan() -> None:
+    """8 -> 128 H100 with FSDP: published 5,762 -> 5,605 tokens/s per GPU (-2.7 %)."""
+    anchors = _anchors()
+    small, large = anchors.ANCHORS[0], anchors.ANCHORS[1]
+    assert anchors.predict(large) / anchors.predict(small) == pytest.approx(5605 / 5762, rel=0.05)
+
+
+def test_default_efficiencies_are_read_from_their_source_runs() -> None:
+    """The device defaults are what the planner itself needs to reproduce fms-fsdp's eager 7B
+    runs (benchmarks/plan_anchors.py): a change to the speed model that moves them must move
+    the defaults with it."""
+    anchors = _anchors()
+    sources = [a for a in anchors.ANCHORS if a.role == "default"]
+    assert {a.hardware.device for a in sources} == {"NVIDIA A100 80GB", "NVIDIA H100 80GB"}
+    for a in sources:
+        assert anchors.predict(a) == pytest.approx(a.published, rel=0.01), a.name
+    assert default_efficiency("NVIDIA GH200 (H100 96GB)") == default_efficiency("NVIDIA H100")
+    assert default_efficiency("AMD MI250X GCD") == EFFICIENCY  # no source run: the fallback
+
+
+def test_another_frameworks_recomputation_is_priced() -> None:
+    """torchtitan's op-level selective checkpointing recomputes wk, wo and w3 of every block:
+    the extra FLOPs per token add compute time in proportion, and nothing else."""
+    anchors = _anchors()
+    cfg = load_config(LLAMA_8B, ["--train.global_batch_size", "64"])
+    dims = check_layout(cfg, 8, cuda=True)
+    m = cfg.model
+    extra = anchors.torchtitan_op_sac(m)
+    assert extra == 32 * 2 * (4096 * 1024 + 4096 * 4096 + 4096 * 14336)
+    plain, priced = step_time(cfg, dims, HW), step_time(cfg, dims, HW, extra)
+    assert priced.model_flops == plain.model_flops
+    tokens = 64 * cfg.data.seq_len
+    assert priced.hardware_flops == pytest.approx(plain.hardware_flops + extra * tokens)
+    assert priced.compute_s / plain.compute_s == pytest.approx(
+        priced.hardware_flops / plain.hardware_flops
+    )
