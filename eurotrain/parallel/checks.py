@@ -102,7 +102,22 @@ def check_layout(cfg: Config, world_size: int, cuda: bool | None = None) -> Para
                 f"parallel.engine = deepspeed has no replicate axis (parallel.dp_replicate = "
                 f"{dims.dp_replicate}); use parallel.dp_shard = {world_size}"
             )
+    if p.reduce_every_microbatch:
+        _check_reduce_every(cfg, dims)
     return dims
+
+
+def _check_reduce_every(cfg: Config, dims: ParallelDims) -> None:
+    """parallel.reduce_every_microbatch is FSDP2's: refused where another part reduces the
+    gradients its own way. Where nothing is sharded (one process, replicas only under DDP) it
+    changes nothing, so a config keeps working on a smaller layout."""
+    if cfg.parallel.engine == "deepspeed":
+        why = "DeepSpeed reduces as its ZeRO stage says (2 and 3: after every micro-batch)"
+    elif dims.pp > 1:
+        why = f"parallel.pp = {dims.pp}: the pipeline schedule reduces once per step"
+    else:
+        return
+    raise ConfigError(f"parallel.reduce_every_microbatch = true: {why}; leave it false")
 
 
 def _check_moe(cfg: Config, dims: ParallelDims) -> None:

@@ -40,6 +40,13 @@ class ParallelConfig:
     """Data-parallel engine: PyTorch FSDP2 or DeepSpeed ZeRO (data parallelism only)."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2-like)."""
+    reduce_every_microbatch: bool = False
+    """FSDP2/HSDP under gradient accumulation: reduce-scatter the gradients after every
+    micro-batch, so that only sharded gradients are kept between them. False (the default)
+    reduces once, after the last micro-batch: less communication, but every unsharded fp32
+    gradient of the model stays from the first micro-batch on. Refused with pipelining (its
+    schedule reduces once per step) and DeepSpeed (ZeRO-2/3 do this themselves); no effect where
+    nothing is sharded (one process, replicas only)."""
     fsdp_cpu_offload: bool = False
     """FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory."""
     sequence_parallel: bool | None = None

@@ -159,10 +159,12 @@ class TorchEngine:
         self.dims, self.mesh, self.device, self.precision = dims, mesh, device, precision
         self.cp_method = cfg.parallel.cp_method
         # FSDP2 and DDP (replicas only) both reduce gradients in backward, on the last
-        # micro-batch only (set_requires_gradient_sync).
+        # micro-batch only (set_requires_gradient_sync), or FSDP2 on every one where
+        # parallel.reduce_every_microbatch asks it to keep only sharded gradients.
         self._fsdp = uses_fsdp(dims, mesh, cfg.parallel)
         self._ddp = uses_ddp(dims, mesh, cfg.parallel)
         self.syncs_grads = self._fsdp or self._ddp
+        self._reduce_every = self._fsdp and cfg.parallel.reduce_every_microbatch
         built = build_parallel_model(
             cfg.model,
             cfg.parallel,
@@ -249,8 +251,9 @@ class TorchEngine:
         loss_sum = torch.zeros((), device=self.device)
         last = len(batch.inputs) - 1
         for i, (x, y) in enumerate(zip(batch.inputs, batch.labels)):
-            if self.syncs_grads:  # reduce gradients only after the last micro-batch
-                cast("FSDPModule", self.model).set_requires_gradient_sync(i == last)
+            if self.syncs_grads:  # reduce gradients after the last micro-batch (or each)
+                sync = i == last or self._reduce_every
+                cast("FSDPModule", self.model).set_requires_gradient_sync(sync)
             doc_positions = batch.positions[i] if batch.positions is not None else None
             x, y, kwargs, ring = self._model_inputs(x, y, doc_positions)
             with ring:

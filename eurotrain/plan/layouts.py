@@ -99,10 +99,17 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> tuple[list[Candid
                 overrides = {f"parallel.{k}": v for k, v in par.items()}
                 overrides["parallel.activation_checkpointing"] = ac
                 overrides["train.micro_batch_size"] = micro
+                if par["pp"] > 1 or par["engine"] == "deepspeed":  # it is FSDP2's (checks.py)
+                    overrides["parallel.reduce_every_microbatch"] = False
+                par_of = {
+                    k.removeprefix("parallel."): v
+                    for k, v in overrides.items()
+                    if k.startswith("parallel.")
+                }
                 try:
                     c = replace(
                         cfg,
-                        parallel=replace(cfg.parallel, **par, activation_checkpointing=ac),
+                        parallel=replace(cfg.parallel, **par_of),
                         train=replace(cfg.train, micro_batch_size=micro),
                     )
                     dims = check_layout(c, world, cuda=True)

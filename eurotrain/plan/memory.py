@@ -10,7 +10,8 @@ What the code does, and the model follows (docs/planner.md has the derivations):
   backward), the root group (embedding, final norm, output) for the whole forward and again
   for the whole backward. Gradient accumulation skips the reduce-scatter until the last
   micro-batch (eurotrain/parallel/engine.py), so FSDP then holds every unsharded gradient in
-  fp32 from the first micro-batch on.
+  fp32 from the first micro-batch on; with parallel.reduce_every_microbatch it reduces after
+  each, and holds the sharded gradients plus the running block's unsharded ones.
 - Under pipelining the schedule (torch.distributed.pipelining) keeps FSDP's gathered parameters
   and unsharded gradients for the whole step (no reshard, no gradient sync before the last
   backward), preallocates one receive buffer per micro-batch for activations and one for
@@ -223,10 +224,14 @@ def _torch_rank(
     # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
     if fsdp:
-        keep = dims.pp > 1 or num_micro > 1  # no reduce-scatter before the last backward
-        kept = padded * FP32 if keep else 0
-        done_by = {id(q): 0 if keep else _shard_numel(q, shards) * FP32 for q in kinds}
+        # sharded gradients of every parameter from the first micro-batch's reduction on
+        every = p.reduce_every_microbatch and dims.pp == 1 and num_micro > 1
+        keep = dims.pp > 1 or (num_micro > 1 and not every)  # no reduction before the last
+        kept = padded * FP32 if keep else master if every else 0
+        done_by = {id(q): 0 if keep or every else _shard_numel(q, shards) * FP32 for q in kinds}
         running = {id(q): padded_numel(q, shards) * prec.gathered_param for q in kinds}
+        if every:  # the block's reduce-scatter output, added to the gradient it already has
+            running = {id(q): running[id(q)] + _shard_numel(q, shards) * FP32 for q in kinds}
         # root group and two blocks (the running one and the next, gathered ahead), or all of
         # them under pipelining (the schedule does not reshard between micro-batches)
         gathered = (root_padded + 2 * largest_block) * prec.gathered_param
@@ -240,7 +245,7 @@ def _torch_rank(
         running = {id(q): 0 for q in kinds}
 
         gathered = share.numel() * prec.gathered_param if prec.autocast else 0
-    head_grads = 0 if keep else sum(
+    head_grads = 0 if keep or (fsdp and every) else sum(
         q.shard_numel(shards.of(q)) if fsdp else q.numel
         for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip

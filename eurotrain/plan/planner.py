@@ -4,13 +4,13 @@ device, its speed, and the ranking; what would fit when nothing does."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from eurotrain.config import Config
 from eurotrain.configtools import ConfigError
 from eurotrain.plan.hardware import Hardware
 from eurotrain.plan.layouts import Candidate, candidates
-from eurotrain.plan.memory import GIB, MemoryEstimate, Setting, estimate
+from eurotrain.plan.memory import GIB, MemoryEstimate, Setting, estimate, uses_fsdp
 from eurotrain.plan.speed import StepTime, Throughput, step_time, throughput
 
 MAX_SUGGESTED_NODES = 1024
@@ -37,6 +37,8 @@ class Option:
             )
         axes.append(f"mb={self.candidate.cfg.train.micro_batch_size}")
         axes.append(f"ac={p.activation_checkpointing}")
+        if p.reduce_every_microbatch and accumulates(self.candidate):
+            axes.append("rs=every")
         if p.engine == "deepspeed":
             axes.append(f"zero{p.zero_stage}")
         return " ".join(axes)
@@ -57,16 +59,40 @@ class Request:
         return self.hw.memory_gib * GIB * self.max_memory_fraction
 
 
+def accumulates(c: Candidate) -> bool:
+    """FSDP2 outside a pipeline with more than one micro-batch per step: where
+    parallel.reduce_every_microbatch changes something."""
+    t = c.cfg.train
+    micro = t.global_batch_size // c.dims.dp // t.micro_batch_size
+    return uses_fsdp(c.cfg, c.dims) and c.dims.pp == 1 and micro > 1
+
+
+def _reducing_every(c: Candidate) -> Candidate:
+    p = replace(c.cfg.parallel, reduce_every_microbatch=True)
+    overrides = {**c.overrides, "parallel.reduce_every_microbatch": True}
+    return Candidate(replace(c.cfg, parallel=p), c.dims, overrides)
+
+
 def evaluate(req: Request, nodes: int) -> tuple[list[Option], list[str]]:
-    """Every layout ``check_layout`` accepts on ``nodes`` nodes, fitting or not."""
+    """Every layout ``check_layout`` accepts on ``nodes`` nodes, fitting or not. An FSDP layout
+    that accumulates gradients and does not fit is tried again reducing them after every
+    micro-batch (only sharded gradients kept): more communication for less memory, so only
+    where the memory is needed."""
     world = nodes * req.hw.gpus_per_node
     cands, reasons = candidates(req.cfg, world, req.hw.gpus_per_node)
     options = []
-    for c in cands:
+
+    def option(c: Candidate) -> Option:
         mem = estimate(c.cfg, c.dims, Setting(cuda=True))
         st = step_time(c.cfg, c.dims, req.hw)
         speed = throughput(st, c.dims, req.hw, req.steps)
-        options.append(Option(nodes, c, mem, mem.total <= req.usable_bytes, st, speed))
+        return Option(nodes, c, mem, mem.total <= req.usable_bytes, st, speed)
+
+    for c in cands:
+        o = option(c)
+        if not o.fits and not c.cfg.parallel.reduce_every_microbatch and accumulates(c):
+            o = option(_reducing_every(c))
+        options.append(o)
     return options, reasons
 
 

@@ -13,7 +13,8 @@ it the code overlaps, and the pipeline bubble (docs/planner.md states every assu
   of their gradients in backward, not overlapped.
 - FSDP2: the blocks' parameters all-gathered (bf16) per micro-batch in forward and again in
   backward (reshard_after_forward; once per step under pipelining), gradients reduce-scattered
-  (fp32) after the last micro-batch; prefetching overlaps them with compute, so only what
+  (fp32) after the last micro-batch (after each with parallel.reduce_every_microbatch, as
+  the replicas' all-reduce then is too); prefetching overlaps them with compute, so only what
   exceeds the compute, plus the first block's gather, shows.
 - Replicas (HSDP's replicate axis, DDP): gradients all-reduced
   (fp32) during backward, overlapped with it the same way.
@@ -44,6 +45,7 @@ from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import moe, schedules
 from eurotrain.plan.hardware import Hardware
+from eurotrain.plan.memory import uses_fsdp
 from eurotrain.plan.shapes import Param, expert_parallel, fsdp_shards, rank_shares
 
 GB = 1e9
@@ -163,6 +165,10 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
     shards = fsdp_shards(dims, "fsdp", expert_parallel(cfg))
     groups = share.groups  # this rank's parameters after tp, pp and ep
     replicas = dims.dp_replicate
+    micro = t.global_batch_size // dims.dp // t.micro_batch_size
+    # gradients are reduced once per step, or after every micro-batch where FSDP is asked to
+    every = p.reduce_every_microbatch and uses_fsdp(cfg, dims) and dims.pp == 1
+    reductions = micro if every else 1
     busy = 0.0
     gather_first = 0.0
     if shards.dense > 1:
@@ -171,18 +177,17 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
         # each kind over its own shard group (the experts' is smaller under ep), on the links
         # of the dense group
         moved = sum(n * q.numel * (shards.of(q) - 1) / shards.of(q) for q, n in _each(groups))
-        micro = t.global_batch_size // dims.dp // t.micro_batch_size
         # a pipeline schedule gathers once per step and never reshards in between
         gathers = 1 if dims.pp > 1 else micro * (2 if p.reshard_after_forward else 1)
         gather = moved * BF16 / bw
-        busy += gathers * gather + moved * FP32 / bw  # + one reduce-scatter
+        busy += gathers * gather + reductions * moved * FP32 / bw  # + the reduce-scatters
         gather_first = gather / max(1, share.num_blocks)
     if replicas > 1:
         inner = dims.tp * dims.cp * dims.dp_shard
         per_node, spans = _group(hw, inner, replicas)
         bw = hw.bus_GBps(per_node, spans) * GB
         sharded = sum(n * q.numel / shards.of(q) for q, n in _each(groups))
-        busy += 2 * sharded * FP32 * (replicas - 1) / replicas / bw
+        busy += reductions * 2 * sharded * FP32 * (replicas - 1) / replicas / bw
     return gather_first + max(0.0, busy - compute)
 
 

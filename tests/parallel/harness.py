@@ -91,8 +91,20 @@ def train_layouts(
     for i, layout in enumerate(layouts):
         cfg = load_config(TINY, overrides(layout, output_dir, f"layout{i}"))
         trainer = Trainer(cfg)
+        syncs: list[bool] = []  # what the engine told FSDP2 / DDP before each micro-batch
+        sync_fn = getattr(trainer.model, "set_requires_gradient_sync", None)
+        if sync_fn is not None:
+
+            def record(
+                flag: bool, *args: Any, _fn: Any = sync_fn, _to: list = syncs, **kwargs: Any
+            ) -> None:
+                _to.append(flag)
+                _fn(flag, *args, **kwargs)
+
+            trainer.model.set_requires_gradient_sync = record  # type: ignore[method-assign]
         out = trainer.train()
         entry: dict[str, Any] = {"losses": out.losses, "grad_norms": out.grad_norms}
+        entry["grad_syncs"] = list(syncs)  # the training steps only
         entry["loss_fns"] = [describe_loss(part) for part in trainer.model_parts]
         entry["data_parallel"] = data_parallel(trainer.model)
         if layout.get("parallel.engine") != "deepspeed":

@@ -186,3 +186,18 @@ def test_expert_parallel_layouts():
           "activation_checkpointing = selective with parallel.ep = 2")  # fmt: skip
     with pytest.raises(ConfigError, match=r"parallel\.ep: 0 must be a positive integer"):
         moe_cfg(parallel__ep=0)
+
+
+def test_reduce_every_microbatch_is_refused_where_others_reduce():
+    """FSDP2's option: refused under DeepSpeed and pipelining, which reduce their own way;
+    where nothing is sharded it changes nothing, so a config still runs on a smaller layout."""
+    fails(
+        cfg(parallel__engine="deepspeed", parallel__reduce_every_microbatch=True), 2,
+        "parallel.reduce_every_microbatch", "ZeRO",
+    )  # fmt: skip
+    fails(
+        cfg(parallel__pp=2, parallel__dp_shard=1, parallel__reduce_every_microbatch=True), 2,
+        "parallel.reduce_every_microbatch", "pipeline schedule",
+    )  # fmt: skip
+    for world, extra in ((1, {}), (2, {"parallel__dp_replicate": 2, "parallel__dp_shard": 1})):
+        check_layout(cfg(parallel__reduce_every_microbatch=True, **extra), world, cuda=False)

@@ -22,12 +22,14 @@ RTOL = 1e-5  # fp32; differences come from reduction order only (seen: <= 4e-7)
 TWO_RANKS = {
     # DDP, with gradient accumulation: the first micro-batch accumulates without syncing, the
     # second syncs; the gradients stay views into DDP's buckets across steps (zeroed in place)
-    "dp_replicate=2 2 micro-batches": {
-        "parallel.dp_replicate": 2,
-        "parallel.dp_shard": 1,
-        "train.micro_batch_size": 4,
-    },
+    "dp_replicate=2 2 micro-batches": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
+    # FSDP2 accumulating 2 micro-batches: gradients reduced after the last one (the default),
+    # or after each with only sharded gradients kept in between (reduce_every_microbatch)
     "dp_shard=2": {"parallel.dp_shard": 2},
+    "dp_shard=2 reduce every micro-batch": {
+        "parallel.dp_shard": 2,
+        "parallel.reduce_every_microbatch": True,
+    },
     "tp=2": {"parallel.tp": 2, "parallel.sequence_parallel": False},
     "tp=2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
     "pp=2 1f1b": {"parallel.pp": 2},
@@ -129,6 +131,14 @@ def test_two_ranks(reference, tmp_path):
         assert got["bytes"] == {"params": total, "grads": total, "optim": 2 * total}
         assert got["data_parallel"] == "ddp"
     assert all(got["data_parallel"] == "fsdp" for got in results["dp_shard=2"])
+    # what the engine asked of FSDP2 / DDP before each micro-batch of each step
+    for name, syncs in (
+        ("dp_replicate=2 2 micro-batches", [False, True]),
+        ("dp_shard=2", [False, True]),
+        ("dp_shard=2 reduce every micro-batch", [True, True]),
+    ):
+        for got in results[name]:
+            assert got["grad_syncs"] == syncs * 5, f"{name}: {got['grad_syncs']}"
     for name in ("pp=2 1f1b", "pp=2 zbv"):  # each stage holds its own blocks only
         assert sum(r["bytes"]["params"] for r in results[name]) == total
     # tp: weights split in two; norms (sequence parallel: replicated) kept whole on each rank

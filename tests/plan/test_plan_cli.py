@@ -201,3 +201,32 @@ def test_deepspeed_zero_stages_are_planned_beside_fsdp(
             round(estimate(cfg, dims, Setting(cuda=True)).total / GIB, 3)
             == (row["memory_gib"]["total"])
         )
+
+
+def test_fsdp_reduces_every_micro_batch_where_only_that_fits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Llama 3 8B on 2 Leonardo nodes (32 micro-batches per step): FSDP2 over the 8 GPUs keeps
+    every unsharded fp32 gradient when it reduces after the last micro-batch (~30 GiB), which
+    does not fit; reducing after each one it does, and the planner recommends that, as an
+    override eurotrain accepts."""
+    cfg = load_config(LLAMA_8B, ["--parallel.dp_shard", "8", "--train.micro_batch_size", "1",
+                                 "--parallel.activation_checkpointing", "selective"])  # fmt: skip
+    dims = check_layout(cfg, 8, cuda=True)
+    usable = load_profile("leonardo-booster").accelerator.memory_gib * 0.9 * GIB
+    last = estimate(cfg, dims, Setting(cuda=True))
+    every_cfg = load_config(LLAMA_8B, ["--parallel.dp_shard", "8", "--train.micro_batch_size",
+                                       "1", "--parallel.activation_checkpointing", "selective",
+                                       "--parallel.reduce_every_microbatch", "true"])  # fmt: skip
+    every = estimate(every_cfg, check_layout(every_cfg, 8, cuda=True), Setting(cuda=True))
+    assert last.total > usable > every.total
+    assert last.grads - every.grads > 25 * GIB  # the unsharded fp32 gradients, 8.03e9 x 4 B
+    out = plan_json(capsys, LLAMA_8B, "--cluster", "leonardo-booster", "--nodes", "2",
+                    "--tokens", "1e11", "--top", "400")  # fmt: skip
+    rows = {r["layout"]: r for r in out["layouts"]["2"]}
+    row = rows["dp_shard=8 mb=1 ac=selective rs=every"]
+    assert row["overrides"]["parallel.reduce_every_microbatch"] is True
+    assert row["memory_gib"]["total"] == round(every.total / GIB, 3)
+    assert "dp_shard=8 mb=1 ac=selective" not in rows  # it does not fit
+    assert out["recommended"]["layout"] == row["layout"]
+    assert "--parallel.reduce_every_microbatch true" in out["recommended"]["launch"]
