@@ -223,9 +223,10 @@ def _torch_rank(
 
     # Gradients: kept for the whole backward (FSDP under pipelining, or accumulation), made by
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
+    # FSDP reducing after every micro-batch: the sharded gradients of every parameter from the
+    # first micro-batch's reduction on
+    every = fsdp and p.reduce_every_microbatch and dims.pp == 1 and num_micro > 1
     if fsdp:
-        # sharded gradients of every parameter from the first micro-batch's reduction on
-        every = p.reduce_every_microbatch and dims.pp == 1 and num_micro > 1
         keep = dims.pp > 1 or (num_micro > 1 and not every)  # no reduction before the last
         kept = padded * FP32 if keep else master if every else 0
         done_by = {id(q): 0 if keep or every else _shard_numel(q, shards) * FP32 for q in kinds}
@@ -245,7 +246,7 @@ def _torch_rank(
         running = {id(q): 0 for q in kinds}
 
         gathered = share.numel() * prec.gathered_param if prec.autocast else 0
-    head_grads = 0 if keep or (fsdp and every) else sum(
+    head_grads = 0 if keep or every else sum(
         q.shard_numel(shards.of(q)) if fsdp else q.numel
         for q in share.root if q.name != "tok_embeddings"
     ) * FP32  # fmt: skip
