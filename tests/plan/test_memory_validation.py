@@ -20,16 +20,8 @@ CP = ["--parallel.dp_shard", "1", "--parallel.cp", "2"]
 DDP = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]
 FULL = ["--parallel.activation_checkpointing", "full"]
 SELECTIVE = ["--parallel.activation_checkpointing", "selective"]
-WIDE = [
-    "--model.dim",
-    "256",
-    "--model.ffn_dim",
-    "768",
-    "--model.num_layers",
-    "2",
-    "--data.seq_len",
-    "32",
-]
+WIDE = ["--model.dim", "256", "--model.ffn_dim", "768", "--model.num_layers", "2",
+        "--data.seq_len", "32"]  # fmt: skip
 CASES = [
     FSDP,
     [*FSDP, *FULL],
