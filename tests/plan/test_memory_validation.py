@@ -20,8 +20,6 @@ CP = ["--parallel.dp_shard", "1", "--parallel.cp", "2"]
 DDP = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]
 FULL = ["--parallel.activation_checkpointing", "full"]
 SELECTIVE = ["--parallel.activation_checkpointing", "selective"]
-WIDE = ["--model.dim", "256", "--model.ffn_dim", "768", "--model.num_layers", "2",
-        "--data.seq_len", "32"]  # fmt: skip
 CASES = [
     FSDP,
     [*FSDP, *FULL],
@@ -44,9 +42,6 @@ CASES = [
     [*PP, "--parallel.pp_schedule", "zbv"],
     [*PP, "--parallel.pp_schedule", "interleaved_zb", "--parallel.pp_virtual_stages", "2"],
     CP,
-    # FSDP reducing after every micro-batch: sharded gradients kept, plus the running block's
-    # unsharded ones and its reduce-scatter output (a wider model, where gradients weigh more)
-    [*FSDP, *WIDE, "--train.micro_batch_size", "2", "--parallel.reduce_every_microbatch", "true"],
     # replicas only (DDP), with accumulation: the gradients stay views into DDP's buckets
     [*DDP, "--train.micro_batch_size", "4"],
     # mixture of experts (tiny-moe: a dense first block, 8 experts top 2, a shared expert);
