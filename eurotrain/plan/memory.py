@@ -138,6 +138,14 @@ def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
     return cfg.parallel.engine == "fsdp" and dims.dp * dims.cp > 1 and not replicas_only
 
 
+def fsdp_accumulates(cfg: Config, dims: ParallelDims) -> bool:
+    """FSDP2 outside a pipeline with more than one micro-batch per step: where
+    parallel.reduce_every_microbatch changes when the gradients are reduced."""
+    t = cfg.train
+    micro = t.global_batch_size // dims.dp // t.micro_batch_size
+    return uses_fsdp(cfg, dims) and dims.pp == 1 and micro > 1
+
+
 def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precision:
     """The byte sizes of eurotrain's precision policy (eurotrain/parallel/engine.py Precision):
     FSDP2 casts the parameters itself; autocast only runs on GPUs."""
@@ -225,7 +233,7 @@ def _torch_rank(
     # the running block (unsharded, compute dtype, under FSDP), and left by finished blocks.
     # FSDP reducing after every micro-batch: the sharded gradients of every parameter from the
     # first micro-batch's reduction on
-    every = fsdp and p.reduce_every_microbatch and dims.pp == 1 and num_micro > 1
+    every = p.reduce_every_microbatch and fsdp_accumulates(cfg, dims)
     if fsdp:
         keep = dims.pp > 1 or (num_micro > 1 and not every)  # no reduction before the last
         kept = padded * FP32 if keep else master if every else 0

@@ -10,7 +10,7 @@ from eurotrain.config import Config
 from eurotrain.configtools import ConfigError
 from eurotrain.plan.hardware import Hardware
 from eurotrain.plan.layouts import Candidate, candidates
-from eurotrain.plan.memory import GIB, MemoryEstimate, Setting, estimate, uses_fsdp
+from eurotrain.plan.memory import GIB, MemoryEstimate, Setting, estimate, fsdp_accumulates
 from eurotrain.plan.speed import StepTime, Throughput, step_time, throughput
 
 MAX_SUGGESTED_NODES = 1024
@@ -37,7 +37,7 @@ class Option:
             )
         axes.append(f"mb={self.candidate.cfg.train.micro_batch_size}")
         axes.append(f"ac={p.activation_checkpointing}")
-        if p.reduce_every_microbatch and accumulates(self.candidate):
+        if p.reduce_every_microbatch and fsdp_accumulates(self.candidate.cfg, d):
             axes.append("rs=every")
         if p.engine == "deepspeed":
             axes.append(f"zero{p.zero_stage}")
@@ -57,14 +57,6 @@ class Request:
     @property
     def usable_bytes(self) -> float:
         return self.hw.memory_gib * GIB * self.max_memory_fraction
-
-
-def accumulates(c: Candidate) -> bool:
-    """FSDP2 outside a pipeline with more than one micro-batch per step: where
-    parallel.reduce_every_microbatch changes something."""
-    t = c.cfg.train
-    micro = t.global_batch_size // c.dims.dp // t.micro_batch_size
-    return uses_fsdp(c.cfg, c.dims) and c.dims.pp == 1 and micro > 1
 
 
 def _reducing_every(c: Candidate) -> Candidate:
@@ -90,7 +82,11 @@ def evaluate(req: Request, nodes: int) -> tuple[list[Option], list[str]]:
 
     for c in cands:
         o = option(c)
-        if not o.fits and not c.cfg.parallel.reduce_every_microbatch and accumulates(c):
+        if (
+            not o.fits
+            and not c.cfg.parallel.reduce_every_microbatch
+            and fsdp_accumulates(c.cfg, c.dims)
+        ):
             o = option(_reducing_every(c))
         options.append(o)
     return options, reasons

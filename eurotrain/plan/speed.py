@@ -45,7 +45,7 @@ from eurotrain.parallel.checks import pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import moe, schedules
 from eurotrain.plan.hardware import Hardware
-from eurotrain.plan.memory import uses_fsdp
+from eurotrain.plan.memory import fsdp_accumulates
 from eurotrain.plan.shapes import Param, expert_parallel, fsdp_shards, rank_shares
 
 GB = 1e9
@@ -167,7 +167,7 @@ def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, comput
     replicas = dims.dp_replicate
     micro = t.global_batch_size // dims.dp // t.micro_batch_size
     # gradients are reduced once per step, or after every micro-batch where FSDP is asked to
-    every = p.reduce_every_microbatch and uses_fsdp(cfg, dims) and dims.pp == 1
+    every = p.reduce_every_microbatch and fsdp_accumulates(cfg, dims)
     reductions = micro if every else 1
     busy = 0.0
     gather_first = 0.0
