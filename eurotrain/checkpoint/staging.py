@@ -5,7 +5,9 @@ DTensors' local shards) are views into one host buffer, and copies the live tens
 background thread (on a GPU: device-to-host copies on a side stream into pinned memory). Only
 the optimizer step changes the tensors a checkpoint holds, so the trainer waits for the copy
 (``Staged.wait``) just before the next optimizer step: the copy overlaps the forward and backward
-of the step after the save.
+of the step after the save. Host-to-host copies (CPU training, CPU-offloaded parameters) are cut
+into chunks that the waiting thread takes too: a trainer that reaches its optimizer step before
+the copy is done copies alongside the background thread instead of sleeping.
 
 The buffers are anonymous memory maps, reused from save to save (no allocation, no page faults
 after the first save). For the writer process they are memfd files that process maps too: the
@@ -16,6 +18,7 @@ over exactly its bytes (``torch.frombuffer``), so that torch.save writes it alon
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import threading
@@ -27,6 +30,8 @@ from torch.distributed.tensor import DTensor
 
 ALIGN = 64
 """Byte alignment of each staged tensor in a buffer."""
+CHUNK = 16 << 20
+"""Bytes per piece of a host-to-host staging copy (what a waiting thread takes at a time)."""
 
 
 class HostBuffer:
@@ -93,24 +98,58 @@ def _aligned(n: int) -> int:
 
 
 class Staged:
-    """A staged state dict, its copy in progress, and the buffer it occupies."""
+    """A staged state dict, its copy in progress, and the buffer it occupies.
+
+    Host-to-host copies are a list of pieces taken in order by the background thread and by
+    ``wait()``; a device-to-host copy is one piece (a stream that the background thread
+    synchronizes)."""
 
     def __init__(self, state: dict[str, Any], buffer: HostBuffer | None) -> None:
         self.state = state
         self.buffer = buffer
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._pieces: list[Callable[[], object]] = []
+        self._next = 0
+        self._left = 0
+        self._lock = threading.Lock()
 
-    def _run(self, copy: Callable[[], None]) -> None:
-        try:
-            copy()
-        except BaseException as e:  # raised where the copy is awaited
-            self._error = e
-        finally:
+    def _start(self, pieces: list[Callable[[], object]]) -> None:
+        self._pieces, self._left = pieces, len(pieces)
+        if not pieces:
             self._done.set()
+            return
+        threading.Thread(target=self._work, name="eurotrain-ckpt-stage", daemon=True).start()
+
+    def _work(self) -> None:
+        """Take pieces until none is left (the background thread, and a waiting trainer). The
+        copy is done when every piece taken has finished; after a failure the rest are dropped."""
+        while True:
+            with self._lock:
+                if self._error is not None and self._next < len(self._pieces):
+                    self._left -= len(self._pieces) - self._next
+                    self._next = len(self._pieces)
+                    if self._left == 0:
+                        self._done.set()
+                if self._next >= len(self._pieces):
+                    return
+                piece = self._pieces[self._next]
+                self._next += 1
+            try:
+                piece()
+            except BaseException as e:  # raised where the copy is awaited
+                with self._lock:
+                    self._error = self._error or e
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self._done.set()
 
     def wait(self) -> None:
-        """Block until the copy is complete (the live tensors may change after this)."""
+        """Block until the copy is complete (the live tensors may change after this); the
+        caller copies what the background thread has not started yet."""
+        if not self._done.is_set():
+            self._work()
         self._done.wait()
         if self._error is not None:
             raise self._error
@@ -126,6 +165,19 @@ class Staged:
             self.buffer.busy = False
 
 
+def _pieces(dst: torch.Tensor, src: torch.Tensor, chunk: int) -> list[Callable[[], object]]:
+    """Copies of ``src`` into ``dst`` (same shape), a flat slice of at most ``chunk`` bytes each
+    where both are contiguous."""
+    nbytes = src.numel() * src.element_size()
+    if nbytes <= chunk or not (src.is_contiguous() and dst.is_contiguous()):
+        return [functools.partial(torch.Tensor.copy_, dst, src)]
+    step = max(chunk // src.element_size(), 1)
+    return [
+        functools.partial(torch.Tensor.copy_, d, s)
+        for d, s in zip(dst.view(-1).split(step), src.view(-1).split(step), strict=True)
+    ]
+
+
 class Stager:
     """Stages state dicts into reusable host buffers (at most ``max_buffers`` kept)."""
 
@@ -137,8 +189,10 @@ class Stager:
         max_buffers: int = 1,
         on_new_buffer: Callable[[HostBuffer], None] | None = None,
         on_drop_buffer: Callable[[HostBuffer], None] | None = None,
+        chunk: int = CHUNK,
     ) -> None:
         self.shared, self.cuda, self.max_buffers = shared, cuda, max_buffers
+        self.chunk = chunk
         self._buffers: list[HostBuffer] = []
         self._on_new = on_new_buffer
         self._on_drop = on_drop_buffer
@@ -191,24 +245,21 @@ class Stager:
             return host
 
         staged = Staged(_map(state, stage_one), buffer)
-        stream = None
         if self.cuda and any(src.is_cuda for _, src in copies):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())  # after the last update
 
-        def copy() -> None:
-            if stream is None:
-                for dst, src in copies:
-                    dst.copy_(src.detach())
-                return
-            with torch.cuda.stream(stream):
-                for dst, src in copies:
-                    dst.copy_(src.detach(), non_blocking=buffer.pinned)
-            stream.synchronize()
+            def device_to_host() -> None:
+                with torch.cuda.stream(stream):
+                    for dst, src in copies:
+                        dst.copy_(src.detach(), non_blocking=buffer.pinned)
+                stream.synchronize()
 
-        threading.Thread(
-            target=staged._run, args=(copy,), name="eurotrain-ckpt-stage", daemon=True
-        ).start()
+            staged._start([device_to_host])
+        else:
+            staged._start(
+                [piece for dst, src in copies for piece in _pieces(dst, src.detach(), self.chunk)]
+            )
         return staged
 
     def close(self) -> None:
