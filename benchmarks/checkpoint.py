@@ -1,6 +1,7 @@
 """Checkpoint bandwidth and training stall, against the file system's raw write speed.
 
     python benchmarks/checkpoint.py --params 1e9 --dir /scratch/me/bench [--steps 6] [--runs 3]
+        [--direct-io sync|always|never]
 
 One process, fp32 model of --params parameters split into 64 tensors (plus nothing else, so
 bytes = 4 x params). It measures, on --dir, --runs times (dd and save alternating, so that both
@@ -9,11 +10,13 @@ ratios:
   * dd-style: the same bytes written in 64 MiB blocks to a new file, fsynced (the ceiling;
     the previous file is deleted outside the timing);
   * save: eurotrain's sync save of a new step (staging, DCP write, SHA-256 while writing,
-    fsync, commit), until it returns; the retention that then deletes the previous step runs
+    fsync, commit), until it returns; with O_DIRECT unless --direct-io never (the async saves
+    of the stall below go through the page cache unless --direct-io always); the retention that then deletes the previous step runs
     on the checkpoint thread after the commit and is timed apart, like dd's deletion
     -> GB/s, ratio to dd (the dd of the same run);
   * verify: checkpoint.verify metadata, and full (SHA-256 of every file; one rank does all)
-    -> s/GB, with the page cache dropped first when --cold (needs root) or warm otherwise;
+    -> s/GB, with the page cache dropped first when --cold (needs root); otherwise warm, or,
+    where the last save was written with O_DIRECT, without that checkpoint in it;
   * load: DCP load through the safe reader into preallocated tensors -> GB/s (cache warm);
   * stall: --steps training steps, each a fixed amount of compute (a matmul loop) and then an
     in-place update of every parameter, preceded by the checkpointer's wait_staged() as in the
@@ -134,6 +137,10 @@ def main() -> None:
     ap.add_argument("--matmuls", type=int, default=8, help="512x512 matmuls per step")
     ap.add_argument("--runs", type=int, default=3, help="repetitions of dd/save and the stall")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before verifying")
+    ap.add_argument(
+        "--direct-io", default="sync", choices=["sync", "always", "never"],
+        help="checkpoint.direct_io: which saves are written with O_DIRECT",
+    )  # fmt: skip
     args = ap.parse_args()
     params = int(args.params)
     nbytes = params * 4
@@ -141,7 +148,9 @@ def main() -> None:
     try:
         model = Blob(params)
         dd_s, save_s, retention_s = [], [], []
-        cfg = CheckpointConfig(dir=str(work_dir / "ck"), interval=1, keep_last=1)
+        cfg = CheckpointConfig(
+            dir=str(work_dir / "ck"), interval=1, keep_last=1, direct_io=args.direct_io
+        )
         parts = checkpoint_parts(model)
         ck = Checkpointer(cfg, Path(cfg.dir), 0, 1, log=lambda m: None)
         # The first save starts the writer process and maps a fresh staging buffer (page
@@ -204,7 +213,7 @@ def main() -> None:
     print(f"# Checkpoint benchmark {date.today()} on {platform.node()} ({os.cpu_count()} cores)")
     cmd = (
         f"--params {args.params:g} --dir {args.dir} --steps {args.steps} --runs {args.runs} "
-        f"--matmuls {args.matmuls}"
+        f"--matmuls {args.matmuls} --direct-io {args.direct_io}"
     )
     print(f"command: python benchmarks/checkpoint.py {cmd}" + (" --cold" if args.cold else ""))
     print(f"file system: {detect_fs(args.dir).describe()}; {gb:.2f} GB of fp32 weights")
@@ -222,6 +231,8 @@ def main() -> None:
     print(f"first save of the run (writer start, fresh buffer): {first_s:.2f} s")
     print(f"sha256 of the file  {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
     cache = "page cache dropped" if cold else "page cache warm"
+    if not cold and args.direct_io != "never":
+        cache = "saved with O_DIRECT: not in the page cache"
     print(f"verify metadata     {meta_s / gb:6.2f} s/GB ({meta_s:.2f} s, {cache})")
     print(f"verify full         {full_s / gb:6.2f} s/GB ({full_s:.2f} s, {cache}, one rank)")
     print(f"load (DCP, safe)    {gb / load_s:6.2f} GB/s ({load_s:.2f} s, page cache warm)")

@@ -169,6 +169,7 @@ class Checkpointer:
             "config_yaml": info["config_yaml"],
             "config_hash": info.get("config_hash", ""),
             "stage_start": start,
+            "direct": self.cfg.direct_io == "always" or (self.cfg.direct_io == "sync" and sync),
         }
         fut = self._executor.submit(self._write_and_commit, staged, marker_info)
         self.last_saved_step = step
@@ -238,7 +239,9 @@ class Checkpointer:
                 make_dir(tmp)
             self._barrier()
             assert self._sink is not None and staged.buffer is not None
-            writer = HashingWriter(tmp, self._sink, [staged.buffer], step, self.rank)
+            writer = HashingWriter(
+                tmp, self._sink, [staged.buffer], step, self.rank, direct=info["direct"]
+            )
             dcp.save(
                 staged.state,
                 storage_writer=writer,
@@ -246,6 +249,7 @@ class Checkpointer:
                 no_dist=self.pg is None,
             )
             files = self._seal_local_files(tmp, info, writer.files)
+            info["io"] = writer.io
             self._commit(tmp, final, files, info, time.perf_counter() - start)
             self._committed.append((step, final))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
@@ -283,20 +287,22 @@ class Checkpointer:
     def _commit(
         self, tmp: Path, final: Path, files: dict[str, Any], info: dict[str, Any], write_s: float
     ) -> None:
-        gathered: list[Any] = [files]
+        mine = (files, info["io"])
+        gathered: list[Any] = [mine]
         if self.pg is not None:
             gathered = [None] * self.world_size if self.rank == 0 else []
-            dist.gather_object(files, gathered if self.rank == 0 else None, dst=0, group=self.pg)
+            dist.gather_object(mine, gathered if self.rank == 0 else None, dst=0, group=self.pg)
         outcome = [""]
         if self.rank == 0:
             try:
-                all_files = {k: v for part in gathered for k, v in part.items()}
+                all_files = {k: v for part, _ in gathered for k, v in part.items()}
+                io = _io_summary([how for _, how in gathered])
                 marker = directory.make_marker(info, self.world_size, all_files, write_s)
                 write_commit(tmp, final, marker)
                 size = sum(f["size"] for f in all_files.values()) / 2**20
                 self._log(
                     f"checkpoint step {info['step']}: committed {final} ({size:.1f} MiB, "
-                    f"stage {info['stage_s']:.2f}s, write+commit {write_s:.2f}s)"
+                    f"stage {info['stage_s']:.2f}s, write+commit {write_s:.2f}s, {io})"
                 )
                 # Deleting older checkpoints costs about what truncating their files does (0.2 s
                 # per 0.4 GB on ext4, more on parallel file systems): it runs after this save
@@ -455,6 +461,17 @@ def check_sources(cfg: CheckpointConfig, run_dir: Path, world_size: int) -> None
         dist.broadcast_object_list(box, src=0)
     if box[0]:
         raise CheckpointError(box[0])
+
+
+def _io_summary(hows: list[str]) -> str:
+    """How the ranks wrote their data files, for the commit's log line: one way for all, or
+    each way with the ranks that took it (a rank whose file system refused O_DIRECT)."""
+    if len(set(hows)) == 1:
+        return f"io: {hows[0]}"
+    ranks: dict[str, list[int]] = {}
+    for rank, how in enumerate(hows):
+        ranks.setdefault(how, []).append(rank)
+    return "io: " + "; ".join(f"{how} on ranks {r}" for how, r in ranks.items())
 
 
 def save_error(step: int, tmp: Path, e: BaseException) -> CheckpointError:

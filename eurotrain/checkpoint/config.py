@@ -26,6 +26,13 @@ class CheckpointConfig:
     """Who writes this rank's data file (hashing it as it goes): a writer process per rank,
     off the training process's GIL (process; Linux), or a thread of the training process
     (thread; also the fallback where memfd is missing)."""
+    direct_io: Literal["sync", "always", "never"] = "sync"
+    """Write data files with O_DIRECT from aligned bounce buffers, past the page cache: sync
+    (the saves training waits for: a sync save, the final save, the save a stop signal asks
+    for, where the write's speed is what counts), always, or never (async saves, with sync,
+    go through the page cache: on a busy node the page-cache write costs training less;
+    docs/checkpointing.md). Where the file system refuses O_DIRECT the write goes through the
+    page cache and the commit's log line says so."""
     keep_last: int = 3
     """Committed checkpoints to keep (newest first); 0 keeps all."""
     keep_every: int = 0
@@ -64,6 +71,10 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")
         if self.writer not in ("process", "thread"):
             raise ConfigError(f"checkpoint.writer: {self.writer!r} must be process or thread")
+        if self.direct_io not in ("sync", "always", "never"):
+            raise ConfigError(
+                f"checkpoint.direct_io: {self.direct_io!r} must be one of sync, always, never"
+            )
         if not self.resume:
             raise ConfigError("checkpoint.resume: empty; use auto, none or a checkpoint path")
         if self.verify not in ("full", "metadata", "none"):

@@ -110,8 +110,10 @@ class ThreadSink:
         if view is not None:
             view.release()
 
-    def write(self, path: Path, segments: list[byte_writer.Segment]) -> tuple[int, str]:
-        return byte_writer.write_file(str(path), segments, self._views)
+    def write(
+        self, path: Path, segments: list[byte_writer.Segment], direct: bool
+    ) -> tuple[int, str, str]:
+        return byte_writer.write_file(str(path), segments, self._views, direct=direct)
 
     def close(self) -> None:
         for view in self._views.values():
@@ -168,16 +170,18 @@ class ProcessSink:
         with self._lock, contextlib.suppress(OSError):  # gone already: nothing to forget
             self._conn.send(("forget", buffer.id))
 
-    def write(self, path: Path, segments: list[byte_writer.Segment]) -> tuple[int, str]:
+    def write(
+        self, path: Path, segments: list[byte_writer.Segment], direct: bool
+    ) -> tuple[int, str, str]:
         with self._lock:
             try:
-                self._conn.send(("write", str(path), segments))
+                self._conn.send(("write", str(path), segments, direct))
                 reply = self._conn.recv()
             except (OSError, EOFError):
                 raise self._dead() from None
         if reply[0] == "error":
             raise OSError(reply[1], reply[2])
-        return int(reply[1]), str(reply[2])
+        return int(reply[1]), str(reply[2]), str(reply[3])
 
     def close(self) -> None:
         self._conn.close()  # the writer ends at end of file
@@ -203,12 +207,20 @@ class HashingWriter(FileSystemWriter):
     name, size and checksum for the commit marker."""
 
     def __init__(
-        self, path: Path, sink: Sink, buffers: list[HostBuffer], step: int, rank: int
+        self,
+        path: Path,
+        sink: Sink,
+        buffers: list[HostBuffer],
+        step: int,
+        rank: int,
+        direct: bool = False,
     ) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
-        self._sink, self._buffers = sink, buffers
+        self._sink, self._buffers, self._direct = sink, buffers, direct
         self._step, self._rank = step, rank
         self.files: dict[str, dict[str, Any]] = {}
+        self.io = ""
+        """How the data file was written (byte_writer.write_file's "how")."""
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         if os.environ.get(ENOSPC_HOOK) == str(self._step):
@@ -236,7 +248,7 @@ class HashingWriter(FileSystemWriter):
         finally:
             torch.serialization.set_crc32_options(crc)
         path = Path(self.path) / name
-        size, digest = self._sink.write(path, recorder.finish())
+        size, digest, self.io = self._sink.write(path, recorder.finish(), self._direct)
         assert size == recorder.pos, f"{path}: wrote {size} bytes of {recorder.pos}"
         self.files[name] = {"size": size, DIGEST: digest}
         if os.environ.get(KILL_HOOK) == f"{self._rank}:{self._step}":

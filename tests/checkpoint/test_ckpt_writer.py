@@ -1,0 +1,131 @@
+"""The data-file writer: the same bytes and checksum with O_DIRECT and through the page cache,
+the page cache where O_DIRECT is refused, and which saves take which way."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+
+import pytest
+import torch
+
+from eurotrain.checkpoint import CheckpointConfig, byte_writer
+from eurotrain.checkpoint.checkpointer import Checkpointer
+from eurotrain.checkpoint.directory import MARKER
+from eurotrain.checkpoint.verify import verify_checkpoint
+from eurotrain.configtools import ConfigError
+from eurotrain.parallel.engine import ModelState, OptimizerState
+from eurotrain.state import TrainState
+
+LAYOUTS = {
+    "headers and two tensors": [
+        b"PK" * 40,
+        (1, 64, 3 << 20),
+        b"x" * 100,
+        (1, 128, 1_234_567),
+        b"z",
+    ],
+    "one byte": [b"a"],
+    "exactly two chunks": [(1, 0, 2 << 20)],
+    "empty": [],
+}
+
+
+@pytest.fixture
+def staged(monkeypatch):
+    monkeypatch.setattr(byte_writer, "CHUNK", 1 << 20)  # several chunks, both bounce buffers
+    buffer = mmap.mmap(-1, 5 << 20)
+    buffer[:] = os.urandom(5 << 20)
+    view = memoryview(buffer)
+    yield view
+    view.release()
+
+
+def _expected(segments, view) -> bytes:
+    return b"".join(
+        s if isinstance(s, bytes) else bytes(view[s[1] : s[1] + s[2]]) for s in segments
+    )
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_both_ways_write_the_same_bytes_and_checksum(tmp_path, staged, layout, direct):
+    segments = LAYOUTS[layout]
+    path = tmp_path / "data.distcp"
+    size, digest, how = byte_writer.write_file(str(path), segments, {1: staged}, direct=direct)
+    want = _expected(segments, staged)
+    assert path.read_bytes() == want and size == len(want)
+    assert digest == hashlib.sha256(want).hexdigest()
+    assert path.stat().st_mode & 0o777 == byte_writer.FILE_MODE
+    if direct:
+        assert how == "direct" or how.startswith("page cache (O_DIRECT refused")
+    else:
+        assert how == "page cache"
+
+
+def _enforces_alignment(directory) -> bool:
+    """Whether this file system refuses an O_DIRECT write of an unaligned length (tmpfs, since
+    Linux 6.6, takes any)."""
+    path = directory / "probe"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return True  # O_DIRECT refused outright: the same fallback
+    buffer = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        os.write(fd, memoryview(buffer)[:100])
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+        path.unlink()
+    return False
+
+
+def test_refused_o_direct_writes_through_the_page_cache(tmp_path, staged, monkeypatch):
+    """An alignment the device refuses (EINVAL, as from a file system without O_DIRECT): the
+    file is written again through the page cache, whole, and the reply says why."""
+    if not _enforces_alignment(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system takes unaligned O_DIRECT writes: nothing refuses")
+    monkeypatch.setattr(byte_writer, "DIRECT_ALIGN", 1)  # lengths no longer block multiples
+    segments = LAYOUTS["headers and two tensors"]
+    path = tmp_path / "data.distcp"
+    _, digest, how = byte_writer.write_file(str(path), segments, {1: staged}, direct=True)
+    want = _expected(segments, staged)
+    assert how.startswith("page cache (O_DIRECT refused: ") and "Invalid argument" in how
+    assert path.read_bytes() == want and digest == hashlib.sha256(want).hexdigest()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_sync_saves_write_direct_and_async_ones_through_the_page_cache(tmp_path, writer):
+    """checkpoint.direct_io: sync (the default) - the save training waits for goes past the page
+    cache, an async one through it (less competition with training); both verify."""
+    cfg = CheckpointConfig(dir=str(tmp_path), interval=1, keep_last=0, writer=writer)
+    logs: list[str] = []
+    ck = Checkpointer(cfg, tmp_path, 0, 1, log=logs.append)
+    model = torch.nn.Linear(300, 300)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 300)).sum().backward()
+    opt.step()
+    parts = {"model": ModelState(model), "optim": OptimizerState(model, opt), "train": TrainState()}
+    info = {"tokens_seen": 0, "layout": {}, "config_yaml": "x: 1\n"}
+    try:
+        ck.save(1, parts, info, sync=True)
+        ck.save(2, parts, info, sync=False)
+        ck.wait()
+    finally:
+        ck.close()
+    committed = [line for line in logs if "committed" in line]
+    assert len(committed) == 2, logs
+    assert committed[0].endswith("io: direct)") or "O_DIRECT refused" in committed[0]
+    assert committed[1].endswith("io: page cache)")
+    for step in (1, 2):
+        path = tmp_path / f"step-{step:06d}"
+        assert (path / MARKER).exists()
+        verify_checkpoint(path, "full")
+
+
+def test_direct_io_is_checked():
+    with pytest.raises(ConfigError, match=r"checkpoint\.direct_io: 'yes' must be one of sync"):
+        CheckpointConfig(direct_io="yes")  # type: ignore[arg-type]
