@@ -1,7 +1,7 @@
 """Checkpoint bandwidth and training stall, against the file system's raw write speed.
 
     python benchmarks/checkpoint.py --params 1e9 --dir /scratch/me/bench [--steps 6] [--runs 3]
-        [--direct-io sync|always|never]
+        [--direct-io never|sync|always]
 
 One process, fp32 model of --params parameters split into 64 tensors (plus nothing else, so
 bytes = 4 x params). It measures, on --dir, --runs times (dd and save alternating, so that both
@@ -10,8 +10,8 @@ ratios:
   * dd-style: the same bytes written in 64 MiB blocks to a new file, fsynced (the ceiling;
     the previous file is deleted outside the timing);
   * save: eurotrain's sync save of a new step (staging, DCP write, SHA-256 while writing,
-    fsync, commit), until it returns; with O_DIRECT unless --direct-io never (the async saves
-    of the stall below go through the page cache unless --direct-io always); the retention that then deletes the previous step runs
+    fsync, commit), until it returns; through the page cache, or with O_DIRECT where
+    --direct-io is sync or always (the async saves of the stall below: always); the retention that then deletes the previous step runs
     on the checkpoint thread after the commit and is timed apart, like dd's deletion
     -> GB/s, ratio to dd (the dd of the same run);
   * verify: checkpoint.verify metadata, and full (SHA-256 of every file; one rank does all)
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="repetitions of dd/save and the stall")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before verifying")
     ap.add_argument(
-        "--direct-io", default="sync", choices=["sync", "always", "never"],
+        "--direct-io", default="never", choices=["never", "sync", "always"],
         help="checkpoint.direct_io: which saves are written with O_DIRECT",
     )  # fmt: skip
     args = ap.parse_args()

@@ -6,14 +6,12 @@ thread feeds the bytes, from memory and in order, to the checksum (SHA-256) whil
 written; an fsync ends the file. The digest is of exactly the bytes written, so no second read
 of the file is needed for the commit marker.
 
-Direct I/O (``checkpoint.direct_io``, the default): the bytes are copied into two page-aligned
-bounce buffers, one filled while the other is written with O_DIRECT, so the device reads them
-from there and the kernel copies nothing into its page cache. That copy, and the page-cache
-bookkeeping around it, is what a buffered write costs the training process beside it (on the
-development VM a buffered 2 GB write slowed a memory-bound loop on the other core by 4-13 %, an
-O_DIRECT one not measurably). Where the file system refuses O_DIRECT (EINVAL), the file is
-written again through the page cache, and the reply says so. Buffered: each chunk is written and
-its write-back started at once (sync_file_range).
+Through the page cache (the default): each chunk is written and its write-back started at once
+(sync_file_range). Direct I/O (``checkpoint.direct_io``): the bytes are copied into two
+page-aligned bounce buffers, one filled while the other is written with O_DIRECT, so the device
+reads them from there and the kernel's page cache holds none of them. Where the file system
+refuses O_DIRECT (EINVAL), the file is written again through the page cache, and the reply says
+so. Which is faster depends on the file system and the size (docs/checkpointing.md).
 
 This module imports nothing but the standard library: besides running inside the training
 process (``checkpoint.writer: thread``) it is the checkpoint writer process of each rank

@@ -26,13 +26,13 @@ class CheckpointConfig:
     """Who writes this rank's data file (hashing it as it goes): a writer process per rank,
     off the training process's GIL (process; Linux), or a thread of the training process
     (thread; also the fallback where memfd is missing)."""
-    direct_io: Literal["sync", "always", "never"] = "sync"
-    """Write data files with O_DIRECT from aligned bounce buffers, past the page cache: sync
-    (the saves training waits for: a sync save, the final save, the save a stop signal asks
-    for, where the write's speed is what counts), always, or never (async saves, with sync,
-    go through the page cache: on a busy node the page-cache write costs training less;
-    docs/checkpointing.md). Where the file system refuses O_DIRECT the write goes through the
-    page cache and the commit's log line says so."""
+    direct_io: Literal["never", "sync", "always"] = "never"
+    """Which saves write their data files with O_DIRECT from aligned bounce buffers, past the
+    page cache: never (all through the page cache), sync (the saves training waits for: sync
+    saves, the final save, the save a stop signal asks for), or always. Which is faster depends
+    on the file system and the size per rank: measure with benchmarks/checkpoint.py
+    --direct-io (docs/checkpointing.md). Where the file system refuses O_DIRECT the write goes
+    through the page cache and the commit's log line says so."""
     keep_last: int = 3
     """Committed checkpoints to keep (newest first); 0 keeps all."""
     keep_every: int = 0
@@ -71,9 +71,9 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.max_in_flight: {self.max_in_flight} must be >= 1")
         if self.writer not in ("process", "thread"):
             raise ConfigError(f"checkpoint.writer: {self.writer!r} must be process or thread")
-        if self.direct_io not in ("sync", "always", "never"):
+        if self.direct_io not in ("never", "sync", "always"):
             raise ConfigError(
-                f"checkpoint.direct_io: {self.direct_io!r} must be one of sync, always, never"
+                f"checkpoint.direct_io: {self.direct_io!r} must be one of never, sync, always"
             )
         if not self.resume:
             raise ConfigError("checkpoint.resume: empty; use auto, none or a checkpoint path")

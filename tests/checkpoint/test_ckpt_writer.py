@@ -97,11 +97,21 @@ def test_refused_o_direct_writes_through_the_page_cache(tmp_path, staged, monkey
     assert path.read_bytes() == want and digest == hashlib.sha256(want).hexdigest()
 
 
+WAYS = {  # checkpoint.direct_io: how (sync save, async save) are written
+    "never": ("page cache", "page cache"),
+    "sync": ("direct", "page cache"),
+    "always": ("direct", "direct"),
+}
+
+
 @pytest.mark.parametrize("writer", ["process", "thread"])
-def test_sync_saves_write_direct_and_async_ones_through_the_page_cache(tmp_path, writer):
-    """checkpoint.direct_io: sync (the default) - the save training waits for goes past the page
-    cache, an async one through it (less competition with training); both verify."""
-    cfg = CheckpointConfig(dir=str(tmp_path), interval=1, keep_last=0, writer=writer)
+@pytest.mark.parametrize("direct_io", list(WAYS))
+def test_each_save_is_written_the_way_direct_io_asks(tmp_path, writer, direct_io):
+    """Sync and async saves, each written as checkpoint.direct_io asks (the commit's log line
+    says how), and both verify."""
+    cfg = CheckpointConfig(
+        dir=str(tmp_path), interval=1, keep_last=0, writer=writer, direct_io=direct_io
+    )
     logs: list[str] = []
     ck = Checkpointer(cfg, tmp_path, 0, 1, log=logs.append)
     model = torch.nn.Linear(300, 300)
@@ -118,14 +128,19 @@ def test_sync_saves_write_direct_and_async_ones_through_the_page_cache(tmp_path,
         ck.close()
     committed = [line for line in logs if "committed" in line]
     assert len(committed) == 2, logs
-    assert committed[0].endswith("io: direct)") or "O_DIRECT refused" in committed[0]
-    assert committed[1].endswith("io: page cache)")
+    for line, how in zip(committed, WAYS[direct_io], strict=True):
+        refused = how == "direct" and "io: page cache (O_DIRECT refused" in line
+        assert line.endswith(f"io: {how})") or refused, line
     for step in (1, 2):
         path = tmp_path / f"step-{step:06d}"
         assert (path / MARKER).exists()
         verify_checkpoint(path, "full")
 
 
+def test_the_page_cache_is_the_default():
+    assert CheckpointConfig().direct_io == "never"
+
+
 def test_direct_io_is_checked():
-    with pytest.raises(ConfigError, match=r"checkpoint\.direct_io: 'yes' must be one of sync"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.direct_io: 'yes' must be one of never"):
         CheckpointConfig(direct_io="yes")  # type: ignore[arg-type]
