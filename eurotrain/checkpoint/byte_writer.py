@@ -187,7 +187,7 @@ def _write_direct(path: str, views: list[memoryview]) -> int:
 
 
 def write_file(
-    path: str, segments: list[Segment], buffers: dict[int, memoryview], *, direct: bool = True
+    path: str, segments: list[Segment], buffers: dict[int, memoryview], *, direct: bool = False
 ) -> tuple[int, str, str]:
     """Write the segments to a new file at ``path`` (mode 0640, fsynced); (size, checksum, how
     it was written: "direct", "page cache", or "page cache (O_DIRECT refused: ...)").

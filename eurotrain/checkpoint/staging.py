@@ -6,8 +6,9 @@ background thread (on a GPU: device-to-host copies on a side stream into pinned 
 the optimizer step changes the tensors a checkpoint holds, so the trainer waits for the copy
 (``Staged.wait``) just before the next optimizer step: the copy overlaps the forward and backward
 of the step after the save. Host-to-host copies (CPU training, CPU-offloaded parameters) are cut
-into chunks that the waiting thread takes too: a trainer that reaches its optimizer step before
-the copy is done copies alongside the background thread instead of sleeping.
+into pieces that every thread waiting for the copy takes too (the checkpoint thread, which
+writes after it, and a trainer that reaches its optimizer step before it is done): they copy
+alongside the background thread instead of sleeping.
 
 The buffers are anonymous memory maps, reused from save to save (no allocation, no page faults
 after the first save). For the writer process they are memfd files that process maps too: the
