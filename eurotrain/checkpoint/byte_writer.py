@@ -7,11 +7,11 @@ written; an fsync ends the file. The digest is of exactly the bytes written, so 
 of the file is needed for the commit marker.
 
 Through the page cache (the default): each chunk is written and its write-back started at once
-(sync_file_range). Direct I/O (``checkpoint.direct_io``): the bytes are copied into two
-page-aligned bounce buffers, one filled while the other is written with O_DIRECT, so the device
-reads them from there and the kernel's page cache holds none of them. Where the file system
-refuses O_DIRECT (EINVAL), the file is written again through the page cache, and the reply says
-so. Which is faster depends on the file system and the size (docs/checkpointing.md).
+(sync_file_range). Direct I/O (``checkpoint.direct_io``): the bytes are copied into page-aligned
+bounce buffers, filled in turn while DIRECT_DEPTH others are written with O_DIRECT, so the
+device reads them from there and the kernel's page cache holds none of them. Where the file
+system refuses O_DIRECT (EINVAL), the file is written again through the page cache, and the
+reply says so. Which is faster depends on the file system and the size (docs/checkpointing.md).
 
 This module imports nothing but the standard library: besides running inside the training
 process (``checkpoint.writer: thread``) it is the checkpoint writer process of each rank
@@ -106,14 +106,23 @@ def _hash(views: list[memoryview], out: list[str]) -> None:
     out.append(digest.hexdigest())
 
 
+DIRECT_DEPTH = 2
+"""O_DIRECT writes in flight at once (each from its own thread); one more bounce buffer than
+this is filled meanwhile."""
 _bounce: list[memoryview] = []
-"""The two O_DIRECT bounce buffers, allocated at the first direct write and kept."""
+"""The O_DIRECT bounce buffers, allocated at the first direct write and kept."""
 
 
 def _bounce_buffers() -> list[memoryview]:
-    if not _bounce or len(_bounce[0]) != CHUNK:
-        _bounce[:] = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]  # page-aligned
-    return _bounce
+    if len(_bounce) != DIRECT_DEPTH + 1 or len(_bounce[0]) != CHUNK:
+        _bounce[:] = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(DIRECT_DEPTH + 1)]
+    return _bounce  # page-aligned: mmap's
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def _write_buffered(path: str, views: list[memoryview]) -> int:
@@ -131,12 +140,13 @@ def _write_buffered(path: str, views: list[memoryview]) -> int:
 
 
 def _write_direct(path: str, views: list[memoryview]) -> int:
-    """The views through the bounce buffers with O_DIRECT: this thread fills one while a second
-    thread writes the other. The last buffer is padded with zeros to DIRECT_ALIGN and the file
-    then cut to its size. Raises OSError(EINVAL) where the file system refuses O_DIRECT."""
+    """The views through the bounce buffers with O_DIRECT: this thread fills them in turn while
+    DIRECT_DEPTH threads write the full ones, each at its offset. The last one is padded with
+    zeros to DIRECT_ALIGN and the file then cut to its size. Raises OSError(EINVAL) where the
+    file system refuses O_DIRECT."""
     bounce = _bounce_buffers()
     free: queue.Queue[int] = queue.Queue()
-    full: queue.Queue[tuple[int, int] | None] = queue.Queue()
+    full: queue.Queue[tuple[int, int, int] | None] = queue.Queue()
     for index in range(len(bounce)):
         free.put(index)
     failed: list[OSError] = []
@@ -144,18 +154,22 @@ def _write_direct(path: str, views: list[memoryview]) -> int:
 
     def drain() -> None:
         while (item := full.get()) is not None:
-            index, length = item
+            index, offset, length = item
             if not failed:
                 padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
                 bounce[index][length:padded] = bytes(padded - length)
                 try:
-                    _write_all(fd, bounce[index][:padded])
+                    _pwrite_all(fd, bounce[index][:padded], offset)
                 except OSError as e:
                     failed.append(e)
             free.put(index)
 
-    writer = threading.Thread(target=drain, name="eurotrain-ckpt-direct")
-    writer.start()
+    writers = [
+        threading.Thread(target=drain, name=f"eurotrain-ckpt-direct-{i}")
+        for i in range(DIRECT_DEPTH)
+    ]
+    for writer in writers:
+        writer.start()
     size = 0
     try:
         index, fill = free.get(), 0
@@ -166,15 +180,17 @@ def _write_direct(path: str, views: list[memoryview]) -> int:
                 bounce[index][fill : fill + n] = view[at : at + n]
                 fill, at = fill + n, at + n
                 if fill == CHUNK:
-                    full.put((index, fill))
+                    full.put((index, size, fill))
                     size += fill
                     index, fill = free.get(), 0
         if fill and not failed:
-            full.put((index, fill))
+            full.put((index, size, fill))
             size += fill
     finally:
-        full.put(None)
-        writer.join()
+        for _ in writers:
+            full.put(None)
+        for writer in writers:
+            writer.join()
         try:
             if not failed:
                 os.ftruncate(fd, size)  # the zeros after the last byte
