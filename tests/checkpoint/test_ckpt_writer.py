@@ -65,8 +65,8 @@ def test_both_ways_write_the_same_bytes_and_checksum(tmp_path, staged, layout, d
 
 
 def _enforces_alignment(directory) -> bool:
-    """Whether this file system refuses an O_DIRECT write of an unaligned length (tmpfs, since
-    Linux 6.6, takes any)."""
+    """Whether this file system refuses an O_DIRECT write of an unaligned length (tmpfs on the
+    development VM's Linux 6.18 takes any; its ext4 refuses)."""
     path = directory / "probe"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
