@@ -104,16 +104,19 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
 
 
-def test_full_disk_fails_loudly_and_keeps_last_good(tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct_io", ["never", "always"])
+def test_full_disk_fails_loudly_and_keeps_last_good(tmp_path, monkeypatch, direct_io):
     disk = tmp_path / "small"
     # A real 3 MiB tmpfs holds one 2.3 MiB checkpoint, not two; without root to mount one,
-    # the writer's test hook raises ENOSPC at step 4 instead.
+    # the writer's test hook raises ENOSPC at step 4 instead. With direct_io: always the full
+    # disk is met by O_DIRECT writes (where tmpfs takes them) or by the page-cache fallback.
     mounted = _mount_tmpfs(disk, "3M")
     if not mounted:
         disk.mkdir(exist_ok=True)
         monkeypatch.setenv(ENOSPC_HOOK, "4")
     try:
-        cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2, "dir": str(disk)})
+        ckpt = {"interval": 2, "dir": str(disk), "direct_io": direct_io}
+        cfg = tiny_config(tmp_path, "run", 4, checkpoint=ckpt)
         with pytest.raises(Exception, match="No space left on device"):
             Trainer(cfg).train()
         found, bad = latest(disk)
