@@ -293,7 +293,12 @@ def balanced_split(num_layers: int, num_stages: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(num_stages)]
 
 
+def accumulation_steps(cfg: Config, dims: ParallelDims) -> int:
+    """Micro-batches of train.micro_batch_size each data-parallel rank runs per optimizer step."""
+    return max(1, cfg.train.global_batch_size // dims.dp // cfg.train.micro_batch_size)
+
+
 def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
     if cfg.parallel.pp_microbatches is not None:
         return cfg.parallel.pp_microbatches
-    return max(1, cfg.train.global_batch_size // dims.dp // cfg.train.micro_batch_size)
+    return accumulation_steps(cfg, dims)

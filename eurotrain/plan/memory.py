@@ -30,7 +30,7 @@ from itertools import accumulate
 
 from eurotrain.config import Config
 from eurotrain.configtools import ConfigError
-from eurotrain.parallel.checks import pipeline_microbatches
+from eurotrain.parallel.checks import accumulation_steps, pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import activations as act
 from eurotrain.plan import schedules, zero
@@ -141,9 +141,7 @@ def uses_fsdp(cfg: Config, dims: ParallelDims) -> bool:
 def fsdp_accumulates(cfg: Config, dims: ParallelDims) -> bool:
     """FSDP2 outside a pipeline with more than one micro-batch per step: where
     parallel.reduce_every_microbatch changes when the gradients are reduced."""
-    t = cfg.train
-    micro = t.global_batch_size // dims.dp // t.micro_batch_size
-    return uses_fsdp(cfg, dims) and dims.pp == 1 and micro > 1
+    return uses_fsdp(cfg, dims) and dims.pp == 1 and accumulation_steps(cfg, dims) > 1
 
 
 def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precision:

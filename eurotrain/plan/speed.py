@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from eurotrain.config import Config
-from eurotrain.parallel.checks import pipeline_microbatches
+from eurotrain.parallel.checks import accumulation_steps, pipeline_microbatches
 from eurotrain.parallel.dims import ParallelDims
 from eurotrain.plan import moe, schedules
 from eurotrain.plan.hardware import Hardware
@@ -158,14 +158,14 @@ def _expert_parallel(
 
 def _data_parallel_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float) -> float:
     """Exposed time of FSDP's gathers and reduce-scatters and of the replicas' all-reduce."""
-    p, t = cfg.parallel, cfg.train
+    p = cfg.parallel
     if p.engine == "deepspeed":
         return _zero_exposed(cfg, dims, hw, compute)
     share = max(rank_shares(cfg, dims), key=lambda s: s.numel())
     shards = fsdp_shards(dims, "fsdp", expert_parallel(cfg))
     groups = share.groups  # this rank's parameters after tp, pp and ep
     replicas = dims.dp_replicate
-    micro = t.global_batch_size // dims.dp // t.micro_batch_size
+    micro = accumulation_steps(cfg, dims)
     # gradients are reduced once per step, or after every micro-batch where FSDP is asked to
     every = p.reduce_every_microbatch and fsdp_accumulates(cfg, dims)
     reductions = micro if every else 1
@@ -200,8 +200,8 @@ def _zero_exposed(cfg: Config, dims: ParallelDims, hw: Hardware, compute: float)
     FSDP's are. All in the compute dtype, over the data-parallel ranks."""
     if dims.dp == 1:
         return 0.0
-    stage, t = cfg.parallel.zero_stage, cfg.train
-    micro = t.global_batch_size // dims.dp // t.micro_batch_size
+    stage = cfg.parallel.zero_stage
+    micro = accumulation_steps(cfg, dims)
     c = BF16 if hw.peak_tflops else FP32
     per_node, spans = _group(hw, 1, dims.dp)
     bw = hw.bus_GBps(per_node, spans) * GB
