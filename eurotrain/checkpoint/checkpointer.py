@@ -60,6 +60,7 @@ from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.checkpoint.writer import (
     ENOSPC_HOOK,
     KILL_HOOK,
+    CachingPlanner,
     HashingWriter,
     ProcessSink,
     Sink,
@@ -245,6 +246,7 @@ class Checkpointer:
             dcp.save(
                 staged.state,
                 storage_writer=writer,
+                planner=CachingPlanner(),
                 process_group=self.pg,
                 no_dist=self.pg is None,
             )

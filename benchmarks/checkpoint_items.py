@@ -1,0 +1,180 @@
+"""The per-item cost of a save, against DCP's own writer and against torch.save for every item.
+
+    python benchmarks/checkpoint_items.py [--layers 16 32 80] [--runs 5] [--dir DIR]
+
+A model's checkpoint holds thousands of items: each block's nine weights, AdamW's three tensors
+of state per weight and, in the flattened optimizer state, its twelve hyper-parameters for every
+weight again. Their Python cost (DCP's planning, a torch.save each, the metadata) runs on the
+checkpoint thread, under the GIL that the training loop needs to launch its work. This measures
+it apart from the bytes: for each --layers, a Llama of that depth with tiny widths (dim 64; the
+items are those of a real model of that depth, the bytes negligible), after one AdamW step, in
+one process. --runs times, the three alternating (a new step or directory each time):
+  * eurotrain: ``Checkpointer`` sync save (writer process, commit), as configured by default;
+  * eurotrain, torch.save for every item: the same without the per-save shortcuts (each
+    distinct plain value serialized once, tensors of one kind replayed around their data;
+    eurotrain/checkpoint/writer.py), as before them;
+  * DCP: ``dcp.save`` with its ``FileSystemWriter`` (one thread, fsync), what torchtitan runs.
+Then the async save beside a stand-in for a launch-bound trainer (a loop of small tensor ops,
+each needing the GIL, ~3 s), with and without the shortcuts, alternating: the time inside
+``save()`` and how much longer the loop takes than alone (the mean of the loop just before and
+just after): the GIL and the cores the save takes from it.
+It prints the medians and the ratios to each baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eurotrain.checkpoint import CheckpointConfig, Checkpointer, writer
+from eurotrain.checkpoint.state import build_state
+from eurotrain.config import ModelConfig
+from eurotrain.models.llama import build_model
+from eurotrain.optim import OptimConfig, build_optimizer
+from eurotrain.parallel.engine import ModelState, OptimizerState
+from eurotrain.state import RNGState, Stateful, TrainState
+
+INFO = {"tokens_seen": 0, "layout": {"dp_shard": 1}, "config_yaml": "bench: true\n"}
+
+
+@contextlib.contextmanager
+def every_item_through_torch_save() -> Iterator[None]:
+    """The save as it was before the per-save shortcuts: each item its own torch.save."""
+    save_tensor, transform = writer.Recorder.save_tensor, writer.CachingPlanner.transform_object
+    writer.Recorder.save_tensor = lambda self, t: torch.save(t, self)  # type: ignore[method-assign]
+    writer.CachingPlanner.transform_object = DefaultSavePlanner.transform_object  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        writer.Recorder.save_tensor = save_tensor  # type: ignore[method-assign]
+        writer.CachingPlanner.transform_object = transform  # type: ignore[method-assign]
+
+
+def parts_for(layers: int) -> tuple[dict[str, Stateful], int]:
+    cfg = ModelConfig(name=f"items-{layers}", vocab_size=320, dim=64, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, ffn_dim=128, max_seq_len=64)  # fmt: skip
+    model = build_model(cfg, "cpu")
+    opt = build_optimizer(model, OptimConfig())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # AdamW's state exists, as in training
+    parts: dict[str, Stateful] = {
+        "model": ModelState(model),
+        "optim": OptimizerState(model, opt),
+        "train": TrainState(),
+        "rng": RNGState(),
+    }
+    return parts, len(list(model.parameters()))
+
+
+def count_items(parts: dict[str, Stateful]) -> int:
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(build_state(parts, 0), is_coordinator=True)
+    return len(planner.create_local_plan().items)
+
+
+def launch_bound_loop(iterations: int) -> float:
+    x = torch.ones(64)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        x = x.add(1e-7)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[16, 32, 80])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-items-", dir=args.dir))
+    rows = []
+    try:
+        # The stand-in trainer: as many small ops as take ~3 s alone (longer than a save).
+        per_op = launch_bound_loop(50_000) / 50_000
+        iterations = int(3.0 / per_op)
+        for layers in args.layers:
+            parts, params = parts_for(layers)
+            items = count_items(parts)
+            cfg = CheckpointConfig(dir=str(work / f"ck{layers}"), interval=1, keep_last=1)
+            ck = Checkpointer(cfg, Path(cfg.dir), 0, 1, log=lambda m: None)
+            ck.save(1, parts, INFO, sync=True)  # starts the writer, maps the buffer
+            times: dict[str, list[float]] = {"eurotrain": [], "torch.save each": [], "dcp": []}
+            step = 2
+            for run in range(args.runs):
+                for kind in times:
+                    t0 = time.perf_counter()
+                    if kind == "dcp":
+                        target = work / f"dcp{layers}-{run}"
+                        state = build_state(parts, 0)
+                        dcp.save(state, storage_writer=FileSystemWriter(target), no_dist=True)
+                    elif kind == "eurotrain":
+                        ck.save(step, parts, INFO, sync=True)
+                    else:
+                        with every_item_through_torch_save():
+                            ck.save(step, parts, INFO, sync=True)
+                    times[kind].append(time.perf_counter() - t0)
+                    ck.wait()  # the retention of the previous step, untimed
+                    step += 1
+                    if kind == "dcp":
+                        shutil.rmtree(target)
+            stall: dict[str, list[tuple[float, float]]] = {"eurotrain": [], "torch.save each": []}
+            for _ in range(args.runs):
+                for kind in stall:
+                    before = launch_bound_loop(iterations)
+                    baseline = every_item_through_torch_save() if kind != "eurotrain" else None
+                    with baseline or contextlib.nullcontext():
+                        t0 = time.perf_counter()
+                        ck.save(step, parts, INFO, sync=False)
+                        call = time.perf_counter() - t0
+                        ck.wait_staged()
+                        beside = launch_bound_loop(iterations)
+                        ck.wait()
+                    after = launch_bound_loop(iterations)  # alone: the mean of before and after
+                    step += 1
+                    stall[kind].append((call, beside - (before + after) / 2))
+            ck.close()
+            rows.append((layers, params, items, times, stall, iterations * per_op))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = statistics.median
+    print(f"# Checkpoint items benchmark {date.today()} on {platform.node()} "
+          f"({os.cpu_count()} cores)")  # fmt: skip
+    print(f"command: python benchmarks/checkpoint_items.py --layers "
+          f"{' '.join(map(str, args.layers))} --runs {args.runs} --dir {args.dir}")  # fmt: skip
+    for layers, params, items, times, stall, loop_s in rows:
+        e, t, d = (med(times[k]) for k in ("eurotrain", "torch.save each", "dcp"))
+        print(f"{layers} layers: {params} parameters, {items} items")
+        for kind, values in times.items():
+            print(f"  sync save, {kind:16s} " + ", ".join(f"{v:.2f}" for v in values) + " s")
+        print(f"  median: eurotrain {e:.2f} s = {e / t:.2f} x torch.save for every item "
+              f"({t:.2f} s), {e / d:.2f} x DCP's FileSystemWriter ({d:.2f} s)")  # fmt: skip
+        for kind, values in stall.items():
+            calls = ", ".join(f"{c:.3f}" for c, _ in values)
+            extra = ", ".join(f"{s:+.2f}" for _, s in values)
+            print(f"  async, {kind:16s} save() {calls} s; a {loop_s:.1f} s launch-bound loop "
+                  f"{extra} s")  # fmt: skip
+        se, st = (med(s for _, s in stall[k]) for k in ("eurotrain", "torch.save each"))
+        print(f"  median loop stall: eurotrain {se:.2f} s, torch.save for every item {st:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
