@@ -23,6 +23,7 @@ own data (``Recorder.save_tensor``). Both give exactly torch.save's bytes (teste
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import importlib.util
 import io
@@ -78,18 +79,21 @@ class Recorder(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def _where(self, view: memoryview) -> tuple[int, int] | None:
-        if view.nbytes < _INLINE:
+    def _where(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """(buffer id, offset) of these bytes where they are long enough to be referenced."""
+        if nbytes < _INLINE:
             return None
-        address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
         for base, buffer in self._ranges:
-            if base <= address and address + view.nbytes <= base + buffer.size:
+            if base <= address and address + nbytes <= base + buffer.size:
                 return buffer.id, address - base
         return None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        where = self._where(view)
+        where = None
+        if view.nbytes >= _INLINE:
+            address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+            where = self._where(address, view.nbytes)
         if where is None:
             self._pending += view
         else:
@@ -97,6 +101,11 @@ class Recorder(io.RawIOBase):
             self.segments.append((where[0], where[1], view.nbytes))
         self.pos += view.nbytes
         return view.nbytes
+
+    def write_bytes(self, data: bytes) -> None:
+        """Bytes to copy as they are (a serialized value, torch.save's headers)."""
+        self._pending += data
+        self.pos += len(data)
 
     def _flush_pending(self) -> None:
         if self._pending:
@@ -121,15 +130,17 @@ class Recorder(io.RawIOBase):
             torch.save(tensor, cast(IO[bytes], self))
             return
         head, tail = template
-        self.write(head)
-        self.write(_storage_bytes(tensor))
-        self.write(tail)
-
-
-def _storage_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of the tensor's whole storage, in memory order (what torch.save writes)."""
-    whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
-    return memoryview(cast(Any, whole.numpy())).cast("B")
+        self.write_bytes(head)
+        storage = tensor.untyped_storage()  # its whole storage, in memory order, as torch.save
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        where = self._where(address, nbytes)
+        if where is None:
+            self._pending += ctypes.string_at(address, nbytes)
+        else:
+            self._flush_pending()
+            self.segments.append((where[0], where[1], nbytes))
+        self.pos += nbytes
+        self.write_bytes(tail)
 
 
 def _template_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
@@ -363,7 +374,7 @@ class HashingWriter(FileSystemWriter):
                 offset = recorder.pos
                 data: Any = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
-                    recorder.write(data.getvalue())  # no copy of a cached value
+                    recorder.write_bytes(data.getvalue())  # no copy of a cached value
                 else:
                     tensor = data.detach()
                     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
