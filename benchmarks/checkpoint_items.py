@@ -1,6 +1,7 @@
 """The per-item cost of a save, against DCP's own writer and against torch.save for every item.
 
     python benchmarks/checkpoint_items.py [--layers 16 32 80] [--runs 5] [--dir DIR]
+        [--gc scheduled|auto]
 
 A model's checkpoint holds thousands of items: each block's nine weights, AdamW's three tensors
 of state per weight and, in the flattened optimizer state, its twelve hyper-parameters for every
@@ -14,10 +15,13 @@ one process. --runs times, the three alternating (a new step or directory each t
     distinct plain value serialized once, tensors of one kind replayed around their data;
     eurotrain/checkpoint/writer.py), as before them;
   * DCP: ``dcp.save`` with its ``FileSystemWriter`` (one thread, fsync), what torchtitan runs.
-Then the async save beside a stand-in for a launch-bound trainer (a loop of small tensor ops,
-each needing the GIL, ~3 s), with and without the shortcuts, alternating: the time inside
-``save()`` and how much longer the loop takes than alone (the mean of the loop just before and
-just after): the GIL and the cores the save takes from it.
+Python's garbage collector is as the trainer leaves it (``--gc scheduled``, train.gc_interval
+> 0: automatic collection off, the young generations collected between the measurements) or
+automatic (``--gc auto``, train.gc_interval 0), for all three alike. Then the async save beside
+a stand-in for a launch-bound trainer (a loop of small tensor ops, each needing the GIL, ~3 s),
+with and without the shortcuts, alternating: the time inside ``save()`` and how much longer the
+loop takes than alone (the mean of the loop just before and just after): the GIL and the cores
+the save takes from it.
 It prints the medians and the ratios to each baseline.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import platform
 import shutil
@@ -103,7 +108,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[16, 32, 80])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--gc", choices=["scheduled", "auto"], default="scheduled")
     args = ap.parse_args()
+    if args.gc == "scheduled":
+        gc.collect()
+        gc.disable()
+
+    def between() -> None:  # where the trainer's schedule would collect
+        if args.gc == "scheduled":
+            gc.collect(1)
+
     work = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-items-", dir=args.dir))
     rows = []
     try:
@@ -132,6 +146,7 @@ def main() -> None:
                             ck.save(step, parts, INFO, sync=True)
                     times[kind].append(time.perf_counter() - t0)
                     ck.wait()  # the retention of the previous step, untimed
+                    between()
                     step += 1
                     if kind == "dcp":
                         shutil.rmtree(target)
@@ -150,6 +165,7 @@ def main() -> None:
                     after = launch_bound_loop(iterations)  # alone: the mean of before and after
                     step += 1
                     stall[kind].append((call, beside - (before + after) / 2))
+                    between()
             ck.close()
             rows.append((layers, params, items, times, stall, iterations * per_op))
     finally:
@@ -159,7 +175,8 @@ def main() -> None:
     print(f"# Checkpoint items benchmark {date.today()} on {platform.node()} "
           f"({os.cpu_count()} cores)")  # fmt: skip
     print(f"command: python benchmarks/checkpoint_items.py --layers "
-          f"{' '.join(map(str, args.layers))} --runs {args.runs} --dir {args.dir}")  # fmt: skip
+          f"{' '.join(map(str, args.layers))} --runs {args.runs} --dir {args.dir} "
+          f"--gc {args.gc}")  # fmt: skip
     for layers, params, items, times, stall, loop_s in rows:
         e, t, d = (med(times[k]) for k in ("eurotrain", "torch.save each", "dcp"))
         print(f"{layers} layers: {params} parameters, {items} items")

@@ -61,6 +61,10 @@ class TrainingConfig:
     data.validation_fraction or data.validation_sources."""
     eval_batches: int = 10
     """Global batches of validation data per evaluation (the same ones every time)."""
+    gc_interval: int = 50
+    """Python's garbage collector runs every this many steps, on every rank at the same step,
+    instead of whenever allocations trigger it (a pause on one rank stalls all the others at the
+    next collective); 0 leaves it automatic. eurotrain/gc_schedule.py."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch_size", "micro_batch_size"):
@@ -77,6 +81,11 @@ class TrainingConfig:
             raise ConfigError(
                 f"train.eval_interval ({self.eval_interval}) must be >= 0 (0 = off) and "
                 f"train.eval_batches ({self.eval_batches}) >= 1"
+            )
+        if self.gc_interval < 0:
+            raise ConfigError(
+                f"train.gc_interval: {self.gc_interval} must be >= 0 (0 = Python's automatic "
+                "garbage collection)"
             )
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip: {self.grad_clip} must be >= 0 (0 = off)")

@@ -44,6 +44,7 @@ from eurotrain.fault.anomalies import AnomalyGuard
 from eurotrain.fault.config import GPU_MTBF_HOURS
 from eurotrain.fault.stragglers import Stragglers
 from eurotrain.fault.watchdog import HangWatchdog
+from eurotrain.gc_schedule import ScheduledGC
 from eurotrain.goodput import GoodputRecorder, Ledger
 from eurotrain.identity import check_run_dir, config_hash
 from eurotrain.metrics import (
@@ -176,8 +177,10 @@ class Trainer:
         )  # fmt: skip
         self.callbacks = CallbackList(
             [*self._builtin_callbacks(), *(callbacks or [])],
-            # The anomaly guard may roll back: after every other callback saw the step.
-            last=[self.anomalies, self._checkpoint_callback()],
+            # The anomaly guard may roll back: after every other callback saw the step. The
+            # scheduled collection last: its on_train_start turns automatic collection off after
+            # every other on_train_start has run (an error there would leave it off).
+            last=[self.anomalies, self._checkpoint_callback(), *self._gc_callback()],
         )
 
         self.stop_reason: str | None = None
@@ -205,6 +208,10 @@ class Trainer:
         if self.cfg.train.eval_interval:
             builtin.append(Evaluate(self.cfg.train.eval_interval))
         return builtin
+
+    def _gc_callback(self) -> list[ScheduledGC]:
+        interval = self.cfg.train.gc_interval
+        return [ScheduledGC(interval)] if interval else []
 
     def _checkpoint_callback(self) -> SaveCheckpoints:
         hours, source = self.cfg.fault.mtbf_hours, "fault.mtbf_hours"
