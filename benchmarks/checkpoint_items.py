@@ -4,9 +4,10 @@
         [--gc scheduled|auto]
 
 A model's checkpoint holds thousands of items: each block's nine weights, AdamW's three tensors
-of state per weight and, in the flattened optimizer state, its twelve hyper-parameters for every
-weight again. Their Python cost (DCP's planning, a torch.save each, the metadata) runs on the
-checkpoint thread, under the GIL that the training loop needs to launch its work. This measures
+of state per weight and, in the flattened optimizer state, its eleven hyper-parameters (twelve
+with an LR scheduler; none here) for every weight again. Their Python cost (DCP's planning, a
+torch.save each, the metadata) runs on the checkpoint thread, under the GIL that the training
+loop needs to launch its work. This measures
 it apart from the bytes: for each --layers, a Llama of that depth with tiny widths (dim 64; the
 items are those of a real model of that depth, the bytes negligible), after one AdamW step, in
 one process. --runs times, the three alternating (a new step or directory each time):

@@ -5,14 +5,16 @@ on each rank, and a collection of the oldest generation walks every object of th
 or hundreds of milliseconds). One rank paused there makes every other rank wait for it at the
 next collective, and a checkpoint's planning, which allocates hundreds of thousands of small
 objects on the checkpoint thread, triggers collections that hold the GIL the training loop
-needs (an 80-layer model's save: about a third of its Python time; benchmarks/RESULTS.md).
+needs (an 80-layer model's save: ~270 collections, a fifth to a third of its time;
+benchmarks/RESULTS.md).
 torchtitan (``training.gc_freq``) and Megatron-LM (``--manual-gc``) do the same.
 
 With ``train.gc_interval`` N > 0: one full collection at the start, automatic collection off,
 then the young generations (0 and 1: what the steps allocated since) collected every N steps and
 everything every 10 N steps, on the same step on every rank; at the end (or an error) the
 collector is left as it was found. Reference counting still frees everything that is not in a
-cycle at once, so memory does not grow between collections but by cyclic garbage.
+cycle at once, so memory grows between collections only by cyclic garbage (device memory too,
+where a cycle holds a tensor): if it does, lower the interval or set 0.
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ where no memfd exists). Either returns the file's size and SHA-256, computed whi
 ``.metadata`` stays DCP's (written by ``finish``); any reader of DCP checkpoints reads these.
 
 A model's checkpoint has thousands of items (an 80-layer Llama with AdamW: 723 parameters, three
-tensors of state each, and twelve hyper-parameters per parameter in the flattened optimizer
-state), and a torch.save costs ~0.1 ms of Python whatever its size, on the checkpoint thread,
-which holds the GIL the trainer needs. So within a save, each distinct plain value (a float, a
-tuple of them, ...) is serialized once (``CachingPlanner``), and tensors of one shape and dtype
-are written from one torch.save: its bytes around the data, recorded with the first such tensor,
-hold nothing of the data itself (the CRC32 is off), so the next ones replay them around their
-own data (``Recorder.save_tensor``). Both give exactly torch.save's bytes (tested).
+tensors of state each, and in the flattened optimizer state eleven hyper-parameters per
+parameter, twelve with an LR scheduler), and a torch.save costs ~0.1 ms of Python whatever its
+size, on the checkpoint thread, which holds the GIL the trainer needs. So within a save, each
+distinct plain value (a float, a tuple of them, ...) is serialized once (``CachingPlanner``), and
+tensors of one kind (dtype, shape, strides, storage size, flags) are written from one
+torch.save: its bytes around the data, recorded with the first such tensor, hold nothing of the
+data itself (the CRC32 is off), so the next ones replay them around their own data
+(``Recorder.save_tensor``). Both give exactly torch.save's bytes (tested).
 """
 
 from __future__ import annotations
