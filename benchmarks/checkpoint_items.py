@@ -24,6 +24,15 @@ with and without the shortcuts, alternating: the time inside ``save()`` and how 
 loop takes than alone (the mean of the loop just before and just after): the GIL and the cores
 the save takes from it.
 It prints the medians and the ratios to each baseline.
+
+    python benchmarks/checkpoint_items.py --trainer [--layers 48] [--runs 4] [--dir DIR]
+
+The same in the real trainer (``Trainer.train()``, one process on the CPU, the model above with
+the demo corpus, global batch 8 of 32 tokens): 41 steps with an async save every 4 steps, the
+loop's time over steps 6-41 (9 saves), for four configurations in rotating order each round:
+as now; every item through torch.save with the collector automatic (as before both changes); no
+saves; as now with the collector automatic (``train.gc_interval: 0``). Each save's cost to the
+loop is the difference to the run without saves, divided by 9.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eurotrain.checkpoint import CheckpointConfig, Checkpointer, writer
 from eurotrain.checkpoint.state import build_state
-from eurotrain.config import ModelConfig
+from eurotrain.config import ModelConfig, config_from_dict
 from eurotrain.models.llama import build_model
 from eurotrain.optim import OptimConfig, build_optimizer
 from eurotrain.parallel.engine import ModelState, OptimizerState
@@ -104,13 +113,82 @@ def launch_bound_loop(iterations: int) -> float:
     return time.perf_counter() - start
 
 
+TRAINER_KINDS = {  # name: (train.gc_interval, every item through torch.save, saves)
+    "eurotrain": (50, False, True),
+    "before (torch.save each, gc automatic)": (0, True, True),
+    "no saves": (50, False, False),
+    "eurotrain, gc automatic": (0, False, True),
+}
+
+
+class StepEnds:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_end(self, trainer: object, step: int, metrics: object) -> None:
+        self.times.append(time.perf_counter())
+
+
+def trainer_loop(work: Path, name: str, layers: int, kind: str) -> float:
+    """Seconds of steps 6-41 of a 41-step run of ``kind``."""
+    from eurotrain.train import Trainer
+
+    gc_interval, old, saves = TRAINER_KINDS[kind]
+    cfg = config_from_dict({
+        "model": {"name": "items", "vocab_size": 320, "dim": 64, "num_layers": layers,
+                  "num_heads": 4, "num_kv_heads": 2, "ffn_dim": 192, "max_seq_len": 64},
+        "data": {"corpus": "demo", "tokenizer": "byte", "seq_len": 32, "demo_bytes": 200_000},
+        "train": {"steps": 41, "global_batch_size": 8, "micro_batch_size": 2, "device": "cpu",
+                  "output_dir": str(work), "run_name": name, "gc_interval": gc_interval},
+        "checkpoint": {"interval": 4 if saves else 1000, "keep_last": 1},
+        "logging": {"log_interval": 50},
+    })  # fmt: skip
+    ends = StepEnds()
+    with every_item_through_torch_save() if old else contextlib.nullcontext():
+        Trainer(cfg, callbacks=[ends]).train()
+    return ends.times[-1] - ends.times[4]
+
+
+def trainer_main(args: argparse.Namespace, layers: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-items-", dir=args.dir))
+    totals: dict[str, list[float]] = {kind: [] for kind in TRAINER_KINDS}
+    try:
+        kinds = list(TRAINER_KINDS)
+        for run in range(args.runs):
+            for kind in kinds[run % 4 :] + kinds[: run % 4]:
+                totals[kind].append(
+                    trainer_loop(work, f"run{run}-{kinds.index(kind)}", layers, kind)
+                )
+                print(f"run {run + 1}: {kind}: {totals[kind][-1]:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = statistics.median
+    print(f"# Checkpoint items in the trainer {date.today()} on {platform.node()} "
+          f"({os.cpu_count()} cores)")  # fmt: skip
+    print(f"command: python benchmarks/checkpoint_items.py --trainer --layers {layers} "
+          f"--runs {args.runs} --dir {args.dir}")  # fmt: skip
+    bare = med(totals["no saves"])
+    for kind, values in totals.items():
+        per_save = "" if kind == "no saves" else f", {(med(values) - bare) / 9:.2f} s per save"
+        print(
+            f"{kind:40s} steps 6-41: median {med(values):.2f} s ("
+            + ", ".join(f"{v:.2f}" for v in values)
+            + f"){per_save}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, nargs="+", default=[16, 32, 80])
+    ap.add_argument("--layers", type=int, nargs="+", help="default 16 32 80; 48 with --trainer")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--gc", choices=["scheduled", "auto"], default="scheduled")
+    ap.add_argument("--trainer", action="store_true", help="in the real trainer (see above)")
     args = ap.parse_args()
+    if args.trainer:
+        trainer_main(args, (args.layers or [48])[0])
+        return
+    args.layers = args.layers or [16, 32, 80]
     if args.gc == "scheduled":
         gc.collect()
         gc.disable()
