@@ -105,6 +105,11 @@ def count_items(parts: dict[str, Stateful]) -> int:
     return len(planner.create_local_plan().items)
 
 
+def header(title: str, options: str) -> None:
+    print(f"# {title} {date.today()} on {platform.node()} ({os.cpu_count()} cores)")
+    print(f"command: python benchmarks/checkpoint_items.py {options}")
+
+
 def launch_bound_loop(iterations: int) -> float:
     x = torch.ones(64)
     start = time.perf_counter()
@@ -163,10 +168,8 @@ def trainer_main(args: argparse.Namespace, layers: int) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = statistics.median
-    print(f"# Checkpoint items in the trainer {date.today()} on {platform.node()} "
-          f"({os.cpu_count()} cores)")  # fmt: skip
-    print(f"command: python benchmarks/checkpoint_items.py --trainer --layers {layers} "
-          f"--runs {args.runs} --dir {args.dir}")  # fmt: skip
+    header("Checkpoint items in the trainer",
+           f"--trainer --layers {layers} --runs {args.runs} --dir {args.dir}")  # fmt: skip
     bare = med(totals["no saves"])
     for kind, values in totals.items():
         per_save = "" if kind == "no saves" else f", {(med(values) - bare) / 9:.2f} s per save"
@@ -251,11 +254,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
-    print(f"# Checkpoint items benchmark {date.today()} on {platform.node()} "
-          f"({os.cpu_count()} cores)")  # fmt: skip
-    print(f"command: python benchmarks/checkpoint_items.py --layers "
-          f"{' '.join(map(str, args.layers))} --runs {args.runs} --dir {args.dir} "
-          f"--gc {args.gc}")  # fmt: skip
+    layers_arg = " ".join(map(str, args.layers))
+    header("Checkpoint items benchmark",
+           f"--layers {layers_arg} --runs {args.runs} --dir {args.dir} --gc {args.gc}")  # fmt: skip
     for layers, params, items, times, stall, loop_s in rows:
         e, t, d = (med(times[k]) for k in ("eurotrain", "torch.save each", "dcp"))
         print(f"{layers} layers: {params} parameters, {items} items")
