@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -63,6 +64,11 @@ _INLINE = 1 << 16
 are referenced."""
 
 
+def _address(view: memoryview) -> int:
+    """Where the bytes of ``view`` are in memory."""
+    return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+
+
 class Recorder(io.RawIOBase):
     """A write-only stream that records what torch.save writes, as segments."""
 
@@ -89,18 +95,21 @@ class Recorder(io.RawIOBase):
                 return buffer.id, address - base
         return None
 
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        where = None
-        if view.nbytes >= _INLINE:
-            address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
-            where = self._where(address, view.nbytes)
+    def _append(self, address: int, nbytes: int, data: Callable[[], Any]) -> None:
+        """A reference to these bytes where a staging buffer holds them and they are long
+        enough, else a copy of ``data()``."""
+        where = self._where(address, nbytes)
         if where is None:
-            self._pending += view
+            self._pending += data()
         else:
             self._flush_pending()
-            self.segments.append((where[0], where[1], view.nbytes))
-        self.pos += view.nbytes
+            self.segments.append((where[0], where[1], nbytes))
+        self.pos += nbytes
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        address = _address(view) if view.nbytes >= _INLINE else 0  # 0: in no buffer
+        self._append(address, view.nbytes, lambda: view)
         return view.nbytes
 
     def write_bytes(self, data: bytes) -> None:
@@ -121,12 +130,9 @@ class Recorder(io.RawIOBase):
         """Write exactly what ``torch.save(tensor, self)`` writes (CRC32 off), replaying the
         bytes recorded around the data of an earlier tensor of the same kind."""
         key = _template_key(tensor)
-        if key is None:
-            torch.save(tensor, cast(IO[bytes], self))
-            return
-        if key not in self._templates:
+        if key is not None and key not in self._templates:
             self._templates[key] = _template(tensor)
-        template = self._templates[key]
+        template = None if key is None else self._templates[key]
         if template is None:
             torch.save(tensor, cast(IO[bytes], self))
             return
@@ -134,13 +140,7 @@ class Recorder(io.RawIOBase):
         self.write_bytes(head)
         storage = tensor.untyped_storage()  # its whole storage, in memory order, as torch.save
         address, nbytes = storage.data_ptr(), storage.nbytes()
-        where = self._where(address, nbytes)
-        if where is None:
-            self._pending += ctypes.string_at(address, nbytes)
-        else:
-            self._flush_pending()
-            self.segments.append((where[0], where[1], nbytes))
-        self.pos += nbytes
+        self._append(address, nbytes, lambda: ctypes.string_at(address, nbytes))
         self.write_bytes(tail)
 
 
@@ -183,7 +183,7 @@ class _Capture(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+        address = _address(view)
         self.parts.append(None if (address, view.nbytes) == self._storage else bytes(view))
         return view.nbytes
 
