@@ -11,8 +11,9 @@ ratios:
     the previous file is deleted outside the timing);
   * save: eurotrain's sync save of a new step (staging, DCP write, SHA-256 while writing,
     fsync, commit), until it returns; through the page cache, or with O_DIRECT where
-    --direct-io is sync or always (the async saves of the stall below: always); the retention that then deletes the previous step runs
-    on the checkpoint thread after the commit and is timed apart, like dd's deletion
+    --direct-io is sync or always (the async saves of the stall below: always); the retention
+    that then deletes the previous step runs on the checkpoint thread after the commit and is
+    timed apart, like dd's deletion
     -> GB/s, ratio to dd (the dd of the same run);
   * verify: checkpoint.verify metadata, and full (SHA-256 of every file; one rank does all)
     -> s/GB, with the page cache dropped first when --cold (needs root); otherwise warm, or,
