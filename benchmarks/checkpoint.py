@@ -230,7 +230,8 @@ def main() -> None:
         + " s"
     )
     print(f"first save of the run (writer start, fresh buffer): {first_s:.2f} s")
-    print(f"sha256 of the file  {gb / sum_s:6.2f} GB/s ({sum_s:.2f} s; no longer part of a save)")
+    print(f"checksum of the file{gb / sum_s:6.2f} GB/s ({sum_s:.2f} s, page cache warm; "
+          f"a save hashes while it writes)")  # fmt: skip
     cache = "page cache dropped" if cold else "page cache warm"
     if not cold and args.direct_io != "never":
         cache = "saved with O_DIRECT: not in the page cache"

@@ -148,21 +148,33 @@ class extension_registered:
         copyreg.remove_extension("posix", "system", EXT_CODE)
 
 
-def resign(ckpt: Path, algorithm: str = "sha256") -> None:
+def piece_sha256(data: bytes, piece: int = 32 << 20) -> str:
+    """The commit markers' checksum (sha256-pieces-32MiB), written out here on its own: SHA-256
+    of the SHA-256 digests of the data's consecutive ``piece``-byte pieces."""
+    import hashlib
+
+    parts = [data[at : at + piece] for at in range(0, len(data), piece)]
+    return hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
+
+
+def resign(ckpt: Path, algorithm: str = "sha256-pieces-32MiB") -> None:
     """Recompute the commit marker's sizes and checksums, as whoever sends the files can
-    (``algorithm`` blake2b: as eurotrain wrote markers before it used SHA-256)."""
+    (``algorithm`` sha256 or blake2b: as eurotrain wrote markers before)."""
     import hashlib
 
     marker = json.loads((ckpt / "COMMITTED.json").read_text())
     for name, entry in marker["files"].items():
         data = (ckpt / name).read_bytes()
         entry["size"] = len(data)
-        entry.pop("sha256", None)
-        entry.pop("blake2b", None)
+        for key in ("sha256-pieces-32MiB", "sha256", "blake2b"):
+            entry.pop(key, None)
         if algorithm == "blake2b":
             entry["blake2b"] = hashlib.blake2b(data, digest_size=16).hexdigest()
-        else:
+        elif algorithm == "sha256":
             entry["sha256"] = hashlib.sha256(data).hexdigest()
+        else:
+            assert algorithm == "sha256-pieces-32MiB", algorithm
+            entry[algorithm] = piece_sha256(data)
     (ckpt / "COMMITTED.json").write_text(json.dumps(marker))
 
 

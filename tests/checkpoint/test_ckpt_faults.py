@@ -16,6 +16,7 @@ from eurotrain.checkpoint import CheckpointError
 from eurotrain.checkpoint.checkpointer import ENOSPC_HOOK, KILL_HOOK
 from eurotrain.checkpoint.directory import latest, read_marker
 from eurotrain.checkpoint.safe_reader import read_metadata
+from eurotrain.checkpoint.storage import DIGEST
 from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.train import Trainer
 
@@ -61,15 +62,17 @@ def test_bit_flip_is_detected_by_full_verify(one_checkpoint):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     verify_checkpoint(one_checkpoint, "metadata")  # sizes and metadata only: a flipped bit passes
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: sha256 checksum differs"):
+    with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: {DIGEST} checksum differs"):
         verify_checkpoint(one_checkpoint, "full")
 
 
-def test_markers_of_blake2b_checksums_still_verify_and_resume(one_checkpoint, tmp_path):
-    """Checkpoints written before the switch to SHA-256 record blake2b: still checked and read."""
+@pytest.mark.parametrize("algorithm", ["sha256", "blake2b"])
+def test_markers_of_older_checksums_still_verify_and_resume(one_checkpoint, tmp_path, algorithm):
+    """Checkpoints written before the pieces record whole-file SHA-256 (2026-11-24/25), and
+    before that blake2b: still checked and read."""
     marker = read_marker(one_checkpoint)
-    assert all(set(e) == {"size", "sha256"} for e in marker["files"].values()), marker["files"]
-    resign(one_checkpoint, "blake2b")
+    assert all(set(e) == {"size", DIGEST} for e in marker["files"].values()), marker["files"]
+    resign(one_checkpoint, algorithm)
     verify_checkpoint(one_checkpoint, "full")
     cfg = tiny_config(tmp_path, "run", 4, checkpoint={"interval": 2})
     assert Trainer(cfg).resume() is not None
@@ -77,7 +80,7 @@ def test_markers_of_blake2b_checksums_still_verify_and_resume(one_checkpoint, tm
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: blake2b checksum differs"):
+    with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: {algorithm} checksum differs"):
         verify_checkpoint(one_checkpoint, "full")
 
 
@@ -88,7 +91,7 @@ def test_crafted_metadata_is_never_unpickled(one_checkpoint, tmp_path):
 
     meta = one_checkpoint / ".metadata"
     meta.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(CheckpointError, match=r"\.metadata: .*sha256 differs from the commit"):
+    with pytest.raises(CheckpointError, match=rf"\.metadata: .*{DIGEST} differs from the commit"):
         verify_checkpoint(
             one_checkpoint, "metadata"
         )  # first line of defence: the marker's size/checksum

@@ -17,6 +17,7 @@ from multiproc import run_distributed
 from eurotrain.checkpoint import CheckpointConfig, CheckpointError
 from eurotrain.checkpoint.directory import FORMAT, MARKER
 from eurotrain.checkpoint.resume import candidates
+from eurotrain.checkpoint.storage import DIGEST
 from eurotrain.train import Trainer
 
 
@@ -48,7 +49,7 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage, verify, named",
     [
-        (flip_byte, None, r"__1_0.distcp: sha256 checksum differs"),  # the default verify
+        (flip_byte, None, rf"__1_0.distcp: {DIGEST} checksum differs"),  # the default verify
         (truncate, "metadata", r"__1_0.distcp: .* bytes, the commit marker says"),
     ],
 )
@@ -86,7 +87,7 @@ def test_damage_named_or_found_while_loading_is_an_error_on_every_rank(saved, tm
         assert all("error" in r for r in results), results
         assert len({r["error"] for r in results}) == 1, "ranks disagree"
     named, loaded, strict = (r["error"] for r in by_rank[0])
-    assert f"{newest / '__1_0.distcp'}: sha256 checksum differs" in named
+    assert f"{newest / '__1_0.distcp'}: {DIGEST} checksum differs" in named
     assert f"{loading}: loading failed on rank 0 (" in loaded and "\n" not in loaded
     assert "holds model.layers.1." in strict and "does not have" in strict
 

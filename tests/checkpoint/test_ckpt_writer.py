@@ -1,5 +1,6 @@
 """The data-file writer: the same bytes and checksum with O_DIRECT and through the page cache,
-the page cache where O_DIRECT is refused, and which saves take which way."""
+the page cache where O_DIRECT is refused, and which saves take which way; the checksum over
+pieces, the same from memory and from disk with any number of threads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 
 import pytest
 import torch
+from crafted import piece_sha256
 
 from eurotrain.checkpoint import CheckpointConfig, byte_writer
 from eurotrain.checkpoint.checkpointer import Checkpointer
@@ -35,6 +37,7 @@ LAYOUTS = {
 @pytest.fixture
 def staged(monkeypatch):
     monkeypatch.setattr(byte_writer, "CHUNK", 1 << 20)  # several chunks, both bounce buffers
+    monkeypatch.setattr(byte_writer, "PIECE", 1_000_003)  # pieces cut inside segments
     buffer = mmap.mmap(-1, 5 << 20)
     buffer[:] = os.urandom(5 << 20)
     view = memoryview(buffer)
@@ -56,7 +59,7 @@ def test_both_ways_write_the_same_bytes_and_checksum(tmp_path, staged, layout, d
     size, digest, how = byte_writer.write_file(str(path), segments, {1: staged}, direct=direct)
     want = _expected(segments, staged)
     assert path.read_bytes() == want and size == len(want)
-    assert digest == hashlib.sha256(want).hexdigest()
+    assert digest == piece_sha256(want, byte_writer.PIECE)
     assert path.stat().st_mode & 0o777 == byte_writer.FILE_MODE
     if direct:
         assert how == "direct" or how.startswith("page cache (O_DIRECT refused")
@@ -94,7 +97,7 @@ def test_refused_o_direct_writes_through_the_page_cache(tmp_path, staged, monkey
     _, digest, how = byte_writer.write_file(str(path), segments, {1: staged}, direct=True)
     want = _expected(segments, staged)
     assert how.startswith("page cache (O_DIRECT refused: ") and "Invalid argument" in how
-    assert path.read_bytes() == want and digest == hashlib.sha256(want).hexdigest()
+    assert path.read_bytes() == want and digest == piece_sha256(want, byte_writer.PIECE)
 
 
 WAYS = {  # checkpoint.direct_io: how (sync save, async save) are written
@@ -144,3 +147,45 @@ def test_the_page_cache_is_the_default():
 def test_direct_io_is_checked():
     with pytest.raises(ConfigError, match=r"checkpoint\.direct_io: 'yes' must be one of never"):
         CheckpointConfig(direct_io="yes")  # type: ignore[arg-type]
+
+
+SIZES = [0, 1, 1000, 4096, 4097, 3 * 4096 - 1, 3 * 4096, 5 * 4096 + 7]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_checksum_over_pieces_is_the_same_however_it_is_computed(tmp_path, monkeypatch, size):
+    """From memory cut at any boundaries, from disk, with 1 to 4 threads, through storage.digest:
+    always SHA-256 of the pieces' SHA-256 digests, pieces by file offset."""
+    from eurotrain.checkpoint import storage
+
+    monkeypatch.setattr(byte_writer, "PIECE", 4096)
+    data = os.urandom(size)
+    want = piece_sha256(data, 4096)
+    cuts = [memoryview(data)[at : at + 333] for at in range(0, size, 333)]  # never on a piece
+    cuts.insert(len(cuts) // 2, memoryview(b""))
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    for threads in (1, 2, 3, 4):
+        assert byte_writer.hash_pieces(cuts, threads) == want
+        assert storage.checksum(path, threads=threads) == want
+    assert storage.digest(data) == want == storage.checksum(path)
+    assert storage.checksum(path, "sha256") == hashlib.sha256(data).hexdigest()  # older markers
+
+
+def test_a_file_cut_short_while_hashed_gives_another_checksum(tmp_path, monkeypatch):
+    """Truncated after its size was read (e.g. overwritten during a verify): no hang, no error
+    but a checksum that differs, which verify reports as corruption."""
+    from eurotrain.checkpoint import storage
+
+    monkeypatch.setattr(byte_writer, "PIECE", 4096)
+    data = os.urandom(3 * 4096)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    os.truncate(path, 2 * 4096 + 5)
+
+    class SizeBefore:
+        st_size = len(data)
+
+    monkeypatch.setattr(type(path), "stat", lambda self, **kw: SizeBefore())
+    for threads in (1, 3):
+        assert storage.checksum(path, threads=threads) != piece_sha256(data, 4096)
