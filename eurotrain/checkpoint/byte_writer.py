@@ -3,8 +3,8 @@
 A file is a list of segments: small byte strings (torch.save's zip headers and pickles) and
 references ``(buffer id, offset, length)`` into staging buffers (the tensors' bytes). Other
 threads hash the bytes from memory while they are written (SHA-256 of 32 MiB pieces, several
-pieces at once: PIECE_DIGEST); an fsync ends the file. The digest is of exactly the bytes written, so no second read
-of the file is needed for the commit marker.
+pieces at once: PIECE_DIGEST); an fsync ends the file. The digest is of exactly the bytes
+written, so no second read of the file is needed for the commit marker.
 
 Through the page cache (the default): each chunk is written and its write-back started at once
 (sync_file_range). Direct I/O (``checkpoint.direct_io``): the bytes are copied into page-aligned
@@ -147,7 +147,7 @@ def hash_pieces(views: list[memoryview], threads: int = 0) -> str:
     cores, beside the writes."""
     parts = pieces(views)
     digests: list[bytes] = [b""] * len(parts)
-    failed: list[BaseException] = []
+    failed: list[Exception] = []
 
     def work(first: int, step: int) -> None:
         try:
