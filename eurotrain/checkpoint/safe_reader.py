@@ -7,7 +7,11 @@ Where DCP unpickles, and what eurotrain does about it (torch 2.13):
   metadata is read once by ``read_metadata`` (checksum against the commit marker, then the
   restricted unpickler of ``safe_pickle.py``, then a check that every storage entry points into
   a data file the marker lists) and handed to the reader.
-- ``FileSystemReader.read_data``: tensors through ``torch.load(weights_only=True)``. Kept.
+- ``FileSystemReader.read_data``: tensors through ``torch.load(weights_only=True)``. Kept for
+  tensors whose bytes around the data differ from what eurotrain's writer puts there (files
+  DCP wrote, strided tensors); eurotrain's own are compared with the writer's template for the
+  dtype and shape the checked metadata gives and then read straight into place, unpickling
+  nothing.
 - ``DefaultLoadPlanner.load_bytes``: non-tensor values (the ``train`` JSON, RNG text, the
   optimizer's hyper-parameters) through ``torch.load(weights_only=False)``: a crafted data file
   runs code there. Replaced by ``torch.load(weights_only=True)`` and a check for plain data.
@@ -15,7 +19,10 @@ Where DCP unpickles, and what eurotrain does about it (torch 2.13):
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import io
+import math
 import os
 import re
 import stat
@@ -26,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -39,10 +47,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from eurotrain.checkpoint.safe_pickle import Refused, unpickle_metadata
 from eurotrain.checkpoint.storage import digest, entry_digest
+from eurotrain.checkpoint.writer import stored_template
 from eurotrain.errors import CheckpointError
 
 METADATA = ".metadata"
@@ -140,6 +149,10 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path: Path, metadata: Metadata) -> None:
         super().__init__(path)
         self._metadata = metadata
+        self._templates: dict[tuple[torch.dtype, tuple[int, ...]], tuple[bytes, bytes] | None] = {}
+        self.direct: list[str] = []
+        """Keys of the tensor items read straight into place (the rest went through DCP's
+        reader)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -150,9 +163,111 @@ class SafeFileSystemReader(FileSystemReader):
         return self._metadata
 
     def read_data(self, plan: LoadPlan, planner: Any) -> Any:
+        """Tensors whose bytes in the file are exactly what eurotrain's writer puts around
+        such a tensor's data are read straight into place (one read, no torch.load, no
+        intermediate copy where the target is a whole contiguous host tensor); every other
+        item (values, other files' layouts, transforms) goes through DCP's reader."""
         if not isinstance(planner, SafeLoadPlanner):
             raise TypeError("SafeFileSystemReader reads only for a SafeLoadPlanner")
-        return super().read_data(plan, planner)
+        rest: list[ReadItem] = []
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            if item.type == LoadItemType.TENSOR:
+                name = self.storage_data[item.storage_index].relative_path
+                per_file.setdefault(name, []).append(item)
+            else:
+                rest.append(item)
+        for name, items in per_file.items():
+            fd = os.open(Path(self.path) / name, os.O_RDONLY)
+            try:
+                for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
+                    if not self._read_direct(fd, name, item, planner):
+                        rest.append(item)
+            finally:
+                os.close(fd)
+        return super().read_data(dataclasses.replace(plan, items=rest), planner)
+
+    def _template(self, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes] | None:
+        key = (dtype, shape)
+        if key not in self._templates:
+            try:
+                self._templates[key] = stored_template(dtype, shape)
+            except Exception:  # a dtype torch.empty refuses: DCP's reader decides
+                self._templates[key] = None
+        return self._templates[key]
+
+    def _read_direct(self, fd: int, name: str, req: ReadItem, planner: SafeLoadPlanner) -> bool:
+        """Read one tensor item without torch.load where its file bytes, all but the data,
+        equal the writer's template for the dtype and chunk shape the checked metadata gives;
+        False (nothing done) otherwise."""
+        path = Path(self.path) / name
+        info: _StorageInfo = self.storage_data[req.storage_index]
+        entry = self._metadata.state_dict_metadata.get(req.storage_index.fqn)
+        if info.transform_descriptors or not isinstance(entry, TensorStorageMetadata):
+            return False
+        where = tuple(req.storage_index.offset or ())
+        chunk = next((c for c in entry.chunks if tuple(c.offsets) == where), None)
+        if chunk is None:
+            return False
+        dtype, shape = entry.properties.dtype, tuple(chunk.sizes)
+        template = self._template(dtype, shape)
+        if template is None:
+            return False
+        head, tail = template
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = info.offset + len(head)
+        if info.length != len(head) + nbytes + len(tail):
+            return False
+        if (
+            _pread(fd, len(head), info.offset) != head
+            or _pread(fd, len(tail), start + nbytes) != tail
+        ):
+            return False
+        target = planner.resolve_tensor(req).detach()
+        whole = not any(req.storage_offsets) and tuple(req.lengths) == shape
+        if (
+            whole
+            and type(target) is torch.Tensor
+            and target.device.type == "cpu"
+            and target.dtype == dtype
+            and target.is_contiguous()
+            and tuple(target.shape) == shape
+        ):
+            _pread_into(fd, target, start, path)
+        else:  # a part of the chunk, another dtype or device: through one buffer
+            source = torch.empty(shape, dtype=dtype)
+            _pread_into(fd, source, start, path)
+            source = narrow_tensor_by_index(source, req.storage_offsets, req.lengths)
+            if target.size() != source.size():
+                raise CheckpointError(
+                    f"{path}: {req.storage_index.fqn} holds {tuple(source.size())} where "
+                    f"this run has {tuple(target.size())}"
+                )
+            target.copy_(source)
+        planner.commit_tensor(req, target)
+        self.direct.append(req.storage_index.fqn)
+        return True
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
+    parts, got = [], 0
+    while got < length and (part := os.pread(fd, length - got, offset + got)):
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _pread_into(fd: int, tensor: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill a contiguous host tensor with the file's bytes at ``offset``."""
+    nbytes = tensor.numel() * tensor.element_size()
+    view = memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise CheckpointError(f"{path}: ends inside a tensor (cut short after it was verified)")
+        got += n
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -201,6 +201,22 @@ def _template(tensor: torch.Tensor) -> tuple[bytes, bytes] | None:
     )
 
 
+def stored_template(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes] | None:
+    """The bytes HashingWriter writes before and after the data of a contiguous tensor of this
+    dtype and shape (torch.save with CRC32 off), or None where it writes no such template (an
+    empty tensor). The safe reader compares a data file's bytes with these to read the data
+    straight into place."""
+    tensor = torch.empty(shape, dtype=dtype)  # never touched: no memory is written
+    if _template_key(tensor) is None:
+        return None
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        return _template(tensor)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+
+
 def _plain_key(value: Any, depth: int = 0) -> tuple[Any, ...] | None:
     """A key equal only for values torch.save writes the same way (type and exact value), or
     None for anything but None, bool, int, float, str, bytes and short tuples or lists of them."""
