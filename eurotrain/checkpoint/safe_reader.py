@@ -210,11 +210,13 @@ class SafeFileSystemReader(FileSystemReader):
         if chunk is None:
             return False
         dtype, shape = entry.properties.dtype, tuple(chunk.sizes)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.length:  # checked first: no template of a crafted giant shape
+            return False
         template = self._template(dtype, shape)
         if template is None:
             return False
         head, tail = template
-        nbytes = math.prod(shape) * dtype.itemsize
         start = info.offset + len(head)
         if info.length != len(head) + nbytes + len(tail):
             return False

@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -62,6 +62,23 @@ can be mounted to fill up for real)."""
 _INLINE = 1 << 16
 """Writes shorter than this are copied (headers, pickles); longer ones inside a staging buffer
 are referenced."""
+
+
+_CRC_SWITCH = threading.RLock()
+
+
+@contextlib.contextmanager
+def crc32_off() -> Iterator[None]:
+    """torch.save without its CRC32 per record, then as before. The switch is process-wide: the
+    lock keeps a save on the checkpoint thread and a load's templates (a rollback) from
+    restoring each other's setting in the wrong order."""
+    with _CRC_SWITCH:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(before)
 
 
 def _address(view: memoryview) -> int:
@@ -209,12 +226,8 @@ def stored_template(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
     tensor = torch.empty(shape, dtype=dtype)  # never touched: no memory is written
     if _template_key(tensor) is None:
         return None
-    crc = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
+    with crc32_off():
         return _template(tensor)
-    finally:
-        torch.serialization.set_crc32_options(crc)
 
 
 def _plain_key(value: Any, depth: int = 0) -> tuple[Any, ...] | None:
@@ -384,9 +397,7 @@ class HashingWriter(FileSystemWriter):
         results = []
         # Byte items first, then tensors, as DCP orders them.
         items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)  # SHA-256 covers every byte instead
-        try:
+        with crc32_off():  # SHA-256 covers every byte instead
             for item in items:
                 offset = recorder.pos
                 data: Any = planner.resolve_data(item)
@@ -399,8 +410,6 @@ class HashingWriter(FileSystemWriter):
                     recorder.save_tensor(tensor)
                 info = _StorageInfo(name, offset, recorder.pos - offset)
                 results.append(WriteResult(item.index, recorder.pos - offset, info))
-        finally:
-            torch.serialization.set_crc32_options(crc)
         path = Path(self.path) / name
         size, digest, self.io = self._sink.write(path, recorder.finish(), self._direct)
         assert size == recorder.pos, f"{path}: wrote {size} bytes of {recorder.pos}"
