@@ -14,11 +14,13 @@ Where DCP unpickles, and what eurotrain does about it (torch 2.13):
   nothing.
 - ``DefaultLoadPlanner.load_bytes``: non-tensor values (the ``train`` JSON, RNG text, the
   optimizer's hyper-parameters) through ``torch.load(weights_only=False)``: a crafted data file
-  runs code there. Replaced by ``torch.load(weights_only=True)`` and a check for plain data.
+  runs code there. Replaced by ``torch.load(weights_only=True)`` and a check for plain data,
+  once per distinct bytes, the checked value then stored where DCP would store its own.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import io
@@ -35,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -56,6 +59,7 @@ from eurotrain.errors import CheckpointError
 
 METADATA = ".metadata"
 _PLAIN = (str, int, float, bool, type(None))
+_UNSEEN = object()
 _SHOWN = 4
 """Names listed per group in an error about keys before '... (N in all)'."""
 
@@ -282,6 +286,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().__init__(allow_partial_load=False)
         self.ckpt = ckpt
         self.strict = strict
+        self._values: dict[bytes, Any] = {}
+        """Checked plain values by their bytes in the file."""
 
     def _strict_keys(self, keys: Any) -> list[str]:
         return sorted(k for k in keys if isinstance(k, str) and k.startswith(self.strict))
@@ -319,8 +325,21 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
+        raw = value.getvalue()
+        obj = self._values.get(raw, _UNSEEN)
+        if obj is _UNSEEN:  # the same bytes (an optimizer's hyper-parameters) parsed once
+            obj = self._values[raw] = self._plain_value(fqn, raw)
+        obj = copy.deepcopy(obj)  # no list or dict shared between entries
+        # Where DCP's own load_bytes stores what it unpickles (without weights_only), this
+        # stores the checked plain value itself.
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+    def _plain_value(self, fqn: str, raw: bytes) -> Any:
         try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # torch's refusal of a global, or garbage
             raise CheckpointError(
                 f"{self.ckpt}: value {fqn!r} unreadable by torch.load(weights_only=True) "
@@ -331,12 +350,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 f"{self.ckpt}: value {fqn!r} is a {type(obj).__name__}; eurotrain stores only "
                 f"text and numbers there (the file may be crafted)"
             )
-        # DCP's own load_bytes stores the value (where the flattened key maps to); what it
-        # unpickles now is this re-serialised copy of checked plain data.
-        again = io.BytesIO()
-        torch.save(obj, again)
-        again.seek(0)
-        super().load_bytes(read_item, again)
+        return obj
 
 
 def _plain(obj: Any, depth: int = 0) -> bool:

@@ -1,6 +1,6 @@
 """Loading tensors straight into place: which items the safe reader reads directly (their bytes
 around the data exactly as eurotrain's writer puts them), and that every way of reading gives
-what DCP's own reader gives."""
+what DCP's own reader gives; values parsed once per distinct bytes."""
 
 from __future__ import annotations
 
@@ -138,3 +138,21 @@ def test_a_file_cut_after_verify_is_an_error_not_a_partial_load(saved):
     os.truncate(data, data.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=str(ckpt)):
         load_state(_targets(original), ckpt, metadata, ("model.",))
+
+
+def test_equal_values_are_parsed_once_and_never_shared(tmp_path, monkeypatch):
+    """An optimizer's hyper-parameters repeat for every parameter: the same bytes are checked
+    and unpickled once, and each entry gets its own copy of a list."""
+    values = {"a": [1, 2.5], "b": [1, 2.5], "c": "text", "d": "text", "e": [1, 2.5]}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save({"x": values}, checkpoint_id=tmp_path, no_dist=True)
+    metadata = pickle.loads((tmp_path / ".metadata").read_bytes())  # written here: trusted
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
+    state = {"x": dict.fromkeys(values)}
+    _load(tmp_path, metadata, state)
+    assert state["x"] == values
+    assert state["x"]["a"] is not state["x"]["b"] and state["x"]["b"] is not state["x"]["e"]
+    assert len(loads) == 2  # the list and the text
