@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.autograd.graph import increment_version
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
@@ -237,9 +238,11 @@ class SafeFileSystemReader(FileSystemReader):
             and target.device.type == "cpu"
             and target.dtype == dtype
             and target.is_contiguous()
+            and not (target.is_conj() or target.is_neg())
             and tuple(target.shape) == shape
         ):
             _pread_into(fd, target, start, path)
+            increment_version(target)  # as copy_ would: autograd sees the tensor changed
         else:  # a part of the chunk, another dtype or device: through one buffer
             source = torch.empty(shape, dtype=dtype)
             _pread_into(fd, source, start, path)

@@ -79,6 +79,7 @@ def _targets(original: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 def test_eurotrain_files_are_read_directly_and_equal_dcps_reading(saved):
     ckpt, metadata, original = saved
     direct, generic = _targets(original), _targets(original)
+    versions = {k: v._version for k, v in direct["model"].items()}
     reader = _load(ckpt, metadata, direct)
     assert _load(ckpt, metadata, generic, direct=False).direct == []
     assert set(reader.direct) == DIRECT  # the empty one: DCP's reader
@@ -86,6 +87,8 @@ def test_eurotrain_files_are_read_directly_and_equal_dcps_reading(saved):
         assert torch.equal(direct["model"][name], want), name
         assert torch.equal(generic["model"][name], want), name
         assert direct["model"][name].stride() == generic["model"][name].stride()
+        if f"model.{name}" in DIRECT:  # written as copy_ writes: autograd would notice
+            assert direct["model"][name]._version > versions[name], name
 
 
 def test_other_targets_read_through_one_buffer(saved):
