@@ -22,7 +22,10 @@ automatic (``--gc auto``, train.gc_interval 0), for all three alike. Then the as
 a stand-in for a launch-bound trainer (a loop of small tensor ops, each needing the GIL, ~3 s),
 with and without the shortcuts, alternating: the time inside ``save()`` and how much longer the
 loop takes than alone (the mean of the loop just before and just after): the GIL and the cores
-the save takes from it.
+the save takes from it. Last, loads of the model and optimizer from the newest checkpoint (in
+the page cache), alternating: eurotrain's safe reader and planner (tensors read straight into
+place, each distinct value unpickled once) against DCP's FileSystemReader and default planner
+(torch.load of every item).
 It prints the medians and the ratios to each baseline.
 
     python benchmarks/checkpoint_items.py --trainer [--layers 48] [--runs 4] [--dir DIR]
@@ -47,19 +50,21 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eurotrain.checkpoint import CheckpointConfig, Checkpointer, writer
+from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.state import build_state
+from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.config import ModelConfig, config_from_dict
 from eurotrain.models.llama import build_model
 from eurotrain.optim import OptimConfig, build_optimizer
@@ -180,6 +185,26 @@ def trainer_main(args: argparse.Namespace, layers: int) -> None:
         )
 
 
+def time_loads(
+    ckpt: Path, parts: dict[str, Stateful], runs: int, between: Callable[[], None]
+) -> dict[str, list[float]]:
+    """Seconds to load the model and optimizer from ``ckpt`` (in the page cache), alternating:
+    eurotrain's safe reader and planner, and DCP's FileSystemReader and default planner."""
+    _, metadata = verify_checkpoint(ckpt, "metadata")
+    state = {k: parts[k].state_dict() for k in ("model", "optim")}
+    times: dict[str, list[float]] = {"eurotrain": [], "dcp": []}
+    for _ in range(runs):
+        for kind in times:
+            t0 = time.perf_counter()
+            if kind == "eurotrain":
+                load_state(state, ckpt, metadata, ("model.", "optim."))
+            else:
+                dcp.load(state, storage_reader=FileSystemReader(ckpt), no_dist=True)
+            times[kind].append(time.perf_counter() - t0)
+            between()
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", help="default 16 32 80; 48 with --trainer")
@@ -249,7 +274,8 @@ def main() -> None:
                     stall[kind].append((call, beside - (before + after) / 2))
                     between()
             ck.close()
-            rows.append((layers, params, items, times, stall, iterations * per_op))
+            loads = time_loads(Path(cfg.dir) / f"step-{step - 1:06d}", parts, args.runs, between)
+            rows.append((layers, params, items, times, stall, iterations * per_op, loads))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -257,7 +283,7 @@ def main() -> None:
     layers_arg = " ".join(map(str, args.layers))
     header("Checkpoint items benchmark",
            f"--layers {layers_arg} --runs {args.runs} --dir {args.dir} --gc {args.gc}")  # fmt: skip
-    for layers, params, items, times, stall, loop_s in rows:
+    for layers, params, items, times, stall, loop_s, loads in rows:
         e, t, d = (med(times[k]) for k in ("eurotrain", "torch.save each", "dcp"))
         print(f"{layers} layers: {params} parameters, {items} items")
         for kind, values in times.items():
@@ -271,6 +297,11 @@ def main() -> None:
                   f"{extra} s")  # fmt: skip
         se, st = (med(s for _, s in stall[k]) for k in ("eurotrain", "torch.save each"))
         print(f"  median loop stall: eurotrain {se:.2f} s, torch.save for every item {st:.2f} s")
+        for kind, values in loads.items():
+            print(f"  load, {kind:17s} " + ", ".join(f"{v:.2f}" for v in values) + " s")
+        le, ld = (med(loads[k]) for k in ("eurotrain", "dcp"))
+        print(f"  median load: eurotrain {le:.2f} s = {ld / le:.2f} x as fast as DCP's "
+              f"FileSystemReader ({ld:.2f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":
