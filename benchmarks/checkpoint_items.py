@@ -1,7 +1,8 @@
-"""The per-item cost of a save, against DCP's own writer and against torch.save for every item.
+"""The per-item cost of a save and a load, against DCP's own writer and reader and against
+torch.save for every item.
 
     python benchmarks/checkpoint_items.py [--layers 16 32 80] [--runs 5] [--dir DIR]
-        [--gc scheduled|auto]
+        [--gc scheduled|auto] [--loop-s 3]
 
 A model's checkpoint holds thousands of items: each block's nine weights, AdamW's three tensors
 of state per weight and, in the flattened optimizer state, its eleven hyper-parameters (twelve
@@ -19,10 +20,10 @@ one process. --runs times, the three alternating (a new step or directory each t
 Python's garbage collector is as the trainer leaves it (``--gc scheduled``, train.gc_interval
 > 0: automatic collection off, the young generations collected between the measurements) or
 automatic (``--gc auto``, train.gc_interval 0), for all three alike. Then the async save beside
-a stand-in for a launch-bound trainer (a loop of small tensor ops, each needing the GIL, ~3 s),
-with and without the shortcuts, alternating: the time inside ``save()`` and how much longer the
-loop takes than alone (the mean of the loop just before and just after): the GIL and the cores
-the save takes from it. Last, loads of the model and optimizer from the newest checkpoint (in
+a stand-in for a launch-bound trainer (a loop of small tensor ops, each needing the GIL,
+--loop-s seconds alone), with and without the shortcuts, alternating: the time inside
+``save()`` and how much longer the loop takes than alone (the mean of the loop just before and
+just after): the GIL and the cores the save takes from it. Last, loads of the model and optimizer from the newest checkpoint (in
 the page cache), alternating: eurotrain's safe reader and planner (tensors read straight into
 place, each distinct value unpickled once) against DCP's FileSystemReader and default planner
 (torch.load of every item).
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--gc", choices=["scheduled", "auto"], default="scheduled")
     ap.add_argument("--trainer", action="store_true", help="in the real trainer (see above)")
+    ap.add_argument("--loop-s", type=float, default=3.0, help="the stand-in trainer's seconds")
     args = ap.parse_args()
     if args.trainer:
         trainer_main(args, (args.layers or [48])[0])
@@ -228,9 +230,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-items-", dir=args.dir))
     rows = []
     try:
-        # The stand-in trainer: as many small ops as take ~3 s alone (longer than a save).
+        # The stand-in trainer: as many small ops as take --loop-s alone (longer than a save).
         per_op = launch_bound_loop(50_000) / 50_000
-        iterations = int(3.0 / per_op)
+        iterations = max(1, int(args.loop_s / per_op))
         for layers in args.layers:
             parts, params = parts_for(layers)
             items = count_items(parts)
@@ -282,7 +284,8 @@ def main() -> None:
     med = statistics.median
     layers_arg = " ".join(map(str, args.layers))
     header("Checkpoint items benchmark",
-           f"--layers {layers_arg} --runs {args.runs} --dir {args.dir} --gc {args.gc}")  # fmt: skip
+           f"--layers {layers_arg} --runs {args.runs} --dir {args.dir} --gc {args.gc} "
+           f"--loop-s {args.loop_s}")  # fmt: skip
     for layers, params, items, times, stall, loop_s, loads in rows:
         e, t, d = (med(times[k]) for k in ("eurotrain", "torch.save each", "dcp"))
         print(f"{layers} layers: {params} parameters, {items} items")
