@@ -23,10 +23,10 @@ automatic (``--gc auto``, train.gc_interval 0), for all three alike. Then the as
 a stand-in for a launch-bound trainer (a loop of small tensor ops, each needing the GIL,
 --loop-s seconds alone), with and without the shortcuts, alternating: the time inside
 ``save()`` and how much longer the loop takes than alone (the mean of the loop just before and
-just after): the GIL and the cores the save takes from it. Last, loads of the model and optimizer from the newest checkpoint (in
-the page cache), alternating: eurotrain's safe reader and planner (tensors read straight into
-place, each distinct value unpickled once) against DCP's FileSystemReader and default planner
-(torch.load of every item).
+just after): the GIL and the cores the save takes from it. Last, loads of the model and
+optimizer from the newest checkpoint (in the page cache), alternating: eurotrain's safe reader
+and planner (tensors read straight into place, each distinct value unpickled once) against
+DCP's FileSystemReader and default planner (torch.load of every item).
 It prints the medians and the ratios to each baseline.
 
     python benchmarks/checkpoint_items.py --trainer [--layers 48] [--runs 4] [--dir DIR]
