@@ -34,6 +34,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
@@ -141,37 +142,46 @@ def combine(piece_digests: list[bytes]) -> str:
     return hashlib.sha256(b"".join(piece_digests)).hexdigest()
 
 
-def hash_pieces(views: list[memoryview], threads: int = 0) -> str:
-    """PIECE_DIGEST of the bytes of ``views``, the pieces shared by ``threads`` threads
-    (hash_threads() when 0); hashlib releases the GIL while it hashes, so they run on as many
-    cores, beside the writes."""
-    parts = pieces(views)
-    digests: list[bytes] = [b""] * len(parts)
+def digest_pieces(count: int, piece_digest: Callable[[int], bytes], threads: int = 0) -> str:
+    """PIECE_DIGEST of a file of ``count`` pieces, ``piece_digest(i)`` being the SHA-256 digest
+    of piece i; ``threads`` threads (hash_threads() when 0) take every threads-th piece. hashlib
+    (and a read) releases the GIL, so they run on as many cores."""
+    digests: list[bytes] = [b""] * count
     failed: list[Exception] = []
 
     def work(first: int, step: int) -> None:
         try:
-            for index in range(first, len(parts), step):
-                digest = hashlib.sha256()
-                for view in parts[index]:
-                    digest.update(view)
-                digests[index] = digest.digest()
+            for index in range(first, count, step):
+                digests[index] = piece_digest(index)
         except Exception as e:  # raised in the caller below
             failed.append(e)
 
-    count = max(1, min(threads or hash_threads(), len(parts)))
+    step = max(1, min(threads or hash_threads(), count))
     helpers = [
-        threading.Thread(target=work, args=(k, count), name=f"eurotrain-ckpt-hash-{k}")
-        for k in range(1, count)
+        threading.Thread(target=work, args=(k, step), name=f"eurotrain-ckpt-hash-{k}")
+        for k in range(1, step)
     ]
     for helper in helpers:
         helper.start()
-    work(0, count)
+    work(0, step)
     for helper in helpers:
         helper.join()
     if failed:
         raise failed[0]
     return combine(digests)
+
+
+def hash_pieces(views: list[memoryview], threads: int = 0) -> str:
+    """PIECE_DIGEST of the bytes of ``views``, hashed from memory beside the writes."""
+    parts = pieces(views)
+
+    def piece_digest(index: int) -> bytes:
+        digest = hashlib.sha256()
+        for view in parts[index]:
+            digest.update(view)
+        return digest.digest()
+
+    return digest_pieces(len(parts), piece_digest, threads)
 
 
 def _hash(views: list[memoryview], out: list[str | Exception]) -> None:

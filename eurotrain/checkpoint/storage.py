@@ -9,7 +9,7 @@ import hashlib
 import os
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,35 +170,27 @@ _READ = 8 << 20
 
 
 def _checksum_pieces(path: Path, threads: int) -> str:
-    """PIECE_DIGEST of a file: ``threads`` threads each read (pread) and hash every threads-th
-    piece, reads and hashing releasing the GIL."""
+    """PIECE_DIGEST of a file, its pieces read (pread) and hashed by ``threads`` threads
+    (hash_threads() when 0)."""
     size = path.stat().st_size
     piece = byte_writer.PIECE
-    count = -(-size // piece)
-    threads = max(1, min(threads, count))
-    digests: list[bytes] = [b""] * count
+    local = threading.local()  # each thread's read buffer
 
-    def work(fd: int, first: int) -> None:
-        view = memoryview(bytearray(min(_READ, piece, size)))  # read in cache-sized parts
-        for index in range(first, count, threads):
-            h = hashlib.sha256()
-            at, end = index * piece, min((index + 1) * piece, size)
-            while at < end and (n := os.preadv(fd, [view[: end - at]], at)):
-                h.update(view[:n])  # n == 0: cut short meanwhile, the checksum then differs
-                at += n
-            digests[index] = h.digest()
+    def piece_digest(index: int) -> bytes:
+        if not hasattr(local, "view"):  # read in cache-sized parts
+            local.view = memoryview(bytearray(min(_READ, piece, size)))
+        view, h = local.view, hashlib.sha256()
+        at, end = index * piece, min((index + 1) * piece, size)
+        while at < end and (n := os.preadv(fd, [view[: end - at]], at)):
+            h.update(view[:n])  # n == 0: cut short meanwhile, the checksum then differs
+            at += n
+        return h.digest()
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        if threads == 1:
-            work(fd, 0)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="eurotrain-hash") as ex:
-                for future in [ex.submit(work, fd, k) for k in range(threads)]:
-                    future.result()
+        return byte_writer.digest_pieces(-(-size // piece), piece_digest, threads)
     finally:
         os.close(fd)
-    return byte_writer.combine(digests)
 
 
 def checksum(path: str | Path, algorithm: str = DIGEST, threads: int = 0) -> str:
@@ -207,7 +199,7 @@ def checksum(path: str | Path, algorithm: str = DIGEST, threads: int = 0) -> str
     one."""
     path = Path(path)
     if algorithm == PIECE_DIGEST:
-        return _checksum_pieces(path, threads or byte_writer.hash_threads())
+        return _checksum_pieces(path, threads)
     h = _whole_file_hash(algorithm)
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(_READ)
