@@ -10,7 +10,9 @@ pickle machine (``pickle._Unpickler``) with every opcode that calls or changes a
 - a global is one of the (module, name) pairs of ``_GLOBALS``, answered from that table: never
   imported, never looked up by attribute, never a dotted name;
 - REDUCE calls torch.Size, torch.serialization._get_layout, DCP's memory-format enum or
-  PosixPath only, each with the argument types it is pickled with;
+  PosixPath only, each with the argument types it is pickled with, and ``getattr`` with that
+  enum and the name of one of its members only (how early Python 3.11 releases, such as
+  Debian 12's 3.11.2, pickle an enum member; other releases call the enum with its value);
 - NEWOBJ creates DCP's metadata dataclasses only, without arguments;
 - BUILD sets declared dataclass fields of such an instance (TensorProperties: its own
   __setstate__ with a 5-tuple); APPEND(S)/SETITEM(S)/ADDITEMS act on list/dict/set only;
@@ -64,9 +66,20 @@ def _is_one(kind: type) -> Callable[[tuple], bool]:
     return lambda args: len(args) == 1 and type(args[0]) is kind
 
 
+def _is_member(args: tuple) -> bool:
+    """getattr(enum, name) where name is one of the enum's members (not any attribute)."""
+    return (
+        len(args) == 2
+        and args[0] is _MEM_FORMAT
+        and type(args[1]) is str
+        and args[1] in _MEM_FORMAT.__members__
+    )
+
+
 # What REDUCE may call, with a check of the arguments it is called with.
 _CALLS: dict[Any, Callable[[tuple], bool]] = {
     torch.Size: _is_ints,
+    getattr: _is_member,
     torch.serialization._get_layout: _is_one(str),
     _MEM_FORMAT: _is_one(int),
     pathlib.PosixPath: lambda args: all(type(a) is str for a in args),
@@ -75,6 +88,7 @@ _GLOBALS: dict[tuple[str, str], Any] = {
     **_DATACLASSES,
     (_META, "_MEM_FORMAT_ENCODING"): _MEM_FORMAT,
     ("torch", "Size"): torch.Size,
+    ("builtins", "getattr"): getattr,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
     ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # how Python >= 3.13 pickles it

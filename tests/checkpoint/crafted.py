@@ -96,6 +96,19 @@ def payloads(marker: Path) -> dict[str, Callable[[bytes], bytes]]:
             ),
             r,
         ),
+        # getattr is read (early Python 3.11 pickles enum members with it), but only for a
+        # member of DCP's memory-format enum.
+        "getattr-beyond-members": lambda r: silent(
+            call(
+                call(
+                    stack_global("builtins", "getattr"),
+                    stack_global(META, "_MEM_FORMAT_ENCODING"),
+                    text("__init_subclass__"),
+                ),
+                cmd,
+            ),
+            r,
+        ),
         "posix-system": lambda r: silent(call(stack_global("posix", "system"), cmd), r),
         "subprocess-popen": lambda r: silent(
             call(

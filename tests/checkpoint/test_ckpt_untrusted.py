@@ -5,6 +5,8 @@ even with the commit marker re-signed so that every checksum matches."""
 from __future__ import annotations
 
 import contextlib
+import enum
+import io
 import os
 import pickle
 import shutil
@@ -40,7 +42,8 @@ NAMED = {
     "nested-reduce": "'os.system' of torch.distributed.checkpoint.filesystem",
     "builtins-eval": "builtins.eval",
     "builtins-exec": "builtins.exec",
-    "builtins-getattr": "builtins.getattr",
+    "builtins-getattr": "the global torch.distributed.checkpoint.filesystem.os",
+    "getattr-beyond-members": "calls builtins.getattr with arguments",
     "posix-system": "posix.system",
     "subprocess-popen": "subprocess.Popen",
     **{f"protocol-{p}": "posix.system" for p in range(6)},
@@ -160,6 +163,26 @@ def test_metadata_in_the_protocols_dcp_writes_is_read(saved, protocol):
             unpickle_metadata(data)
     else:
         assert unpickle_metadata(data) == real
+
+
+class EnumsByName(pickle.Pickler):
+    """Pickles enum members as getattr(enum, name), as Python 3.11.2 (Debian 12) does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def test_metadata_with_enum_members_by_name_is_read(saved):
+    """DCP's TensorProperties pickle a memory-format enum member: early Python 3.11 releases
+    write getattr(_MEM_FORMAT_ENCODING, name), which eurotrain wrote and must read back."""
+    real = pickle.loads((saved / ".metadata").read_bytes())  # our own file: trusted here
+    out = io.BytesIO()
+    EnumsByName(out, protocol=4).dump(real)
+    data = out.getvalue()
+    assert b"getattr" in data and b"TORCH_CONTIGUOUS_FORMAT" in data
+    assert unpickle_metadata(data) == real
 
 
 def test_loaded_values_that_do_not_fit_are_a_checkpoint_error(saved, tmp_path):
