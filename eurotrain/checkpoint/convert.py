@@ -156,7 +156,7 @@ def read_model_weights(ckpt: Path, metadata: Metadata | None = None) -> dict[str
     state: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
-            state[key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+            state[key[len("model.") :]] = torch.zeros(meta.size, dtype=meta.properties.dtype)
     if not state:
         raise CheckpointError(f"{ckpt}: holds no model weights")
     load_state({"model": state}, ckpt, metadata, ("model.",))

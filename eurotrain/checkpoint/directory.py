@@ -21,13 +21,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eurotrain.checkpoint.storage import DIGESTS, fsync_path
+from eurotrain.checkpoint.storage import DIGESTS, fsync_path, read_small
 from eurotrain.errors import CheckpointError
 
 __all__ = ["MARKER", "CheckpointError", "Found", "latest", "read_marker", "scan", "step_dir"]
 
 MARKER = "COMMITTED.json"
 FORMAT = "eurotrain-checkpoint/1"
+MAX_MARKER = 64 << 20
+"""Largest commit marker read (a 1,000-rank checkpoint's is a few hundred KB)."""
 _NAME = re.compile(r"^step-(\d+)(\.tmp)?$")
 _FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$|^\.metadata$")
 """A file name a marker may list: a plain name inside the checkpoint directory, no path."""
@@ -53,11 +55,13 @@ def read_marker(path: Path) -> dict[str, Any]:
     """The parsed commit marker of a checkpoint directory; CheckpointError when unusable."""
     marker_path = path / MARKER
     try:
-        marker = json.loads(marker_path.read_text())
+        marker = json.loads(read_small(marker_path, MAX_MARKER))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no commit marker {MARKER} (incomplete save)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{marker_path}: unreadable commit marker ({e})") from None
+    except RecursionError:  # JSON nested deeper than Python parses
+        raise CheckpointError(f"{marker_path}: not a {FORMAT} commit marker") from None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise CheckpointError(f"{marker_path}: not a {FORMAT} commit marker")
     for key, kind in (("step", int), ("files", dict), ("world_size", int)):

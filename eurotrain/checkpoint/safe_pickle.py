@@ -15,8 +15,13 @@ pickle machine (``pickle._Unpickler``) with every opcode that calls or changes a
   Debian 12's 3.11.2, pickle an enum member; other releases call the enum with its value);
 - NEWOBJ creates DCP's metadata dataclasses only, without arguments;
 - BUILD sets declared dataclass fields of such an instance (TensorProperties: its own
-  __setstate__ with a 5-tuple); APPEND(S)/SETITEM(S)/ADDITEMS act on list/dict/set only;
-- INST, OBJ, NEWOBJ_EX, EXT1/2/4, PERSID/BINPERSID and out-of-band buffers are refused.
+  __setstate__ with a 5-tuple); APPEND(S) acts on lists only, SETITEM(S) and DICT on dicts only;
+- a dict key is a str, an int, None, a torch.Size or a MetadataIndex whose fields have those
+  types: hashing anything else could run without bound (a tuple nested a million deep
+  overflows the C stack while it is hashed: a crash, not an exception), and nothing is hashed
+  before it is checked (REDUCE's and NEWOBJ's callables are found by identity);
+- INST, OBJ, NEWOBJ_EX, EXT1/2/4, PERSID/BINPERSID, sets (EMPTY_SET, ADDITEMS, FROZENSET)
+  and out-of-band buffers are refused.
 
 The list was taken from the GLOBAL/STACK_GLOBAL, REDUCE, NEWOBJ and BUILD opcodes of the
 metadata of real checkpoints (one process, FSDP, HSDP, TP, TP x FSDP, pipeline; torch 2.13,
@@ -31,6 +36,7 @@ import enum
 import io
 import pathlib
 import pickle
+import pickletools
 import reprlib
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -103,8 +109,10 @@ _FIELDS = {
 _NEWOBJ = {cls: cls for cls in _DATACLASSES.values()}
 _REFUSED_OPS = (
     "INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEXT_BUFFER",
-    "READONLY_BUFFER",
+    "READONLY_BUFFER", "EMPTY_SET", "ADDITEMS", "FROZENSET",
 )  # fmt: skip
+_KEYS = (str, int, type(None), torch.Size)
+"""Types a dict key of the metadata may have (besides a checked MetadataIndex)."""
 
 
 class Refused(pickle.UnpicklingError):
@@ -123,6 +131,7 @@ class RestrictedUnpickler(pickle._Unpickler):
     stack: list[Any]  # the machine's own state, set by load()
     pop_mark: Callable[[], list[Any]]
     read: Callable[[int], bytes]
+    append: Callable[[Any], None]
     readline: Callable[[], bytes]
 
     def find_class(self, module: str, name: str) -> Any:
@@ -186,25 +195,38 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def _setitem(self) -> None:
         value, key = self.stack.pop(), self.stack.pop()
-        self._target(dict, "SETITEM")[key] = value
+        self._target(dict, "SETITEM")[_key(key)] = value
 
     def _setitems(self) -> None:
         items = self.pop_mark()
         target = self._target(dict, "SETITEMS")
         for i in range(0, len(items), 2):
-            target[items[i]] = items[i + 1]
+            target[_key(items[i])] = items[i + 1]
 
-    def _additems(self) -> None:
+    def _dict(self) -> None:
         items = self.pop_mark()
-        self._target(set, "ADDITEMS").update(items)
+        self.append({_key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+
+def _key(key: Any) -> Any:
+    """``key`` where it is one of the kinds the metadata's dicts use (see above)."""
+    if type(key) in _KEYS:
+        return key
+    if type(key) is dcp_meta.MetadataIndex:
+        fields = vars(key)
+        if (
+            type(fields.get("fqn")) is str
+            and type(fields.get("offset")) in (torch.Size, type(None))
+            and type(fields.get("index")) in (int, type(None))
+        ):
+            return key
+    raise Refused(f"uses a {_describe(type(key))} as a dict key")
 
 
 def _lookup(table: dict[Any, Any], obj: Any) -> Any:
-    """table[obj], or None where absent or unhashable (a list on the stack, say)."""
-    try:
-        return table.get(obj)
-    except TypeError:
-        return None
+    """The value of the key that is ``obj`` itself, or None: found by identity, so that
+    nothing from the file is hashed."""
+    return next((value for key, value in table.items() if key is obj), None)
 
 
 def _refuse_inst(self: RestrictedUnpickler) -> None:
@@ -233,7 +255,7 @@ def _install() -> None:
         "APPENDS": RestrictedUnpickler._appends,
         "SETITEM": RestrictedUnpickler._setitem,
         "SETITEMS": RestrictedUnpickler._setitems,
-        "ADDITEMS": RestrictedUnpickler._additems,
+        "DICT": RestrictedUnpickler._dict,
         "INST": _refuse_inst,
         "EXT1": _refuse_ext(1),
         "EXT2": _refuse_ext(2),
@@ -262,3 +284,76 @@ def unpickle_metadata(data: bytes) -> dcp_meta.Metadata:
     if type(obj) is not dcp_meta.Metadata:
         raise Refused(f"holds a {_describe(type(obj))} instead of DCP Metadata")
     return obj
+
+
+MAX_NESTING = 100
+"""Deepest nesting of containers a checked value may have (eurotrain's are a few deep)."""
+_KEEPS = frozenset(("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"))
+_GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
+_MUTATES = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"))
+
+
+def nesting(data: bytes, limit: int = MAX_NESTING) -> int:
+    """How deeply the objects a pickle builds are nested, from its opcodes alone (nothing is
+    built); Refused as soon as it passes ``limit``, and for a malformed pickle.
+
+    What this guards: torch.load(weights_only=True) hashes what a pickle makes a dict key, and
+    Python hashes a tuple by recursing in C without a depth check, so a tuple nested a million
+    deep (a few MB of pickle) kills the process with a stack overflow instead of raising. Each
+    object gets 1 + the deepest of what the opcode that made it consumed (a container changed
+    later keeps the depth it had when it was stored, which can only matter for mutable ones,
+    whose hashing fails at once); a tuple, being immutable, is always exact.
+    """
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[Any, int] = {}
+    deepest = 0
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name in _KEEPS:
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in _GETS:
+                stack.append(memo[arg])
+                continue
+            consumed: list[int] = []
+            before = op.stack_before
+            if name in _MUTATES:  # the target stays; what goes into it may deepen it
+                if pickletools.markobject in before:
+                    start = marks.pop()
+                    consumed, stack[start:] = stack[start:], []
+                else:
+                    consumed, stack[-len(before) + 1 :] = stack[-len(before) + 1 :], []
+                depth = max(stack[-1], 1 + max(consumed, default=0))
+                if depth > limit:
+                    raise Refused(f"nests objects more than {limit} deep (opcode {name})")
+                stack[-1] = depth
+                deepest = max(deepest, depth)
+                continue
+            below = len(before)
+            if pickletools.markobject in before:
+                start = marks.pop()
+                consumed, stack[start:] = stack[start:], []
+                below = before.index(pickletools.markobject)
+            if below:
+                if len(stack) < below:
+                    raise Refused(f"pops an empty stack at the opcode {name}")
+                consumed += stack[-below:]
+                del stack[-below:]
+            if name == "DUP":
+                stack += consumed * 2
+                continue
+            if not op.stack_after:  # POP, STOP...
+                continue
+            depth = 1 + max(consumed, default=0) if consumed or "EMPTY" in name else 0
+            if depth > limit:
+                raise Refused(f"nests objects more than {limit} deep (opcode {name})")
+            deepest = max(deepest, depth)
+            stack += [depth] * len(op.stack_after)
+    except (ValueError, IndexError, KeyError) as e:
+        raise Refused(f"is not a well-formed pickle ({type(e).__name__}: {e})") from None
+    return deepest

@@ -27,7 +27,6 @@ import io
 import math
 import os
 import re
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,14 +52,24 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from eurotrain.checkpoint.safe_pickle import Refused, unpickle_metadata
-from eurotrain.checkpoint.storage import digest, entry_digest
+from eurotrain.checkpoint.safe_pickle import Refused, nesting, unpickle_metadata
+from eurotrain.checkpoint.storage import (
+    MAX_SMALL_FILE,
+    digest,
+    entry_digest,
+    open_regular,
+    read_small,
+)
 from eurotrain.checkpoint.writer import stored_template
 from eurotrain.errors import CheckpointError
 
 METADATA = ".metadata"
 _PLAIN = (str, int, float, bool, type(None))
+_PLAIN_ITEMS = 1_000_000
+"""Most items (with repeats) one value may hold."""
 _UNSEEN = object()
+_OVERLAP_CHECKS = 10_000_000
+"""Most pairs of chunks compared for overlap per tensor."""
 _SHOWN = 4
 """Names listed per group in an error about keys before '... (N in all)'."""
 
@@ -73,9 +82,7 @@ def read_metadata(ckpt: Path, marker: dict[str, Any], check_sum: bool = True) ->
     if want is None:
         raise CheckpointError(f"{path}: not listed in the commit marker")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would never end
-            raise CheckpointError(f"{path}: not a regular file (the checkpoint may be crafted)")
-        data = path.read_bytes()
+        data = read_small(path, want["size"] if check_sum else MAX_SMALL_FILE)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (listed in the commit marker)") from None
     algorithm, expected = entry_digest(want)
@@ -95,7 +102,10 @@ def read_metadata(ckpt: Path, marker: dict[str, Any], check_sum: bool = True) ->
         raise CheckpointError(
             f"{path}: not readable DCP metadata ({type(e).__name__}: {e})"
         ) from None
-    problem = _metadata_problem(metadata, marker["files"])
+    try:
+        problem = _metadata_problem(metadata, marker["files"])
+    except RecursionError:  # a value nested deeper than Python compares or prints
+        problem = "holds values nested too deep"
     if problem:
         raise CheckpointError(f"{path}: {problem} (the file may be crafted)")
     return metadata
@@ -129,6 +139,23 @@ def _metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
             return f"storage entry {index.fqn!r:.80} asks for stream transforms"
         if index.fqn not in entries:
             return f"storage entry {index.fqn!r:.80} has no state_dict_metadata entry"
+    # Each tensor chunk is stored, with room for its bytes, and no byte is claimed twice: what
+    # the metadata says it holds is at most what the data files hold (convert allocates it).
+    stored = {
+        (index.fqn, tuple(index.offset or ())): info.length for index, info in storage.items()
+    }
+    data_bytes = sum(f["size"] for name, f in files.items() if name.endswith(".distcp"))
+    if sum(stored.values()) > data_bytes:
+        return "storage entries claim more bytes than the data files hold"
+    for key, value in entries.items():
+        if type(value) is not TensorStorageMetadata:
+            continue
+        for c in value.chunks:
+            room = stored.get((key, tuple(c.offsets)))
+            if room is None:
+                return f"tensor entry {key!r:.80} has a chunk at {tuple(c.offsets)} not stored"
+            if math.prod(c.sizes) * value.properties.dtype.itemsize > room:
+                return f"tensor entry {key!r:.80} has a chunk larger than its stored bytes"
     return ""
 
 
@@ -136,7 +163,7 @@ def _tensor_entry_ok(entry: TensorStorageMetadata) -> bool:
     properties, size, chunks = entry.properties, entry.size, entry.chunks
     if type(properties) is not TensorProperties or not isinstance(properties.dtype, torch.dtype):
         return False
-    if type(size) is not torch.Size or type(chunks) is not list:
+    if type(size) is not torch.Size or type(chunks) is not list or min(size, default=0) < 0:
         return False
     return all(
         type(c) is ChunkStorageMetadata
@@ -144,7 +171,42 @@ def _tensor_entry_ok(entry: TensorStorageMetadata) -> bool:
         and type(c.sizes) is torch.Size
         and len(c.offsets) == len(c.sizes) == len(size)
         for c in chunks
-    )
+    ) and _tiles(size, chunks)
+
+
+def _tiles(size: torch.Size, chunks: list[ChunkStorageMetadata]) -> bool:
+    """Whether the chunks lie inside the tensor and cover it exactly once: a tensor whose
+    chunks leave a gap would load partly (the rest keeping whatever the target held) without
+    an error. Inside and with volumes that sum to the tensor's, no overlap means no gap."""
+    volume = 0
+    for c in chunks:
+        if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(c.offsets, c.sizes, size)):
+            return False
+        volume += math.prod(c.sizes)
+    if volume != math.prod(size):
+        return False
+    boxes = [c for c in chunks if math.prod(c.sizes) > 0]
+    if len(boxes) < 2:
+        return True
+    # Sweep along the dimension the chunks are split most along (FSDP's dim 0, say): only
+    # chunks whose ranges there meet are compared.
+    dim = max(range(len(size)), key=lambda d: len({c.offsets[d] for c in boxes}))
+    boxes.sort(key=lambda c: c.offsets[dim])
+    budget = _OVERLAP_CHECKS
+    for i, a in enumerate(boxes):
+        end = a.offsets[dim] + a.sizes[dim]
+        for b in boxes[i + 1 :]:
+            if b.offsets[dim] >= end:
+                break
+            budget -= 1
+            if budget < 0:  # only a crafted file gets here
+                return False
+            if all(
+                bo < ao + an and ao < bo + bn
+                for ao, an, bo, bn in zip(a.offsets, a.sizes, b.offsets, b.sizes)
+            ):
+                return False
+    return True
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -177,13 +239,16 @@ class SafeFileSystemReader(FileSystemReader):
         rest: list[ReadItem] = []
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
+            name = self.storage_data[item.storage_index].relative_path
+            per_file.setdefault(name, [])
             if item.type == LoadItemType.TENSOR:
-                name = self.storage_data[item.storage_index].relative_path
-                per_file.setdefault(name, []).append(item)
+                per_file[name].append(item)
             else:
                 rest.append(item)
         for name, items in per_file.items():
-            fd = os.open(Path(self.path) / name, os.O_RDONLY)
+            # Every file read is a regular one, whatever was verified (checkpoint.verify none
+            # checks nothing): DCP's reader, which reads the rest, follows links and FIFOs.
+            fd = open_regular(Path(self.path) / name)
             try:
                 for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
                     if not self._read_direct(fd, name, item, planner):
@@ -342,13 +407,19 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def _plain_value(self, fqn: str, raw: bytes) -> Any:
         try:
+            # torch.load would take a pickle that is not in a zip too; eurotrain (and DCP)
+            # write only zips. Its pickle is checked not to nest deeper than a value can before
+            # torch's unpickler hashes anything of it (see safe_pickle.nesting).
+            if not torch.serialization._is_zipfile(io.BytesIO(raw)):
+                raise Refused("is not a torch.save zip")
+            nesting(torch._C.PyTorchFileReader(io.BytesIO(raw)).get_record("data.pkl"))
             obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # torch's refusal of a global, or garbage
             raise CheckpointError(
                 f"{self.ckpt}: value {fqn!r} unreadable by torch.load(weights_only=True) "
                 f"({_one_line(e, prefer='GLOBAL')}): the file is damaged or crafted"
             ) from None
-        if not _plain(obj):
+        if not _plain(obj, [_PLAIN_ITEMS]):
             raise CheckpointError(
                 f"{self.ckpt}: value {fqn!r} is a {type(obj).__name__}; eurotrain stores only "
                 f"text and numbers there (the file may be crafted)"
@@ -356,15 +427,21 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         return obj
 
 
-def _plain(obj: Any, depth: int = 0) -> bool:
+def _plain(obj: Any, budget: list[int], depth: int = 0) -> bool:
+    """Whether ``obj`` is text, numbers, and lists, tuples and str-keyed dicts of them, at most
+    8 deep and of at most ``budget[0]`` items counted with repeats (a list shared at every
+    level of a small file would otherwise take days to walk)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
     if type(obj) in _PLAIN:
         return True
     if depth > 8:
         return False
     if type(obj) in (list, tuple):
-        return all(_plain(v, depth + 1) for v in obj)
+        return all(_plain(v, budget, depth + 1) for v in obj)
     if type(obj) is dict:
-        return all(type(k) is str and _plain(v, depth + 1) for k, v in obj.items())
+        return all(type(k) is str and _plain(v, budget, depth + 1) for k, v in obj.items())
     return False
 
 

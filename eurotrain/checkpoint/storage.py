@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 
 from eurotrain.checkpoint import byte_writer
 from eurotrain.checkpoint.byte_writer import PIECE_DIGEST
+from eurotrain.errors import CheckpointError
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -216,3 +219,44 @@ def digest(data: bytes, algorithm: str = DIGEST) -> str:
     h = _whole_file_hash(algorithm)
     h.update(data)
     return str(h.hexdigest())
+
+
+MAX_SMALL_FILE = 1 << 30
+"""Largest commit marker or .metadata read into memory (a 1,000-rank run's are a few MB)."""
+
+
+def link_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: a symbolic link, where eurotrain writes a regular file (the checkpoint may "
+        f"be crafted); copy the checkpoint with the links resolved"
+    )
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file itself: not a symbolic
+    link (to a file outside the checkpoint), not a FIFO (a read would never end), not a
+    device. CheckpointError naming the path otherwise (FileNotFoundError where it is missing);
+    eurotrain writes regular files only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file (the checkpoint may be crafted)")
+    return fd
+
+
+def read_small(path: Path, limit: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of a regular file (see open_regular) of at most ``limit`` bytes."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CheckpointError(f"{path}: {size} bytes, more than the {limit} it may hold")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)

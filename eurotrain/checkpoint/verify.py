@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from eurotrain.checkpoint.directory import read_marker
 from eurotrain.checkpoint.safe_reader import METADATA, read_metadata
-from eurotrain.checkpoint.storage import checksum, entry_digest
+from eurotrain.checkpoint.storage import checksum, entry_digest, link_error
 from eurotrain.errors import CheckpointError
 
 MODES = ("full", "metadata", "none")
@@ -50,9 +50,11 @@ def check_file(ckpt: Path, name: str, want: dict[str, Any], deep: bool) -> None:
     """One file against its marker entry: a regular file of that size, and its checksum if deep."""
     path = ckpt / name
     try:
-        info = os.stat(path)
+        info = os.lstat(path)  # a link is not followed (to a file outside the checkpoint)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (listed in the commit marker)") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise link_error(path)
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointError(f"{path}: not a regular file (the checkpoint may be crafted)")
     if info.st_size != want["size"]:
