@@ -28,14 +28,19 @@ if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets), matched by substring of the device
-# name; the first match wins, so more specific names come first. MN5's "H100 64GB HBM2" part has
-# no published peak: set train.peak_tflops from a measurement there.
+# name; the first match wins, so more specific names come first ("H100 PCIe" before "H100"; the
+# MI300 names share no substring, MI300A is listed first all the same). MareNostrum 5's
+# "H100 64GB HBM2" part has no published peak: it matches "H100" and is measured against the
+# 80 GB SXM5's 989.4, as the planner's H100 default (plan/hardware.py) and the mn5-acc profile's
+# note do. No H100 has a higher peak, so its MFU is a lower bound until train.peak_tflops gives
+# a measured peak (the profile leaves it null for that).
 PEAK_BF16_TFLOPS = (
     ("GH200", 989.4),
     ("H200", 989.4),
     ("H100 PCIe", 756.0),
     ("H100", 989.4),
     ("A100", 312.0),
+    ("MI300A", 980.6),
     ("MI300X", 1307.4),
     ("MI250X", 191.5),  # per GCD, as PyTorch sees one
     ("L40S", 362.0),

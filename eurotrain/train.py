@@ -106,17 +106,29 @@ class StepTimer:
         return [start.elapsed_time(end) / 1000 for start, end in pairs]
 
 
+def use_deterministic_algorithms() -> None:
+    """``train.deterministic``: deterministic kernels only, cuBLAS included.
+
+    cuBLAS matmuls are deterministic only with a fixed workspace configuration; without
+    CUBLAS_WORKSPACE_CONFIG, PyTorch's deterministic mode raises at the first CUDA matmul. CUDA
+    reads the variable when its runtime initialises, so it is set before any CUDA work, and
+    only where the user has not chosen a value (":16:8" also works, using less memory).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
+        if cfg.train.deterministic:
+            use_deterministic_algorithms()  # before init_distributed touches the GPU
         self.dist: DistInfo = init_distributed(cfg.train.device, cfg.fault.collective_timeout_s)
         self.ledger = Ledger()
         """Seconds the components spend outside the steps, by kind (eurotrain/goodput.py)."""
         self.host_wait_s = 0.0
         """Seconds this rank waited for the others in the host agreements (stragglers)."""
         torch.manual_seed(cfg.train.seed)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
 
         # Everything that can be wrong with the input is checked before the model exists.
         self.dims = check_layout(cfg, self.dist.world_size)  # layout and batch split

@@ -21,7 +21,8 @@ incoming gradient (and by 1 / n_valid for "mean"). Costs of this design, stated 
 - the gradients are computed even if backward is never called (the wrapper skips them when
   autograd is off or nothing requires grad);
 - d weight is accumulated in the weight's dtype, so bf16 weights see one bf16 rounding per
-  chunk (like Liger-Kernel); fp32 weights accumulate in fp32;
+  chunk (like Liger-Kernel); fp32 weights accumulate in fp32; under autocast both inputs are
+  first cast to autocast's dtype, as it casts the reference's matmul;
 - backward scales the stored gradients in place, once. A repeated backward through the same
   graph with the same incoming gradient returns the same gradients again (the weight pass of a
   zero-bubble pipeline schedule does exactly that); one with a different incoming gradient is
@@ -30,9 +31,11 @@ incoming gradient (and by 1 / n_valid for "mean"). Costs of this design, stated 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -299,6 +302,17 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     if use_triton is None:
         use_triton = can_run_triton(hidden)
+    device_type = hidden.device.type
+    autocast_dtype = _autocast_dtype(device_type)
+    context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if autocast_dtype is not None:
+        # Under autocast the reference's logits matmul runs in the autocast dtype; the gradient
+        # matmuls here write with out= or in place, which autocast never casts, so they would
+        # meet mixed dtypes and fail. Cast both inputs the way autocast casts a matmul's
+        # (autograd takes the gradients back to the inputs' dtypes) and run with autocast off.
+        hidden = _autocast_cast(hidden, device_type, autocast_dtype)
+        weight = _autocast_cast(weight, device_type, autocast_dtype)
+        context = torch.autocast(device_type, enabled=False)
     args = (
         hidden,
         weight,
@@ -310,7 +324,25 @@ def linear_cross_entropy(
         use_triton,
         vocab_shard,
     )
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropyFunction.apply(*args)
-    # No backward will come: skip the gradient matmuls (a third of the FLOPs each).
-    return _chunked_forward(*args, need_hidden_grad=False, need_weight_grad=False)[0]
+    with context:
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return LinearCrossEntropyFunction.apply(*args)
+        # No backward will come: skip the gradient matmuls (a third of the FLOPs each).
+        return _chunked_forward(*args, need_hidden_grad=False, need_weight_grad=False)[0]
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls on ``device_type`` in, or None where it is off."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t: torch.Tensor, device_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as autocast would pass it to a matmul: floating tensors of the autocast device
+    except fp64 are cast (the rule of torch.amp.autocast_mode._cast and ATen's autocast)."""
+    if t.is_floating_point() and t.device.type == device_type and t.dtype is not torch.float64:
+        return t.to(dtype)
+    return t

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from multiproc import REPO, read_metrics, run_torchrun
 
@@ -221,3 +222,24 @@ def test_run_directory_is_never_group_or_world_writable_even_with_umask_0(tmp_pa
     assert any(p.name == "metrics.jsonl" for p in paths) and any("wandb" in p.parts for p in paths)
     loose = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o022}
     assert not loose, loose
+
+
+def test_deterministic_sets_the_cublas_workspace_before_anything_else(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Without CUBLAS_WORKSPACE_CONFIG deterministic mode raises at the first CUDA matmul."""
+    # setenv then delenv: the variable is absent during the test and removed again after it.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    bad_corpus = ["--data.corpus", str(tmp_path / "missing.txt")]  # stops before the model
+    try:
+        with pytest.raises(ConfigError, match=r"data\.corpus"):
+            Trainer(tiny(tmp_path, "--train.deterministic", "true", *bad_corpus))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's choice is kept
+        with pytest.raises(ConfigError, match=r"data\.corpus"):
+            Trainer(tiny(tmp_path, "--train.deterministic", "true", *bad_corpus))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

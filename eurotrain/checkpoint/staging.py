@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from eurotrain.errors import CheckpointError
+
 ALIGN = 64
 """Byte alignment of each staged tensor in a buffer."""
 CHUNK = 16 << 20
@@ -56,8 +58,12 @@ class HostBuffer:
         if pin:
             # Registered host memory: device-to-host copies into it run asynchronously at full
             # speed (DCP's stager does the same for shared memory).
-            code = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), self.size, 0)
-            self.pinned = int(code) == 0
+            try:
+                _register(self.base, self.size)
+            except CheckpointError:
+                self.close()
+                raise
+            self.pinned = True
         self.busy = False
 
     def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -70,13 +76,36 @@ class HostBuffer:
 
     def close(self) -> None:
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
+            self.pinned = False
+            torch.cuda.check_error(
+                int(torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr()))
+            )
         del self.base
         with contextlib.suppress(BufferError):  # a staged tensor still refers to it: freed
             self.map.close()  # with that tensor
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _register(base: torch.Tensor, size: int) -> None:
+    """cudaHostRegister ``size`` bytes at ``base``, or raise a CheckpointError saying why.
+
+    No silent fallback to unpinned memory: a failed call also stays the calling thread's last
+    CUDA error, which PyTorch reads after every kernel launch, so the next launch would fail
+    with this unrelated error. torch.cuda.cudart() has no cudaGetLastError to clear it (it binds
+    error strings, the profiler, host (un)registration, streams and memory info).
+    """
+    cudart = torch.cuda.cudart()
+    code = int(cudart.cudaHostRegister(base.data_ptr(), size, 0))
+    if code != 0:
+        name = cudart.cudaGetErrorString(cudart.cudaError(code))
+        raise CheckpointError(
+            f"pinning a {size / 2**30:.2f} GiB checkpoint staging buffer (cudaHostRegister) "
+            f"failed with CUDA error {code} ({name}); each async save in flight holds one "
+            "such buffer (a copy of this rank's checkpoint share): lower "
+            "checkpoint.max_in_flight, or give the job more host memory per node (--mem)"
+        )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -251,7 +280,11 @@ class Stager:
             stream.wait_stream(torch.cuda.current_stream())  # after the last update
 
             def device_to_host() -> None:
-                with torch.cuda.stream(stream):
+                # A new thread's current device is 0. Leaving torch.cuda.stream() alone would
+                # restore device 0's stream, which selects device 0 and so creates a CUDA
+                # context there on every rank; torch.cuda.device() makes the stream's device
+                # current first and, on exit, changes back only to a device that has a context.
+                with torch.cuda.device(stream.device), torch.cuda.stream(stream):
                     for dst, src in copies:
                         dst.copy_(src.detach(), non_blocking=buffer.pinned)
                 stream.synchronize()

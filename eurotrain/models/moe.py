@@ -36,8 +36,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned rows (bf16: sizes multiple of 8) and, on CUDA, a
-    Hopper-class GPU; elsewhere the loop computes the same products."""
+    """Whether to call grouped_mm: it needs 16-byte aligned rows (bf16: sizes multiple of 8);
+    on CUDA below SM90 the loop below computes the same products at the same cost.
+
+    Why not on an A100 (SM80), although F.grouped_mm's docstring says bf16 inputs are expected
+    on SM >= 80 (and the meta registration, _meta_grouped_mm_common, checks only the dtype): it
+    runs there, but not as one kernel. ATen's _grouped_mm_cuda (cuda/GroupedBlas.cpp; the C++
+    is not in the wheel) takes its CUTLASS grouped kernel (and, built with CUDA >= 13.3,
+    cuBLASLt's) only on SM90/SM100; elsewhere _grouped_mm_fallback copies the offsets to the
+    host (a sync) and runs one mm per group: what the loop does, one sync per call either way.
+    ROCm reports capability 9.x for MI250X and MI300 and so takes grouped_mm: CK's kernel on
+    gfx942/gfx950, elsewhere the same mm fallback, which ATen calls safe on any ROCm GPU.
+    """
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
         return False
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:

@@ -66,16 +66,19 @@ class Precision:
     """The one place the run's numerics are decided."""
 
     compute_dtype: torch.dtype
-    """Matmul dtype: bf16 on GPUs (auto), fp32 on CPUs; master weights are always fp32."""
+    """Matmul dtype: bf16 on GPUs (auto), fp32 on CPUs unless bf16 is asked for by name; master
+    weights are always fp32."""
     autocast: bool
-    """Autocast around the forward; FSDP2 (and DeepSpeed) cast parameters themselves."""
+    """Autocast around the forward in bf16, unless FSDP2 casts the parameters itself: on a GPU,
+    and on a CPU asked for bf16 (so a CPU run can check the GPU path's numerics: the GPU
+    suite's smoke run)."""
     device_type: str
 
     @classmethod
     def resolve(cls, mixed_precision: str, device: torch.device, casts_itself: bool) -> Precision:
         bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
         dtype = torch.bfloat16 if bf16 else torch.float32
-        autocast = device.type == "cuda" and bf16 and not casts_itself
+        autocast = bf16 and not casts_itself
         return cls(dtype, autocast, device.type)
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
@@ -102,16 +105,22 @@ class Engine(Protocol):
 
 
 class ModelState:
-    """The model's parameters as a sharded, layout-independent state dict."""
+    """The model's parameters as a sharded, layout-independent state dict.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``after_load`` runs after the parameters are loaded (a resume, a rollback): whatever the
+    engine derives from the weights must follow them, as after an update."""
+
+    def __init__(self, model: nn.Module, after_load: Callable[[], None] | None = None) -> None:
         self.model = model
+        self.after_load = after_load
 
     def state_dict(self) -> dict[str, Any]:
         return get_model_state_dict(self.model, options=STATE_OPTIONS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state, options=STATE_OPTIONS)
+        if self.after_load is not None:
+            self.after_load()
 
 
 class OptimizerState:
@@ -195,7 +204,7 @@ class TorchEngine:
 
     def state(self) -> dict[str, Stateful]:
         return {
-            "model": ModelState(self.model),
+            "model": ModelState(self.model, after_load=self._precompute_scales),
             "optim": OptimizerState(self.model, self.optimizer),
         }
 
@@ -277,8 +286,14 @@ class TorchEngine:
         if veto is not None:
             skip = skip | veto(loss, grad_norm)
         apply_update(self.optimizer, skip, keep_grads=self._ddp)
-        precompute_scales(self.model_parts, self.float8, self._fsdp)
+        self._precompute_scales()
         return grad_norm, skip
+
+    def _precompute_scales(self) -> None:
+        """FP8 all-gather's weight scales from the weights as they are now: after each update,
+        and after a load (resume, rollback), which changes the weights without one; stale
+        scales would cast the first step's weights with the old weights' scales."""
+        precompute_scales(self.model_parts, self.float8, self._fsdp)
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> torch.Tensor:

@@ -105,3 +105,63 @@ def test_moe_routers_stay_out_and_shared_experts_convert():
     assert not any("router" in n for n in chosen), chosen  # 16 x 128 would qualify by size
     assert "layers.0.moe.shared.w1" in chosen and "layers.0.attention.wq" in chosen
     assert not any("experts" in n for n in chosen)
+
+
+def _fp8_scales(model: torch.nn.Module) -> dict[str, tuple[float | None, float]]:
+    """(precomputed scale, or None where the next all-gather computes it; the scale of the
+    weight as it is now) of every Float8Linear whose weight FSDP2 all-gathers in FP8."""
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.float8_utils import EPS
+
+    scales = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        local = weight._local_tensor if isinstance(weight, DTensor) else None
+        if type(module).__name__ != "Float8Linear" or not hasattr(local, "_precomputed_scale"):
+            continue
+        amax = weight.full_tensor().abs().max().clamp(min=EPS).double()
+        current = float((torch.finfo(torch.float8_e4m3fn).max / amax).float())
+        precomputed = local._precomputed_scale
+        scales[name] = (None if precomputed is None else float(precomputed), current)
+    return scales
+
+
+def _rollback_and_resume(rank: int, world: int, out: str) -> dict:
+    """4 steps under FSDP2 with FP8 all-gather saving step 2, then a rollback to step 2 and step
+    3 again; and a fresh trainer that resumes step 2 and runs step 3."""
+    from eurotrain.train import Trainer
+
+    sections = {"float8": _float8("tensorwise"), "parallel": {"dp_shard": 2}}
+    ckpt = Path(out) / "saved" / "checkpoints" / "step-000002"
+    saving = {"interval": 2, "async_save": False}
+    trainer = Trainer(tiny_config(Path(out), "saved", STEPS, checkpoint=saving, **sections))
+    trainer.train()
+    before = _fp8_scales(trainer.model)
+    trainer.restore(ckpt)
+    after = _fp8_scales(trainer.model)
+    rolled = float(trainer.train_step(next(trainer.loader)).raw("loss"))
+    resumed = Trainer(
+        tiny_config(Path(out), "resumed", 3, checkpoint={"resume": str(ckpt)}, **sections)
+    )
+    resumed.resume()
+    on_resume = _fp8_scales(resumed.model)
+    fresh = float(resumed.train_step(next(resumed.loader)).raw("loss"))
+    return {"before": before, "after": after, "on_resume": on_resume, "losses": (rolled, fresh)}
+
+
+def test_fp8_scales_follow_the_weights_after_a_rollback_and_a_resume(tmp_path):
+    """FSDP2's FP8 all-gather casts each weight with the scale precomputed after the last
+    update. A rollback (or resume) loads other weights without an update: the scales must be
+    recomputed from them, or the next step casts with the old weights' scales."""
+    pytest.importorskip("torchao.float8")
+    for result in run_distributed(_rollback_and_resume, 2, str(tmp_path)):
+        assert result["after"], "no FP8 all-gather weights were found"
+        for name, (precomputed, current) in result["before"].items():
+            assert precomputed == current, name  # after step 4's update
+        for name, (precomputed, current) in result["after"].items():
+            assert precomputed == current, name  # recomputed from step 2's weights
+            assert current != result["before"][name][1], name  # which differ from step 4's
+        for name, (precomputed, current) in result["on_resume"].items():
+            assert precomputed in (None, current), name
+        rolled, fresh = result["losses"]
+        assert math.isclose(rolled, fresh, rel_tol=PARITY_RTOL), (rolled, fresh)
