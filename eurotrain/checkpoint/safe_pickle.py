@@ -95,6 +95,7 @@ _GLOBALS: dict[tuple[str, str], Any] = {
     (_META, "_MEM_FORMAT_ENCODING"): _MEM_FORMAT,
     ("torch", "Size"): torch.Size,
     ("builtins", "getattr"): getattr,
+    ("__builtin__", "getattr"): getattr,  # the same in protocol 2 (Python 2's module name)
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
     ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # how Python >= 3.13 pickles it

@@ -174,12 +174,13 @@ class EnumsByName(pickle.Pickler):
         return NotImplemented
 
 
-def test_metadata_with_enum_members_by_name_is_read(saved):
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_metadata_with_enum_members_by_name_is_read(saved, protocol):
     """DCP's TensorProperties pickle a memory-format enum member: early Python 3.11 releases
     write getattr(_MEM_FORMAT_ENCODING, name), which eurotrain wrote and must read back."""
     real = pickle.loads((saved / ".metadata").read_bytes())  # our own file: trusted here
     out = io.BytesIO()
-    EnumsByName(out, protocol=4).dump(real)
+    EnumsByName(out, protocol=protocol).dump(real)  # 2: __builtin__.getattr
     data = out.getvalue()
     assert b"getattr" in data and b"TORCH_CONTIGUOUS_FORMAT" in data
     assert unpickle_metadata(data) == real
