@@ -1,5 +1,5 @@
-"""benchmarks/checkpoint.py and benchmarks/checkpoint_items.py keep working: tiny runs end to end
-print every figure and ratio (no timing is asserted)."""
+"""The checkpoint benchmarks (checkpoint.py, checkpoint_items.py, checkpoint_metadata.py) keep
+working: tiny runs end to end print every figure and ratio (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -55,3 +55,9 @@ def test_checkpoint_items_benchmark_prints_its_ratios(tmp_path):
     ):
         assert re.search(pattern, out), (pattern, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_metadata_benchmark_prints_its_ratio():
+    out = _run("checkpoint_metadata.py", "--tensors", "10", "--ranks", "8", "--runs", "1")
+    assert "80 storage entries" in out, out
+    assert re.search(rf"checks {NUMBER} s = {NUMBER}x pickle.loads", out), out
