@@ -44,9 +44,11 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the local GPU when there is one, else the CPU."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 compute with fp32 master weights and reductions on GPU, fp32 on CPU."""
+    """auto: bf16 compute with fp32 master weights and reductions on GPU, fp32 on CPU. bf16:
+    bf16 compute on any device (on a CPU under autocast: the GPU path's numerics, slowly)."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms (slower; for debugging numerics)."""
+    """torch.use_deterministic_algorithms (slower; for debugging numerics); also sets
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, which cuBLAS needs to be deterministic."""
     output_dir: str = "runs"
     """Parent directory of run directories."""
     run_name: str = ""
