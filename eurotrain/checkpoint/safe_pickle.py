@@ -321,36 +321,30 @@ def nesting(data: bytes, limit: int = MAX_NESTING) -> int:
             if name in _GETS:
                 stack.append(memo[arg])
                 continue
-            consumed: list[int] = []
+            # What the opcode takes: the items above the last mark, if it takes a mark, and
+            # the ones its stack_before names below it (the target of APPEND(S), SETITEM(S),
+            # ADDITEMS and BUILD first among those).
             before = op.stack_before
-            if name in _MUTATES:  # the target stays; what goes into it may deepen it
-                if pickletools.markobject in before:
-                    start = marks.pop()
-                    consumed, stack[start:] = stack[start:], []
-                else:
-                    consumed, stack[-len(before) + 1 :] = stack[-len(before) + 1 :], []
-                depth = max(stack[-1], 1 + max(consumed, default=0))
-                if depth > limit:
-                    raise Refused(f"nests objects more than {limit} deep (opcode {name})")
-                stack[-1] = depth
-                deepest = max(deepest, depth)
-                continue
+            above: list[int] = []
             below = len(before)
             if pickletools.markobject in before:
                 start = marks.pop()
-                consumed, stack[start:] = stack[start:], []
+                above, stack[start:] = stack[start:], []
                 below = before.index(pickletools.markobject)
-            if below:
-                if len(stack) < below:
-                    raise Refused(f"pops an empty stack at the opcode {name}")
-                consumed += stack[-below:]
-                del stack[-below:]
+            if len(stack) < below:
+                raise Refused(f"pops an empty stack at the opcode {name}")
+            under, stack[len(stack) - below :] = stack[len(stack) - below :], []
             if name == "DUP":
-                stack += consumed * 2
+                stack += under * 2
                 continue
-            if not op.stack_after:  # POP, STOP...
+            if name in _MUTATES:  # the target stays; what goes into it may deepen it
+                target, *rest = under
+                depth = max(target, 1 + max(rest + above, default=0))
+            elif not op.stack_after:  # POP, STOP...
                 continue
-            depth = 1 + max(consumed, default=0) if consumed or "EMPTY" in name else 0
+            else:
+                taken = under + above
+                depth = 1 + max(taken, default=0) if taken or "EMPTY" in name else 0
             if depth > limit:
                 raise Refused(f"nests objects more than {limit} deep (opcode {name})")
             deepest = max(deepest, depth)
