@@ -6,7 +6,7 @@ Builds the metadata of a checkpoint of --tensors 4096 x 1024 fp32 tensors, each 
 --ranks row chunks (FSDP's layout: one storage entry per tensor and rank), pickles it as DCP
 does (protocol 4), and times, --runs times: C pickle.loads (the baseline: what DCP itself
 does), eurotrain's restricted unpickler (safe_pickle.unpickle_metadata), and the checks of what
-the metadata describes (safe_reader._metadata_problem: entries inside the listed files, chunks
+the metadata describes (safe_metadata.metadata_problem: entries inside the listed files, chunks
 tiling each tensor, bytes claimed against the files). Prints each figure and the ratio of the
 safe read (unpickler + checks) to pickle.loads.
 """
@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.metadata import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eurotrain.checkpoint.safe_metadata import metadata_problem
 from eurotrain.checkpoint.safe_pickle import unpickle_metadata
-from eurotrain.checkpoint.safe_reader import _metadata_problem
 
 ROWS, COLS = 4096, 1024
 
@@ -72,7 +72,7 @@ def main() -> None:
         t1 = time.perf_counter()
         metadata = unpickle_metadata(data)
         t2 = time.perf_counter()
-        problem = _metadata_problem(metadata, files)
+        problem = metadata_problem(metadata, files)
         t3 = time.perf_counter()
         assert not problem, problem
         print(

@@ -41,7 +41,8 @@ from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.config import CheckpointConfig
 from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.resume import Candidate, candidates, checkpoint_root, source_problem
-from eurotrain.checkpoint.safe_reader import METADATA, load_state
+from eurotrain.checkpoint.safe_metadata import METADATA
+from eurotrain.checkpoint.safe_reader import load_state
 from eurotrain.checkpoint.staging import Staged, Stager
 from eurotrain.checkpoint.state import apply_state, build_state, load_target
 from eurotrain.checkpoint.storage import (

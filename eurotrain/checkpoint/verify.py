@@ -23,7 +23,7 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import Metadata
 
 from eurotrain.checkpoint.directory import read_marker
-from eurotrain.checkpoint.safe_reader import METADATA, read_metadata
+from eurotrain.checkpoint.safe_metadata import METADATA, read_metadata
 from eurotrain.checkpoint.storage import checksum, entry_digest, link_error
 from eurotrain.errors import CheckpointError
 

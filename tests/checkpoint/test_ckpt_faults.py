@@ -15,7 +15,7 @@ from multiproc import run_torchrun
 from eurotrain.checkpoint import CheckpointError
 from eurotrain.checkpoint.checkpointer import ENOSPC_HOOK, KILL_HOOK
 from eurotrain.checkpoint.directory import latest, read_marker
-from eurotrain.checkpoint.safe_reader import read_metadata
+from eurotrain.checkpoint.safe_metadata import read_metadata
 from eurotrain.checkpoint.storage import DIGEST
 from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.train import Trainer
