@@ -20,6 +20,7 @@ from eurotrain.configtools import ConfigError
 from eurotrain.data.blend import BlendSchedule, ShuffledRows
 from eurotrain.data.config import DataConfig
 from eurotrain.data.corpus import documents
+from eurotrain.data.shards import out_of_vocabulary
 from eurotrain.data.sources import PackedSequences, SequenceSource
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer
 
@@ -73,6 +74,7 @@ class GlobalBatchLoader:
         weights: Sequence[float] | None = None,
         shuffle: bool = True,
         document_positions: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         sources: list[SequenceSource] = (
             list(data) if isinstance(data, (list, tuple)) else [cast(SequenceSource, data)]
@@ -107,6 +109,9 @@ class GlobalBatchLoader:
         self.dp_size = dp_size
         self.seed = seed
         self.document_positions = document_positions
+        self.vocab_size = vocab_size
+        """When given, every batch's token ids are checked against it on the host (a forged or
+        mismatched shard stops with its name, never reaches an embedding on a device)."""
         self.schedule = BlendSchedule(weights, [s.name for s in sources])
         self.rows = [ShuffledRows(len(s), seed, i, shuffle) for i, s in enumerate(sources)]
         self.batches_per_epoch = max(1, total // global_batch)
@@ -146,6 +151,14 @@ class GlobalBatchLoader:
                 positions[mask] = pos
                 for i, c in zip(np.flatnonzero(mask).tolist(), cus):
                     cu[i] = torch.from_numpy(c)
+        if self.vocab_size is not None and tokens.size and tokens.max() >= self.vocab_size:
+            i, j = (int(x) for x in np.argwhere(tokens >= self.vocab_size)[0])
+            raise out_of_vocabulary(
+                f"data source {self.sources[src[i]].name!r}",
+                f"position {j} of its sequence {int(rows[i]):,}",
+                int(tokens[i, j]),
+                self.vocab_size,
+            )
         t = torch.from_numpy(tokens)
         batch = Batch(
             inputs=list(t[:, :-1].split(self.micro_batch)),

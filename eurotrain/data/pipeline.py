@@ -82,6 +82,11 @@ class DataPipeline:
             if identity is None:
                 identity = ds.tokenizer
             self._check_same(ds.tokenizer, f"{key} {s.path!r}", identity)
+            if self.cfg.document_positions:  # read (and check) the index now, before any model
+                try:
+                    _ = ds.doc_ends
+                except DataFormatError as e:
+                    raise ConfigError(f"{key}: {e}") from None
             opened.append(PreparedSequences(ds, self.cfg.seq_len))
         assert identity is not None
         return opened, identity
@@ -108,6 +113,7 @@ class DataPipeline:
             seed,
             weights=self.weights,
             document_positions=self.cfg.document_positions,
+            vocab_size=self.vocab_size,
         )
 
     def validation_loader(
@@ -131,4 +137,5 @@ class DataPipeline:
             SPLIT_SEED,
             weights=self.validation_weights,
             document_positions=self.cfg.document_positions,
+            vocab_size=self.vocab_size,
         )

@@ -332,8 +332,11 @@ def _prepare_into(
 
 
 def verify_prepared(path: str) -> PreparedDataset:
-    """Open a prepared directory with every size and checksum checked."""
-    return PreparedDataset(path, verify="checksum")
+    """Open a prepared directory with every size, checksum, token id and document index
+    checked."""
+    ds = PreparedDataset(path, verify="checksum")
+    _ = ds.doc_ends
+    return ds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -353,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-size-mb", type=float, default=1024, help="text per shard (MiB)")
     p.add_argument("--split", default="train", help="split of a saved DatasetDict")
-    v = sub.add_parser("verify", help="check a prepared directory's sizes and checksums")
+    v = sub.add_parser("verify", help="check a prepared directory's sizes, checksums, token ids and indexes")
     v.add_argument("path")
     return ap
 

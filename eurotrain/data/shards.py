@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    return scan_file(path, None, chunk)[0]
+
+
+def scan_file(path: Path, dtype: np.dtype | None, chunk: int = 1 << 24) -> tuple[str, int]:
+    """SHA-256 of a file and, given a token dtype, its largest token id (-1 when there is none),
+    from one read."""
     h = hashlib.sha256()
+    largest = -1
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+            if dtype is not None and len(block) >= dtype.itemsize:
+                usable = len(block) - len(block) % dtype.itemsize
+                largest = max(
+                    largest, int(np.frombuffer(block, dtype, usable // dtype.itemsize).max())
+                )
+    return h.hexdigest(), largest
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> str:
@@ -79,26 +92,146 @@ def write_shard(
     }
 
 
+MAX_MANIFEST = 1 << 28
+"""Bytes a manifest may hold (a million shards take about 400 MB less)."""
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of a prepared directory, or None when there is none yet."""
+    """The manifest of a prepared directory, or None when there is none yet. Everything the
+    reader relies on is checked: a manifest comes with the data, from whoever prepared it."""
     f = path / MANIFEST
     if not f.exists():
         return None
     try:
-        manifest = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{f} is not valid JSON ({e}): the manifest is damaged") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if not stat.S_ISREG(f.stat().st_mode):
+            raise DataFormatError(f"{f} is not a regular file: remove it or prepare the data again")
+        if f.stat().st_size > MAX_MANIFEST:
+            raise DataFormatError(
+                f"{f} holds {f.stat().st_size:,} bytes, more than any manifest "
+                f"(at most {MAX_MANIFEST:,}): it is not a eurotrain manifest"
+            )
+        manifest = json.loads(f.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, or nesting beyond the parser
+        reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        raise DataFormatError(
+            f"{f} is not valid JSON ({reason}): the manifest is damaged; prepare the data again"
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("version") != VERSION
+    ):
         raise DataFormatError(
             f"{f} is not a eurotrain prepared-data manifest (format {FORMAT!r} version {VERSION})"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataFormatError(
+            f"{f}: {problem}; the manifest is damaged or was not written by 'eurotrain data "
+            f"prepare': prepare the data again"
+        )
     return manifest
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields (names, types, ranges), or None."""
+    try:
+        tok = _get(m, "tokenizer", dict, "")
+        for key in ("name", "sha256"):
+            _get(tok, key, str, "tokenizer")
+        vocab = _get(tok, "vocab_size", int, "tokenizer")
+        if not 1 <= vocab <= 2**32:
+            return f"tokenizer.vocab_size is {vocab}, not in [1, 2**32]"
+        eos = _get(tok, "eos_id", int, "tokenizer")
+        if not 0 <= eos < vocab:
+            return f"tokenizer.eos_id is {eos}, not a token of its {vocab} (0..{vocab - 1})"
+        dtype = _get(m, "dtype", str, "")
+        if dtype not in TOKEN_DTYPES:
+            return f"dtype is {dtype!r:.40}, not one of {TOKEN_DTYPES}"
+        if np.dtype(dtype).itemsize < token_dtype(vocab).itemsize:
+            return f"dtype {dtype} cannot hold the ids of a vocabulary of {vocab}"
+        for i, entry in enumerate(_get(m, "inputs", list, "")):
+            where = f"inputs[{i}]"
+            for key, kind in (("key", str), ("spec", str), ("complete", bool)):
+                _get(entry, key, kind, where)
+            if _get(entry, "shard_chars", int, where) < 1:
+                return f"{where}.shard_chars is {entry['shard_chars']}, not a positive number"
+        for i, s in enumerate(_get(m, "shards", list, "")):
+            where = f"shards[{i}]"
+            for key in ("file", "index_file"):
+                name = _get(s, key, str, where)
+                if name in ("", ".", "..") or "/" in name or "\0" in name:
+                    return (
+                        f"{where}.{key} is {name!r:.80}: a shard must be a file of the prepared "
+                        f"directory itself (a plain name)"
+                    )
+            for key in ("sha256", "index_sha256", "input"):
+                _get(s, key, str, where)
+            tokens = _get(s, "num_tokens", int, where)
+            docs = _get(s, "num_documents", int, where)
+            part = _get(s, "part", int, where)
+            if min(tokens, docs, part) < 0 or docs > tokens or (docs == 0) != (tokens == 0):
+                return (
+                    f"{where} holds {tokens} tokens in {docs} documents (part {part}): counts "
+                    f"must be >= 0 and every document holds at least one token"
+                )
+    except _FieldError as e:
+        return str(e)
+    return None
+
+
+class _FieldError(Exception):
+    pass
+
+
+def _get(obj: Any, key: str, kind: type, where: str) -> Any:
+    """``obj[key]``, which must be a ``kind`` (an int is never a bool)."""
+    name = f"{where}.{key}" if where else key
+    if not isinstance(obj, dict):
+        raise _FieldError(f"{where or 'the manifest'} is {type(obj).__name__}, not an object")
+    if key not in obj:
+        raise _FieldError(f"{name} is missing")
+    v = obj[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise _FieldError(f"{name} is {v!r:.60}, not {kind.__name__}")
+    return v
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     manifest["num_tokens"] = sum(s["num_tokens"] for s in manifest["shards"])
     manifest["num_documents"] = sum(s["num_documents"] for s in manifest["shards"])
     _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def index_problem(ends: np.ndarray, size: int) -> str | None:
+    """What is wrong with a shard's document ends (each document holds >= 1 token, the last
+    ends the shard), or None."""
+    bad = (np.diff(ends, prepend=0) < 1) | (ends > size)
+    if bad.any():
+        k = int(np.argmax(bad))
+        if ends[k] > size:
+            return f"document {k:,} ends at {int(ends[k]):,}, beyond the shard"
+        after = f"after {int(ends[k - 1]):,}" if k else "at the start"
+        return f"document {k:,} ends at {int(ends[k]):,}, {after}"
+    if not len(ends) or ends[-1] != size:
+        return f"the last document ends at {int(ends[-1]) if len(ends) else 0:,}, not {size:,}"
+    return None
+
+
+class TokenRangeError(DataFormatError):
+    """Data holds a token id outside its tokenizer's vocabulary (a shard prepared with another
+    tokenizer, or forged). Raised on open (``verify: checksum``) or by the rank that reads it."""
+
+    every_rank = False
+
+
+def out_of_vocabulary(where: str, at: str, token: int, vocab_size: int) -> TokenRangeError:
+    return TokenRangeError(
+        f"{where} holds token id {token} at {at}, outside the vocabulary of the tokenizer it "
+        f"was prepared with (ids 0..{vocab_size - 1}): its tokens were not written by that "
+        f"tokenizer; prepare the data again"
+    )
 
 
 class PreparedDataset:
@@ -136,6 +269,7 @@ class PreparedDataset:
         self._doc_ends: np.ndarray | None = None
 
     def _check_shard(self, s: dict[str, Any], verify: str) -> None:
+        vocab = self.tokenizer["vocab_size"]
         for key, sum_key, expected in (
             ("file", "sha256", s["num_tokens"] * self.dtype.itemsize),
             ("index_file", "index_sha256", s["num_documents"] * 8),
@@ -146,26 +280,45 @@ class PreparedDataset:
                     f"{f} is missing (listed in {self.path / MANIFEST}); restore it or prepare "
                     f"the data again"
                 )
-            size = f.stat().st_size
-            if size != expected:
+            st = f.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would hang or never end
                 raise DataFormatError(
-                    f"{f} has {size} bytes but the manifest expects {expected}: the shard is "
-                    f"truncated or damaged; restore it or prepare the data again"
+                    f"{f} is not a regular file (listed in {self.path / MANIFEST}); replace it "
+                    f"with the shard or prepare the data again"
                 )
-            if verify == "checksum" and sha256_file(f) != s[sum_key]:
+            if st.st_size != expected:
+                raise DataFormatError(
+                    f"{f} has {st.st_size} bytes but the manifest expects {expected}: the shard "
+                    f"is truncated or damaged; restore it or prepare the data again"
+                )
+            if verify != "checksum":
+                continue
+            digest, largest = scan_file(f, self.dtype if key == "file" else None)
+            if digest != s[sum_key]:
                 raise DataFormatError(
                     f"{f} fails its SHA-256 check against {self.path / MANIFEST}: the shard is "
                     f"corrupted; restore it or prepare the data again"
                 )
+            if largest >= vocab:
+                at = int(np.argmax(np.memmap(f, dtype=self.dtype, mode="r") >= vocab))
+                raise out_of_vocabulary(str(f), f"token {at:,}", largest, vocab)
 
     @property
     def doc_ends(self) -> np.ndarray:
-        """End offsets (exclusive) of every document in the whole token stream."""
+        """End offsets (exclusive) of every document in the whole token stream, checked: each
+        shard's ends rise strictly and its last is the shard's end."""
         if self._doc_ends is None:
-            parts = [
-                np.fromfile(f, dtype="<i8") + start
-                for f, start in zip(self._index_files, self.starts[:-1])
-            ]
+            parts = []
+            for f, start, stop in zip(self._index_files, self.starts[:-1], self.starts[1:]):
+                ends = np.fromfile(f, dtype="<i8")
+                size = int(stop - start)
+                problem = index_problem(ends, size)
+                if problem:
+                    raise DataFormatError(
+                        f"{f} does not index its shard of {size:,} tokens ({problem}): the "
+                        f"index is damaged; prepare the data again"
+                    )
+                parts.append(ends + start)
             self._doc_ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return self._doc_ends
 
