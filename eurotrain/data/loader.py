@@ -23,6 +23,7 @@ from eurotrain.data.corpus import documents
 from eurotrain.data.shards import out_of_vocabulary
 from eurotrain.data.sources import PackedSequences, SequenceSource
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer
+from eurotrain.errors import CheckpointError
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
@@ -198,7 +199,13 @@ class GlobalBatchLoader:
                 f"the checkpoint's data order was seeded with {state['seed']}, this run uses "
                 f"train.seed={self.seed}: keep the seed to resume the same data order"
             )
-        self.step = int(state["step"])
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(
+                f"the checkpoint's data position (step) is {step!r:.40}, not a count of batches "
+                f"served: the checkpoint is damaged; resume from another one"
+            )
+        self.step = step
 
 
 __all__ = ["Batch", "GlobalBatchLoader", "PackedSequences", "tokenize_corpus"]

@@ -9,6 +9,7 @@ import pytest
 from eurotrain.configtools import ConfigError
 from eurotrain.data import GlobalBatchLoader, PackedSequences, PreparedDataset, PreparedSequences
 from eurotrain.data.prepare import prepare
+from eurotrain.errors import CheckpointError
 
 from .corpora import make_documents, write_text_files
 
@@ -89,6 +90,15 @@ def test_resume_with_other_data_or_seed_is_refused(source):
     other = PackedSequences(np.arange(5000) % 250, SEQ)
     with pytest.raises(ConfigError, match="other data"):
         loaders(other, 1, seed=3)[0].load_state_dict(state)
+
+
+@pytest.mark.parametrize("step", [-1, "3", 2.0, True, None])
+def test_damaged_data_position_is_refused(source, step):
+    state = dict(loaders(source, 1)[0].state_dict(), step=step)
+    with pytest.raises(
+        CheckpointError, match=r"data position \(step\) is .*the checkpoint is damaged"
+    ):
+        loaders(source, 1)[0].load_state_dict(state)
 
 
 @pytest.fixture(scope="module")
