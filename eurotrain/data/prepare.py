@@ -356,7 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-size-mb", type=float, default=1024, help="text per shard (MiB)")
     p.add_argument("--split", default="train", help="split of a saved DatasetDict")
-    v = sub.add_parser("verify", help="check a prepared directory's sizes, checksums, token ids and indexes")
+    v = sub.add_parser(
+        "verify", help="check a prepared directory's sizes, checksums, token ids and indexes"
+    )
     v.add_argument("path")
     return ap
 

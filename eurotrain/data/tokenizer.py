@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,9 +50,14 @@ class HFTokenizer:
         else:
             from transformers import AutoTokenizer
 
-            self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            refuse_custom_code(p)
+            self.tok = AutoTokenizer.from_pretrained(
+                str(p), local_files_only=True, trust_remote_code=False
+            )
         self.name = str(p.resolve())
-        self.vocab_size = len(self.tok)
+        # Ids need not be contiguous (a vocabulary with gaps, added tokens placed far out): the
+        # model's embedding and the shards' dtype must hold the largest id, not just the count.
+        self.vocab_size = max(len(self.tok), max(self.tok.get_vocab().values(), default=-1) + 1)
         eos = self.tok.eos_token_id
         if eos is None:  # a bare tokenizer.json: find a conventional end-of-text token
             for cand in ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[SEP]"):
@@ -73,6 +79,35 @@ class HFTokenizer:
         text = self.tok.decode(ids)
         assert isinstance(text, str)  # one sequence of ids decodes to one string
         return text
+
+
+CODE_FILES = ("tokenizer_config.json", "config.json")
+"""The files where transformers looks for ``auto_map`` (custom Python classes to import)."""
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """A tokenizer directory that names its own Python code is refused before transformers sees
+    it: transformers would ask on a terminal whether to run that code (one "y" from running a
+    stranger's program on a login node), or fail after printing the question."""
+    for name in CODE_FILES:
+        f = folder / name
+        if not f.exists():
+            continue
+        try:
+            if not f.is_file() or f.stat().st_size > 1 << 26:
+                raise ValueError("not a regular file of at most 64 MiB")
+            config = json.loads(f.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:
+            reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
+            raise ConfigError(
+                f"data.tokenizer: {f} is unreadable ({reason}): repair or remove it"
+            ) from None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ConfigError(
+                f"data.tokenizer: {f} names custom Python code (auto_map), which eurotrain never "
+                f"runs: use a tokenizer.json-based tokenizer (remove auto_map and the .py files, "
+                f"or save the tokenizer's tokenizer.json alone and give its path)"
+            )
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -21,7 +21,9 @@ from eurotrain.data import DataFormatError, PreparedDataset
 from eurotrain.data.config import DataConfig, SourceConfig
 from eurotrain.data.pipeline import DataPipeline
 from eurotrain.data.prepare import main as data_main
+from eurotrain.data.prepare import prepare
 from eurotrain.data.shards import TokenRangeError, index_problem
+from eurotrain.data.tokenizer import load_tokenizer
 
 
 def copy(prepared: Path, tmp_path: Path, edit: Callable[[Path, dict[str, Any]], Any]) -> Path:
@@ -218,3 +220,54 @@ def test_damaged_document_index_is_refused_before_any_model(prepared_byte, tmp_p
 )
 def test_index_problem(ends, expected):
     assert index_problem(np.array(ends, dtype=np.int64), 9) == expected
+
+
+EVIL = """import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("code from the tokenizer directory ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.mark.parametrize("config_file", ["tokenizer_config.json", "config.json"])
+def test_tokenizer_with_its_own_code_is_refused_before_transformers_sees_it(
+    bpe_dir, tmp_path, config_file
+):
+    """transformers would ask on a terminal whether to run the directory's code; eurotrain
+    refuses the directory without asking, and the code never runs."""
+    d = tmp_path / "tok"
+    shutil.copytree(bpe_dir, d)
+    (d / "evil.py").write_text(EVIL)
+    f = d / config_file
+    config = json.loads(f.read_text()) if f.exists() else {}
+    config.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]})
+    if config_file == "tokenizer_config.json":
+        config["tokenizer_class"] = "EvilTokenizer"
+    f.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"{config_file} names custom Python code \(auto_map\)"):
+        load_tokenizer(str(d))
+    assert not (d / "RAN").exists()
+
+
+def test_tokenizer_with_ids_beyond_its_length_counts_its_largest_id(bpe_dir, tmp_path):
+    """A vocabulary with a gap (an id far beyond the number of entries): the vocabulary size,
+    and so the model's embedding and the shards' dtype, must hold the largest id."""
+    d = tmp_path / "tok"
+    shutil.copytree(bpe_dir, d)
+    t = json.loads((d / "tokenizer.json").read_text())
+    vocab = t["model"]["vocab"]
+    token = next(k for k, v in vocab.items() if v == max(vocab.values()))
+    vocab[token] = 70_000  # beyond uint16 too
+    (d / "tokenizer.json").write_text(json.dumps(t))
+    tok = load_tokenizer(str(d))
+    assert len(tok.tok) < 1000 and tok.vocab_size == 70_001
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text(token.replace("Ġ", " ") * 50)
+    prepare(str(text), str(d), str(tmp_path / "out"), workers=1)
+    ds = PreparedDataset(tmp_path / "out")  # checksum pass: every id inside the vocabulary
+    assert ds.dtype == np.uint32 and ds.tokenizer["vocab_size"] == 70_001
+    assert int(np.max(ds.read_rows(np.array([0]), ds.num_tokens))) == 70_000
