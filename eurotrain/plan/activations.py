@@ -211,13 +211,23 @@ def head(m: ModelConfig, shape: Shape, prec: Precision) -> HeadActivations:
     hidden = prec.compute if not prec.autocast else FP32  # the final norm's output
     weight = prec.gathered_param if not prec.autocast else FP32
     if shape.fused_loss:
-        saved = norm + t * m.dim * hidden + vocab * m.dim * weight  # d hidden, d weight
+        # Under autocast the loss casts both inputs to the compute dtype first (its gradient
+        # matmuls write with out=, which autocast never casts): the copies live through its
+        # forward, d hidden and d weight are made in the compute dtype and cast back to fp32
+        # in the backward.
+        cast = prec.compute if prec.autocast else 0
+        grad_hidden = prec.compute if prec.autocast else hidden
+        grad_weight = prec.compute if prec.autocast else weight
+        saved = norm + t * m.dim * grad_hidden + vocab * m.dim * grad_weight
         rows = default_chunk_size(t, m.dim, vocab)
         logits = prec.compute
-        # one chunk's logits and its fp32 statistics / gradient temporaries
-        forward = rows * vocab * (logits + 2 * FP32) + t * m.dim * hidden
-        # AccumulateGrad copies d weight (the loss's context still holds it)
-        backward = vocab * m.dim * weight
+        # one chunk's logits and its fp32 statistics / gradient temporaries, the final norm's
+        # output (and its cast)
+        forward = rows * vocab * (logits + 2 * FP32) + t * m.dim * (hidden + cast)
+        forward += vocab * m.dim * cast
+        # AccumulateGrad copies d weight (the loss's context still holds it); under autocast
+        # the casts back to fp32 are new tensors
+        backward = vocab * m.dim * weight + (t * m.dim * FP32 if prec.autocast else 0)
         return HeadActivations(saved, forward, backward)
     logits = t * vocab * prec.compute
     log_softmax = t * vocab * FP32

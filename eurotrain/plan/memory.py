@@ -146,12 +146,13 @@ def fsdp_accumulates(cfg: Config, dims: ParallelDims) -> bool:
 
 def precision(cfg: Config, dims: ParallelDims, setting: Setting) -> act.Precision:
     """The byte sizes of eurotrain's precision policy (eurotrain/parallel/engine.py Precision):
-    FSDP2 casts the parameters itself; autocast only runs on GPUs."""
+    bf16 on GPUs, or asked for by name; FSDP2 casts the parameters itself, elsewhere autocast
+    (on a CPU too) casts each matmul's inputs."""
     mp = cfg.train.mixed_precision
-    # DeepSpeed's bf16 mode casts the model: its autocast (on GPUs) then finds bf16 weights
+    # DeepSpeed's bf16 mode casts the model: its autocast then finds bf16 weights
     casts_itself = uses_fsdp(cfg, dims) or cfg.parallel.engine == "deepspeed"
     bf16 = mp == "bf16" or (mp == "auto" and setting.cuda)
-    return act.Precision.of(bf16 and (setting.cuda or casts_itself), fsdp=casts_itself)
+    return act.Precision.of(bf16, fsdp=casts_itself)
 
 
 def _shape(cfg: Config, dims: ParallelDims, micro_batch: int, setting: Setting) -> act.Shape:

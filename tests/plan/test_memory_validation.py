@@ -57,6 +57,8 @@ CASES = [
 SINGLE = [
     # one process each (no mesh; every rank runs it alone): mixture of experts, 2 micro-batches
     [TINY_MOE],
+    # bf16 asked for by name on a CPU: autocast, fp32 weights and a bf16 copy of each
+    ["--train.mixed_precision", "bf16", "--model.tie_embeddings", "false"],
 ]
 
 
