@@ -14,6 +14,7 @@ input: wrong types are errors, not tracebacks.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from eurotrain.errors import ConfigError
@@ -111,9 +112,20 @@ def _count(value: Any, field: str) -> int:
 
 
 def _positive(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"HF config: {field} {_show(value)} is not a positive number")
+    if not _number(value) or not value > 0:
+        raise ConfigError(f"HF config: {field} {_show(value)} is not a finite positive number")
     return float(value)
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float: json reads 1e400 and Infinity as inf, which `value > 0` lets
+    through into the model (an infinite norm epsilon or RoPE base), and NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _flag(d: dict[str, Any], key: str) -> bool:
@@ -209,9 +221,22 @@ def _summary(layers: list[str]) -> str:
     return f"{len(layers)} layers mixing {' and '.join(kinds)}"
 
 
+MAX_POSITIONS = 2**24
+"""Longest context imported: eurotrain's RoPE tables hold positions as fp32, which counts whole
+numbers exactly up to 2**24 (16,777,216); past it two positions would share one rotation. The
+longest contexts of supported HF models are a few million (Llama-3-Gradient-4194k: 2**22)."""
+
+
 def _context(d: dict[str, Any], model_type: str) -> int:
     default = _DEFAULTS[model_type]["max_position_embeddings"]
-    return _count(d.get("max_position_embeddings", default), "max_position_embeddings")
+    context = _count(d.get("max_position_embeddings", default), "max_position_embeddings")
+    if context > MAX_POSITIONS:
+        raise ConfigError(
+            f"HF config: max_position_embeddings {context} is more than the {MAX_POSITIONS} "
+            f"positions eurotrain's fp32 RoPE tables count exactly; set it in config.json to "
+            f"the context you will train with"
+        )
+    return context
 
 
 def _rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling]:
@@ -241,6 +266,11 @@ def _rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, Rop
         )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     values = [_positive(params.get(key), f"rope_scaling (llama3) {key}") for key in keys]
+    if not values[3].is_integer():  # HF divides by it as given; int() would change the model
+        raise ConfigError(
+            f"HF config: rope_scaling (llama3) original_max_position_embeddings "
+            f"{_show(params['original_max_position_embeddings'])} is not a whole number"
+        )
     try:
         return theta, RopeScaling(
             factor=values[0],
@@ -254,8 +284,8 @@ def _rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, Rop
 
 def _non_negative(d: dict[str, Any], key: str, default: float) -> float:
     value = d.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"HF config: {key} {_show(value)} is not a number >= 0")
+    if not _number(value) or not value >= 0:
+        raise ConfigError(f"HF config: {key} {_show(value)} is not a finite number >= 0")
     return float(value)
 
 
@@ -335,30 +365,30 @@ def from_hf_config(d: Any) -> ModelConfig:
     biased = model_type in ("llama", "qwen3", "qwen3_moe")
     moe = moe_from_hf(d, model_type) if model_type in MOE_TYPES else {}
     ffn = d.get("intermediate_size", defaults.get("intermediate_size"))
+    fields: dict[str, Any] = dict(  # read first: a bad field is named alone, not wrapped
+        name=name if isinstance(name, str) and name else model_type,
+        vocab_size=_count(d.get("vocab_size"), "vocab_size"),
+        dim=_count(d.get("hidden_size"), "hidden_size"),
+        num_layers=num_layers,
+        num_heads=_count(d.get("num_attention_heads"), "num_attention_heads"),
+        num_kv_heads=None if kv_heads is None else _count(kv_heads, "num_key_value_heads"),
+        head_dim=None if head_dim is None else _count(head_dim, "head_dim"),
+        ffn_dim=_count(ffn, "intermediate_size"),
+        norm_eps=_positive(
+            d.get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)), "rms_norm_eps"
+        ),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=_context(d, model_type),
+        tie_embeddings=_flag(d, "tie_word_embeddings"),
+        qkv_bias=model_type == "qwen2",
+        attention_bias=biased and _flag(d, "attention_bias"),
+        mlp_bias=model_type == "llama" and _flag(d, "mlp_bias"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=_sliding_window(d, model_type),
+    )
     try:
-        return ModelConfig(
-            name=name if isinstance(name, str) and name else model_type,
-            vocab_size=_count(d.get("vocab_size"), "vocab_size"),
-            dim=_count(d.get("hidden_size"), "hidden_size"),
-            num_layers=num_layers,
-            num_heads=_count(d.get("num_attention_heads"), "num_attention_heads"),
-            num_kv_heads=None if kv_heads is None else _count(kv_heads, "num_key_value_heads"),
-            head_dim=None if head_dim is None else _count(head_dim, "head_dim"),
-            ffn_dim=_count(ffn, "intermediate_size"),
-            norm_eps=_positive(
-                d.get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)), "rms_norm_eps"
-            ),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_seq_len=_context(d, model_type),
-            tie_embeddings=_flag(d, "tie_word_embeddings"),
-            qkv_bias=model_type == "qwen2",
-            attention_bias=biased and _flag(d, "attention_bias"),
-            mlp_bias=model_type == "llama" and _flag(d, "mlp_bias"),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
-            sliding_window=_sliding_window(d, model_type),
-            moe=MoEConfig(**moe),
-        )
+        return ModelConfig(**fields, moe=MoEConfig(**moe))
     except ConfigError as e:
         raise ConfigError(f"HF config: does not make a valid eurotrain model: {e}") from None
 

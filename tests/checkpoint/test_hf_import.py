@@ -111,6 +111,9 @@ def test_refuses_hf_models_it_cannot_represent(case, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 500000.0}  # fmt: skip
+
 REFUSED_BY_PATCH = {
     "sequence classification": (
         {"architectures": ["LlamaForSequenceClassification"]},
@@ -137,6 +140,43 @@ REFUSED_BY_PATCH = {
         {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
          "layer_types": ["full_attention", "chunked_attention"]},
         'HF config: layer_types ["full_attention", "chunked_attention"] is not supported',
+    ),
+    # json reads Infinity (and 1e400) as inf, which `value > 0` lets through.
+    "infinite rms_norm_eps": (
+        {"rms_norm_eps": float("inf")},
+        "HF config: rms_norm_eps Infinity is not a finite positive number",
+    ),
+    "infinite rope_theta": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+        "HF config: rope_theta Infinity is not a finite positive number",
+    ),
+    "infinite llama3 factor": (
+        {"rope_parameters": {**LLAMA3, "factor": float("inf")}},
+        "HF config: rope_scaling (llama3) factor Infinity is not a finite positive number",
+    ),
+    "llama3 low_freq_factor 0": (
+        {"rope_parameters": {**LLAMA3, "low_freq_factor": 0}},
+        "HF config: rope_scaling (llama3) low_freq_factor 0 is not a finite positive number",
+    ),
+    "llama3 high_freq_factor < 0": (
+        {"rope_parameters": {**LLAMA3, "high_freq_factor": -4.0}},
+        "HF config: rope_scaling (llama3) high_freq_factor -4.0 is not a finite positive number",
+    ),
+    "llama3 fractional original context": (
+        {"rope_parameters": {**LLAMA3, "original_max_position_embeddings": 16.5}},
+        "HF config: rope_scaling (llama3) original_max_position_embeddings 16.5 is not a whole "
+        "number",
+    ),
+    "infinite aux loss": (
+        {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+         "router_aux_loss_coef": float("inf")},
+        "HF config: router_aux_loss_coef Infinity is not a finite number >= 0",
+    ),
+    "context past fp32 positions": (
+        {"max_position_embeddings": 10**13},
+        "HF config: max_position_embeddings 10000000000000 is more than the 16777216 positions "
+        "eurotrain's fp32 RoPE tables count exactly; set it in config.json to the context you "
+        "will train with",
     ),
 }  # fmt: skip
 
@@ -266,6 +306,18 @@ def test_supported_models_import_to_the_same_logits(case, tmp_path, capsys):
         want = hf(TOKENS).logits
         got = ours.eval()(TOKENS)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_longest_context_imports(llama_dir, tmp_path, capsys):
+    """2**24 positions, the most fp32 counts exactly, import (the tables are built later)."""
+    hf_dir = copy_dir(llama_dir, tmp_path / "hf")
+    patch_config(hf_dir, max_position_embeddings=2**24)
+    code, err = run_convert(hf_dir, tmp_path / "out", capsys)
+    assert code == 0, err
+    assert (
+        yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["max_seq_len"]
+        == 2**24
+    )
 
 
 def test_attention_dropout_is_imported_with_a_note(llama_dir, tmp_path, capsys):
