@@ -3,12 +3,16 @@
 Everything here is generic; the config tree itself lives in ``eurotrain/config.py`` and in the
 components it configures. Errors are ``ConfigError`` (a ``ValueError``) whose message names the
 field, the bad value and what is allowed, so a wrong setting stops a job before it asks for GPUs.
-"""
+Config files are read as if from a stranger: YAML that would exhaust memory or the stack, or
+silently drop a setting (a key given twice), is refused at the load, and nan or inf is refused
+for every float setting."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,9 +23,69 @@ import yaml
 from eurotrain import resources
 from eurotrain.errors import ConfigError
 
-__all__ = ["ConfigError", "from_dict", "merge", "parse_overrides", "read_yaml", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "load_yaml",
+    "merge",
+    "parse_overrides",
+    "read_yaml",
+    "shown",
+    "to_dict",
+]
 
 T = TypeVar("T")
+
+MAX_YAML_NODES = 100_000
+"""Values (scalars, lists and mappings) a config file may hold once its aliases are expanded: a
+preset holds about a hundred, while nine nested aliases of nine items each expand to 9**9 ("a
+billion laughs"), which printing or walking would need gigabytes for."""
+MAX_YAML_DEPTH = 50
+"""Nesting levels a config file may have (a preset has four); deeper ones exhaust the stack of
+the YAML reader and of everything that walks the result."""
+YAML_INT_DIGITS = 4300
+"""Longest integer literal read: Python's own limit for converting a string to an int."""
+INT64 = 2**63
+"""Config integers lie in [-INT64, INT64): the range of the int64 that torch and numpy hold."""
+
+
+SHOWN_CHARS = 160
+"""Longest user value an error message shows."""
+
+
+class _Shown(reprlib.Repr):
+    """repr() cut short at every level, for user values in error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = 60
+        self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # builtins.repr refuses beyond 4300 digits and is slow below
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        cut = x[: self.maxstring]
+        return repr(cut) + ("..." if len(x) > len(cut) else "")
+
+
+_SHOWN = _Shown()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` bounded to about a line, at any size or depth of ``value``: every error
+    message that shows a user's value uses it (``f"{v!r:.200}"`` builds the whole repr first)."""
+    text = _SHOWN.repr(value)  # at most a few thousand characters, whatever the value
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+class _OutOfRange(ConfigError):
+    """A number of the right type but an impossible size (nan, inf, beyond int64): reported as
+    is instead of as "not a float | null" when the annotation is a union."""
 
 
 def divisors(n: int) -> list[int]:
@@ -53,10 +117,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            near = []
+            if isinstance(value, str):
+                near = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(
-                f"{where}: {value!r} is not allowed; choose one of "
+                f"{where}: {shown(value)} is not allowed; choose one of "
                 f"{', '.join(repr(a) for a in allowed)}{hint}"
             )
         return value
@@ -69,51 +135,81 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _convert(value, arg, where)
+            except _OutOfRange:
+                raise
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+        raise ConfigError(f"{where}: {shown(value)} is not a {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         cls = cast(type, tp)  # an annotation: a dataclass type, never an instance
         if isinstance(value, cls):
             return value
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{where}: expected a mapping of {cls.__name__} fields, got {value!r}"
+                f"{where}: expected a mapping of {cls.__name__} fields, got {shown(value)}"
             )
         return from_dict(cls, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         (item_tp,) = get_args(tp)[:1] or (Any,)
         return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return _integer(value, where)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return _finite(value, where)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {shown(value)}")
     return value
+
+
+def _integer(value: Any, where: str) -> int:
+    number = value
+    if isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
+    if not -INT64 <= number < INT64:
+        raise _OutOfRange(
+            f"{where}: {shown(value)} is out of range; a config integer lies between -2**63 "
+            f"and 2**63 - 1"
+        )
+    return number
+
+
+def _finite(value: Any, where: str) -> float:
+    """A float from a number, or a string YAML did not read as one (3e-4 has no dot); nan and
+    inf are refused for every field: each passes checks such as ``x <= 0`` and then trains
+    silently wrong (an inf norm_eps zeroes every gradient, a nan grad_clip turns clipping off)."""
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the largest float
+            raise _OutOfRange(
+                f"{where}: {shown(value)} is beyond the largest float (about 1.8e308); write "
+                f"a realistic value"
+            ) from None
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{where}: expected a number, got {shown(value)}")
+    if not math.isfinite(number):
+        raise _OutOfRange(
+            f"{where}: {shown(value)} is not a finite number; write a finite value (nan and "
+            f"inf are refused for every setting)"
+        )
+    return number
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -126,14 +222,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     names = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.init]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        path = f"{where}.{key}" if where else key
         if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            name = key if isinstance(key, str) else shown(key)
+            near = difflib.get_close_matches(name[:100], names, n=1, cutoff=0.5)
             hint = f"did you mean {(where + '.' if where else '') + near[0]!r}? " if near else ""
             raise ConfigError(
-                f"unknown config key {path!r}: {hint}valid keys"
-                f"{' of ' + where if where else ''} are: {', '.join(names)}"
+                f"unknown config key {shown(f'{where}.{name}' if where else name)}: {hint}valid "
+                f"keys{' of ' + where if where else ''} are: {', '.join(names)}"
             )
+        path = f"{where}.{key}" if where else key
         kwargs[key] = _convert(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -174,7 +271,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 f"(for example --train.{key})"
             )
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw, f"override --{key}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -196,6 +293,124 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also refuses what would silently change a config or exhaust memory
+    or the stack: duplicate keys, alias expansion beyond MAX_YAML_NODES ("billion laughs"),
+    recursive aliases, nesting beyond MAX_YAML_DEPTH and integers Python will not read.
+    ``source`` ("config file 'x.yaml'", "override --a.b") starts each error."""
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # The composer recurses once per level: refuse before Python's stack runs out.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(
+                    f"{self.source}: nested more than {MAX_YAML_DEPTH} levels deep at line "
+                    f"{line}; a config needs a few levels (section: key: value)"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: Any) -> Any:
+        _check_graph(node, self.source)
+        return super().construct_document(node)
+
+    def construct_int(self, node: Any) -> int:
+        line = node.start_mark.line + 1
+        if len(node.value) > YAML_INT_DIGITS:
+            raise ConfigError(
+                f"{self.source}: the integer at line {line} is {len(node.value)} characters "
+                f"long, more than the {YAML_INT_DIGITS} digits Python reads; no setting needs "
+                f"one that large"
+            )
+        return cast(int, self.construct_yaml_int(node))
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_int)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def _check_graph(root: yaml.Node, source: str) -> None:
+    """Refuse a composed YAML document whose aliases expand to more than MAX_YAML_NODES values
+    or MAX_YAML_DEPTH levels, or refer to themselves, and mappings with a key twice. Each node
+    is visited once (sizes and depths are memoised per node), without recursion, so the check
+    costs what the file holds, not what it expands to."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        line = node.start_mark.line + 1
+        if children_done:
+            open_nodes.discard(key)
+            children = _children(node)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_NODES or depth[key] > MAX_YAML_DEPTH:
+                what = (
+                    f"{MAX_YAML_NODES:,} values"
+                    if size[key] > MAX_YAML_NODES
+                    else f"{MAX_YAML_DEPTH} levels of nesting"
+                )
+                raise ConfigError(
+                    f"{source}: the value at line {line} expands through its aliases (*name) "
+                    f"to more than {what}; write the settings out instead of nesting aliases"
+                )
+        elif key in open_nodes:  # met again inside its own expansion
+            raise ConfigError(
+                f"{source}: the value anchored at line {line} contains an alias to itself; a "
+                f"config cannot be infinite: remove that alias"
+            )
+        elif key not in size:
+            if isinstance(node, yaml.MappingNode):
+                _check_unique_keys(node, source)
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+def _check_unique_keys(node: yaml.MappingNode, source: str) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently (a second ``train:`` block
+    replaces the first). Merged keys (``<<: *base``) may be overridden, as YAML intends."""
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue
+        seen = first.setdefault((key_node.tag, key_node.value), key_node)
+        if seen is not key_node:
+            raise ConfigError(
+                f"{source}: key {shown(key_node.value)} appears twice in one mapping, at line "
+                f"{seen.start_mark.line + 1} and line {key_node.start_mark.line + 1}; YAML "
+                f"would keep only the second: merge them into one"
+            )
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` as safe_load does, refusing what ``_ConfigLoader`` refuses; errors
+    start with ``source``. yaml.YAMLError for invalid syntax, as from safe_load."""
+    loader = _ConfigLoader(text, source)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -227,7 +442,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"or the name of a preset (presets: {', '.join(presets)})."
         )
     try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        data = load_yaml(p.read_bytes().decode("utf-8"), f"config file {str(p)!r}")
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"config file {str(p)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
@@ -253,7 +468,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(base, str) or not base:
         raise ConfigError(
             f"config file {str(p)!r}: 'base:' must be the path of another YAML file (relative "
-            f"to this one), not {base!r}"
+            f"to this one), not {shown(base)}"
         )
     chain = (*_chain, p)
     target = _base_file(p, base)
@@ -286,8 +501,8 @@ def config_chain(path: str | Path) -> list[Path]:
     chain = [resources.config_file(path)]
     while chain[-1].is_file():
         try:
-            data = yaml.safe_load(chain[-1].read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError):
+            data = load_yaml(chain[-1].read_bytes().decode("utf-8"), str(chain[-1]))
+        except (UnicodeDecodeError, yaml.YAMLError, ConfigError):
             break
         base = data.get("base") if isinstance(data, dict) else None
         if not isinstance(base, str) or not base:
