@@ -19,6 +19,11 @@ job (detection, tear-down, relaunch) or the queue between two jobs of a chain (`
 into the record it never wrote (``end``: its last heartbeat, ``how``: "killed"), counting the
 steps after the checkpoint it resumes from as lost.
 
+Both files are read back as if from a stranger (a torn write, an older version, a hand edit):
+``check_record`` checks every field used. A bad goodput.jsonl line is skipped and counted; a bad
+heartbeat is set aside (``.goodput-live.json.bad``) with one warning, and the run goes on without
+that attempt's record: an accounting file never stops a restart.
+
 Components charge their own stalls through ``Ledger.span`` (the trainer owns one ledger); the
 ``GoodputRecorder`` callback times the steps and writes the records. ``summarize`` is what
 ``eurotrain status`` prints.
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -47,6 +54,10 @@ LIVE = ".goodput-live.json"
 ATTEMPT_START_ENV = "EUROTRAIN_ATTEMPT_START"
 """When the job script started this attempt's srun (Unix time); the job's start for attempt 0."""
 HEARTBEAT_S = 5.0
+MAX_SECONDS = 1e9
+"""No duration in a record is longer (31 years): a larger number is damage, not a run."""
+RECORD_KEYS = ("job", "requeue", "attempt", "start", "end", "wall_s",
+               *(f"{c}_s" for c in CATEGORIES), "steps", "how", "gap_s", "gap")  # fmt: skip
 
 
 class Ledger:
@@ -165,7 +176,7 @@ class GoodputRecorder(Callback):
         wall = end - self.start
         seconds["other"] = wall - sum(seconds.get(c, 0.0) for c in CATEGORIES if c != "other")
         if seconds["other"] < 0:  # a stall also charged elsewhere (overlapping spans)
-            seconds["lost"] += seconds["other"]
+            seconds["lost"] = max(0.0, seconds["lost"] + seconds["other"])  # durations stay >= 0
             seconds["other"] = 0.0
         return {
             "job": os.environ.get("SLURM_JOB_ID", ""),
@@ -216,29 +227,110 @@ class GoodputRecorder(Callback):
 
     def _close_dead_attempt(self, resumed_step: int) -> None:
         """The previous attempt died without its record: write it from its last heartbeat,
-        with the work after the checkpoint this attempt resumed from counted as lost."""
+        with the work after the checkpoint this attempt resumed from counted as lost. A
+        heartbeat that does not check is set aside with a warning; the run goes on."""
         path = self.run_dir / LIVE
-        try:
-            live = json.loads(path.read_text())
-        except (OSError, ValueError):
+        live, problem = read_live(self.run_dir)
+        if problem is not None:
+            _set_aside(path, problem)
             return
-        if not isinstance(live, dict) or not isinstance(live.get("productive_s"), (int, float)):
-            path.unlink(missing_ok=True)
+        if live is None:
             return
         kept = 0.0
-        for step, productive in live.pop("commits", []) or []:
-            if isinstance(step, int) and step <= resumed_step:
+        for step, productive in live.get("commits") or []:
+            if step <= resumed_step:
                 kept = float(productive)
-        lost = max(0.0, float(live["productive_s"]) - kept)
-        live["productive_s"] = round(float(live["productive_s"]) - lost, 3)
-        live["lost_s"] = round(float(live.get("lost_s", 0.0)) + lost, 3)
-        append_record(self.run_dir, live)
+        lost = max(0.0, live["productive_s"] - kept)
+        record = {k: live[k] for k in RECORD_KEYS if k in live}
+        record["productive_s"] = round(live["productive_s"] - lost, 3)
+        record["lost_s"] = round(live.get("lost_s", 0.0) + lost, 3)
+        append_record(self.run_dir, record)
         path.unlink(missing_ok=True)
+
+
+def read_live(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The heartbeat in ``run_dir``, checked: (heartbeat, None); (None, what is wrong with it);
+    or (None, None) where there is none."""
+    path = run_dir / LIVE
+    if not (path.exists() or path.is_symlink()):
+        return None, None
+    try:
+        live = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, RecursionError):
+            reason = "nested too deeply"
+        else:
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e)[:120]
+        return None, f"unreadable ({reason})"
+    problem = check_record(live, live=True)
+    return (live, None) if problem is None else (None, problem)
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """Move a bad heartbeat out of the way (or remove it) and say so, once."""
+    bad = path.with_name(path.name + ".bad")
+    try:
+        os.replace(path, bad)
+        fate = f"moved to {bad.name}"
+    except OSError:
+        try:
+            path.unlink()
+            fate = "removed"
+        except OSError:
+            fate = "left in place (cannot be moved or removed)"
+    print(
+        f"warning: {path}: {problem}; {fate}; the previous attempt's goodput record is lost, "
+        f"training goes on",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _seconds(value: Any) -> bool:
+    """A duration: a number (not a bool) in [0, MAX_SECONDS] (NaN and infinities fail)."""
+    return type(value) in (int, float) and 0 <= value <= MAX_SECONDS
+
+
+def check_record(record: Any, live: bool = False) -> str | None:
+    """What is wrong with a goodput record (or, ``live``, a heartbeat) read back; None if
+    nothing. Required: ``wall_s`` (and a heartbeat's ``productive_s``); every other field may
+    be absent but, where present, has the type and range that its readers rely on."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    required = ("wall_s", "productive_s") if live else ("wall_s",)
+    for key in (*required, "gap_s", *(f"{c}_s" for c in CATEGORIES)):
+        if key in record or key in required:
+            value = record.get(key)
+            if not _seconds(value):
+                return f"{key} is {value!r:.40}, not a duration in seconds"
+    for key in ("start", "end"):
+        value = record.get(key, 0.0)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return f"{key} is {value!r:.40}, not a Unix time"
+    for key in ("job", "how", "gap"):
+        if not isinstance(record.get(key, ""), str):
+            return f"{key} is {record[key]!r:.40}, not a string"
+    for key in ("requeue", "attempt"):
+        value = record.get(key, 0)
+        if type(value) is not int or value < 0:
+            return f"{key} is {value!r:.40}, not a count"
+    steps = record.get("steps", [0, 0])
+    if not (isinstance(steps, list) and len(steps) == 2 and all(type(x) is int for x in steps)):
+        return f"steps is {steps!r:.40}, not [first, last]"
+    if live:
+        commits = record.get("commits") or []
+        pairs = isinstance(commits, list) and all(
+            isinstance(c, list) and len(c) == 2 and type(c[0]) is int and _seconds(c[1])
+            for c in commits
+        )
+        if not pairs:
+            return f"commits is {commits!r:.40}, not a list of [step, productive seconds]"
+    return None
 
 
 def _requeue() -> int:
     value = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isascii() and value.isdigit() else 0  # int("²") fails
 
 
 def append_record(run_dir: Path, record: dict[str, Any]) -> None:
@@ -259,23 +351,36 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of goodput.jsonl that parse (a torn last line is skipped)."""
-    out = []
+    """The records of goodput.jsonl that parse and check (see ``scan_records``)."""
+    return scan_records(run_dir)[0]
+
+
+def scan_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of goodput.jsonl that parse and pass ``check_record``, and how many lines
+    did not (a line torn by a kill is one; so is damage)."""
+    out, skipped = [], 0
     try:
         lines = (run_dir / FILE).read_text(errors="replace").splitlines()
     except OSError:
-        return []
+        return [], 0
     for line in lines:
-        with contextlib.suppress(ValueError):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if isinstance(rec, dict) and isinstance(rec.get("wall_s"), (int, float)):
-                out.append(rec)
-    return out
+        except (ValueError, RecursionError):
+            rec = None
+        if check_record(rec) is None:
+            out.append(rec)
+        else:
+            skipped += 1
+    return out, skipped
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the records: seconds per category, wall, gaps, and the ratio of productive
-    time to the time the allocations ran (queue gaps between jobs are not allocated time)."""
+    time to the time the allocations ran (queue gaps between jobs are not allocated time).
+    The records are ones that pass ``check_record`` (as ``read_records`` returns them)."""
     totals = {c: sum(float(r.get(f"{c}_s", 0.0)) for r in records) for c in CATEGORIES}
     restart = sum(float(r.get("gap_s", 0.0)) for r in records if r.get("gap") == "restart")
     queue = sum(float(r.get("gap_s", 0.0)) for r in records if r.get("gap") == "queue")

@@ -185,20 +185,24 @@ class MetricsLogger:
     def drop_after(self, step: int) -> None:
         """Forget the records of steps after ``step`` (records without a step, and earlier
         ones, stay): a run resumed from step's checkpoint logs the later steps again. The file
-        is replaced atomically; a torn last line (a crash mid-write) goes too."""
+        is replaced atomically; lines that do not parse (a torn last line after a crash, or
+        damage) go too, with a warning that counts them: never a reason to stop a resume."""
         if self.file is None or self.run_dir is None:
             return
         self.file.close()
         path = self.run_dir / "metrics.jsonl"
-        kept = []
+        kept, dropped = [], 0
         for line in path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
+                dropped += 1 if line.strip() else 0
                 continue
-            later = isinstance(record, dict) and isinstance(record.get("step"), int)
+            later = isinstance(record, dict) and type(record.get("step")) is int
             if not (later and record["step"] > step):
                 kept.append(line + "\n")
+        if dropped:
+            self.info(f"warning: {path}: dropped {dropped} line(s) that are not JSON records")
         tmp = path.with_name(".metrics.jsonl.tmp")
         with open_private(tmp, "w") as f:
             f.writelines(kept)

@@ -1,11 +1,13 @@
 """``eurotrain status RUN_DIR``: how far a run is, its jobs, its last checkpoint, and where the
-time went (goodput.jsonl, eurotrain/goodput.py). Reads files only; safe on a run in progress."""
+time went (goodput.jsonl, eurotrain/goodput.py). Reads files only; safe on a run in progress.
+Every file is read as if from a stranger: a bad line or record is skipped (and counted), never a
+traceback."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import yaml
 from eurotrain.checkpoint.directory import latest
 from eurotrain.errors import ConfigError
 from eurotrain.fault.anomalies import read_windows
-from eurotrain.goodput import CATEGORIES, LIVE, read_records, summarize
+from eurotrain.goodput import CATEGORIES, LIVE, read_live, scan_records, summarize
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
@@ -27,12 +29,15 @@ def _config(run_dir: Path) -> dict[str, Any]:
         )
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ConfigError(f"{path}: unreadable ({reason})") from None
     return data if isinstance(data, dict) else {}
 
 
 def _last_step(run_dir: Path) -> int:
+    """The highest step in metrics.jsonl; lines that do not parse, or whose step is not a
+    count, are skipped."""
     step = 0
     try:
         lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
@@ -41,14 +46,16 @@ def _last_step(run_dir: Path) -> int:
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if isinstance(record, dict) and type(record.get("step")) is int:
             step = max(step, record["step"])
     return step
 
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.1f}s"
@@ -65,10 +72,8 @@ def report(run_dir: Path) -> dict[str, Any]:
     steps = train.get("steps") if isinstance(train.get("steps"), int) else 0
     root = Path(ckpt["dir"]) if isinstance(ckpt.get("dir"), str) and ckpt["dir"] else None
     newest, _ = latest(root or run_dir / "checkpoints")
-    records = read_records(run_dir)
-    live = None
-    with contextlib.suppress(OSError, ValueError):
-        live = json.loads((run_dir / LIVE).read_text())
+    records, skipped = scan_records(run_dir)
+    live, live_problem = read_live(run_dir)
     hangs = sorted(p.name for p in (run_dir / "hangs").glob("*") if p.is_dir())
     return {
         "run_dir": str(run_dir),
@@ -78,8 +83,9 @@ def report(run_dir: Path) -> dict[str, Any]:
             "path": str(newest.path), "step": newest.step,
             "created": (newest.marker or {}).get("created"),
         },
-        "goodput": summarize(records),
-        "running": live if isinstance(live, dict) else None,
+        "goodput": {**summarize(records), "skipped": skipped},
+        "running": live,
+        "running_problem": live_problem,
         "skipped_windows": read_windows(run_dir),
         "hangs": hangs,
     }  # fmt: skip
@@ -97,12 +103,22 @@ def render(info: dict[str, Any]) -> str:
             f"{live.get('requeue', 0)}, start {live.get('attempt', 0)}), last heartbeat "
             f"{_duration(age)} ago"
         )
+    if info["running_problem"]:
+        lines.append(
+            f"heartbeat {LIVE}: {info['running_problem']}; not shown (the run's next start "
+            f"sets it aside)"
+        )
     ck = info["last_checkpoint"]
     lines.append(
         "last checkpoint: none" if ck is None else
         f"last checkpoint: {ck['path']} (step {ck['step']}, {ck.get('created') or 'time unknown'})"
     )  # fmt: skip
     g = info["goodput"]
+    if g["skipped"]:
+        lines.append(
+            f"goodput.jsonl: {g['skipped']} line(s) skipped (torn by a kill, or malformed); the "
+            f"figures below leave them out"
+        )
     restarts = g["attempts"] - g["jobs"]
     lines.append(
         f"jobs so far: {g['jobs']} ({g['attempts']} starts of the ranks, {restarts} of them "
