@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 import time
 import warnings
@@ -56,56 +58,164 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---- HF -> eurotrain -----------------------------------------------------------------------
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of HF_DIR's safetensors files (those its index names, or all); a name in two
-    files, or an index naming a file outside HF_DIR, is an error, never a silent choice."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no weight_map object")
-        files = sorted({str(v) for v in weight_map.values()})
-        outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+INDEX = "model.safetensors.index.json"
+MAX_JSON_BYTES = 64 << 20
+"""Largest config.json or index read (the index of a 671B model with 90,000 tensors is ~9 MB)."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting read in them (HF's configs nest a few levels: rope_scaling, text_config)."""
+
+
+def hf_file(hf_dir: Path, name: str) -> Path:
+    """HF_DIR/name, checked to be a regular file or a symbolic link to one, wherever it points:
+    a hub cache's snapshot directory holds nothing but links into ../../blobs/, and a directory
+    of links to a shared copy of the weights is as common (outside_links names such files). A
+    FIFO, a device or a directory is refused before it is opened: reading one never ends."""
+    path = hf_dir / name
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if not path.is_symlink():
+            raise
+        raise CheckpointError(
+            f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; HF_DIR "
+            f"must hold the model's files or links to them"
+        ) from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else ""
+        raise CheckpointError(
+            f"{path}: {kind or 'a device or socket'}, not a regular file (nor a link to one); "
+            f"HF_DIR must hold the model's files or links to them"
+        )
+    return path
+
+
+def outside_links(hf_dir: Path, paths: list[Path]) -> list[str]:
+    """Notes naming the files that are links to files outside HF_DIR, except a hub cache
+    snapshot's links into its ../../blobs/ (the layout of ~/.cache/huggingface/hub)."""
+    root = hf_dir.resolve()
+    homes = [root]
+    if root.parent.name == "snapshots":
+        homes.append((root.parent.parent / "blobs").resolve())
+    notes = []
+    for path in paths:
+        target = path.resolve()
+        if not any(target.is_relative_to(home) for home in homes):
+            notes.append(
+                f"{path.name} is a link to {target}, outside {hf_dir}; imported from there"
+            )
+    return notes
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """HF_DIR's safetensors files (those its index names, or all), each checked by hf_file; an
+    index naming a file outside HF_DIR is an error."""
+    if os.path.lexists(hf_dir / INDEX):
+        index = hf_file(hf_dir, INDEX)
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: no weight_map object of tensor names to file names")
+        names = sorted(set(weight_map.values()))
+        outside = [f for f in names if Path(f).name != f or f in ("", ".", "..")]
         if outside:
             raise CheckpointError(f"{index}: names files outside {hf_dir}: {outside[:3]}")
     else:
-        files = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
-    if not files:
+        names = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
+    if not names:
         raise FileNotFoundError(
             f"{hf_dir}: no *.safetensors files (pytorch_model.bin is not read: it is a pickle; "
             f"re-save the model with save_pretrained(safe_serialization=True))"
         )
+    return [hf_file(hf_dir, name) for name in names]
+
+
+def read_hf_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files``; a name in two files is an error, never a
+    silent choice."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
+    for path in files:
         try:
-            with safe_open(str(hf_dir / name), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if key in state:
-                        raise CheckpointError(f"{hf_dir / name}: tensor {key} is in two files")
+                        raise CheckpointError(f"{path}: tensor {key} is in two files")
                     state[key] = f.get_tensor(key)
         except SafetensorError as e:
-            raise CheckpointError(f"{hf_dir / name}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     return state
 
 
+class _HugeInt:
+    """An integer in a JSON file that no 64-bit field holds, kept (unconverted) to name its key:
+    int() of more than 4,300 digits raises a ValueError that names no key."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    if len(text) > 20:
+        return _HugeInt(text)
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else _HugeInt(text)
+
+
 def _read_json(path: Path) -> Any:
+    """A JSON file of HF_DIR (checked by hf_file) of at most MAX_JSON_BYTES, nested at most
+    MAX_JSON_DEPTH deep, every integer within 64 bits; else a one-line ConfigError naming the
+    file (and the key)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO swapped in: no wait
     try:
-        return json.loads(path.read_text())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path}: not a regular file (it was replaced while read)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_JSON_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_JSON_BYTES} bytes; not a HF config or index")
+    try:
+        value = json.loads(data, parse_int=_parse_int)
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deeply for Python's JSON reader; a HF config nests a few levels"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    todo: list[tuple[str, Any, int]] = [("", value, 0)]  # not recursive: depth is what is checked
+    while todo:
+        key, item, depth = todo.pop()
+        if isinstance(item, _HugeInt):
+            raise ConfigError(
+                f"{path}: {key or 'the file'} is an integer of {item.digits} digits, more than "
+                f"64 bits hold; no HF config field needs one"
+            )
+        if depth > MAX_JSON_DEPTH:
+            raise ConfigError(
+                f"{path}: {key} is nested more than {MAX_JSON_DEPTH} levels deep; a HF config "
+                f"nests a few"
+            )
+        if isinstance(item, dict):
+            todo.extend((f"{key}.{k}" if key else k, v, depth + 1) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((f"{key}[{i}]", v, depth + 1) for i, v in enumerate(item))
+    return value
 
 
 def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     """Refuses (ConfigError / CheckpointError) any model eurotrain would compute differently,
     before anything is written."""
-    config_json = hf_dir / "config.json"
-    if not config_json.exists():
-        raise FileNotFoundError(f"{config_json}: missing; HF_DIR must hold config.json")
+    if not os.path.lexists(hf_dir / "config.json"):
+        raise FileNotFoundError(f"{hf_dir / 'config.json'}: missing; HF_DIR must hold config.json")
+    config_json = hf_file(hf_dir, "config.json")
     hf_cfg = _read_json(config_json)
     model_cfg = from_hf_config(hf_cfg)
-    for note in hf_config_notes(hf_cfg):
+    weight_files = hf_weight_files(hf_dir)
+    for note in hf_config_notes(hf_cfg) + outside_links(hf_dir, [config_json, *weight_files]):
         print(f"eurotrain convert: note: {note}", file=sys.stderr)
-    hf_state = read_hf_weights(hf_dir)
+    hf_state = read_hf_weights(weight_files)
     # Master weights are fp32 in eurotrain, whatever the HF files hold.
     weights = from_hf_state_dict(hf_state, model_cfg)
     weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
@@ -183,7 +293,7 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes:
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     return names
 
 
