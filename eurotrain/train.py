@@ -134,12 +134,7 @@ class Trainer:
         self.dims = check_layout(cfg, self.dist.world_size)  # layout and batch split
         self.data = DataPipeline(cfg.data)  # prepared sources, or the raw-text corpus
         self.tokenizer = self.data.tokenizer
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"the tokenizer {self.data.identity['name']!r} has {self.data.vocab_size} tokens "
-                f"but model.vocab_size is {cfg.model.vocab_size}: set model.vocab_size to at "
-                f"least {self.data.vocab_size} (a multiple of 64 is fastest)"
-            )
+        self.data.check_model_vocab(cfg.model.vocab_size)
         if cfg.train.eval_interval and not (
             cfg.data.validation_fraction or cfg.data.validation_sources
         ):

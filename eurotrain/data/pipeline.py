@@ -69,6 +69,15 @@ class DataPipeline:
                     )
         self.vocab_size = int(cast(int, self.identity["vocab_size"]))
 
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """The model's embedding must hold every id of the data's tokenizer."""
+        if self.vocab_size > model_vocab_size:
+            raise ConfigError(
+                f"the tokenizer {self.identity['name']!r} has {self.vocab_size} tokens but "
+                f"model.vocab_size is {model_vocab_size}: set model.vocab_size to at least "
+                f"{self.vocab_size} (a multiple of 64 is fastest)"
+            )
+
     def _open(
         self, sources: list[SourceConfig], key: str
     ) -> tuple[list[SequenceSource], dict[str, object]]:

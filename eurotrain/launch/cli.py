@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         python=python, job_name=args.job_name, log_dir=args.log_dir,
         signal_seconds=args.signal_seconds, chain=0 if args.until_done else args.chain,
         spare_nodes=args.spare_nodes, bench=args.bench, bench_args=_bench_args(args),
-        cpu_bind=args.cpu_bind,
+        cpu_bind=args.cpu_bind, dry_run=args.dry_run,
     )  # fmt: skip
     # A bad request raises LaunchError or ConfigError: the command line prints it as one line
     # and exits 2 (eurotrain.errors.run_command).

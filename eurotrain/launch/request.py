@@ -71,6 +71,9 @@ class LaunchRequest:
     """Options of that `eurotrain bench` command (--nodes 1,2,4, --sizes ...)."""
     cpu_bind: str | None = None
     """srun --cpu-bind for the ranks; None: the profile's."""
+    dry_run: bool = False
+    """Only the script is wanted: data that cannot be opened here is a note, not an error
+    (the script may be rendered away from the cluster's file systems)."""
 
 
 @dataclass
@@ -128,6 +131,7 @@ def plan(req: LaunchRequest) -> Plan:
     world = req.nodes * gpus
     cuda = profile.accelerator.vendor != "cpu"
     cfg: Config | None = None
+    problem = ""  # with the data
     if req.bench is not None:
         if req.chain != 1:
             raise LaunchError("--chain/--until-done: a chain trains; leave it out with --bench")
@@ -135,6 +139,9 @@ def plan(req: LaunchRequest) -> Plan:
     else:
         layout, cfg = _check_config(req, world, cuda=cuda)
         name = cfg.model.name
+        problem = _data_problem(cfg)
+        if problem and not req.dry_run:
+            raise ConfigError(f"{problem} (checked before submitting)")
         if req.chain != 1 and cfg.checkpoint.interval == 0:
             raise LaunchError(
                 f"--chain/--until-done: {req.config} saves no checkpoints (checkpoint.interval "
@@ -159,6 +166,8 @@ def plan(req: LaunchRequest) -> Plan:
     # With --bench, cfg is the swept config (its restarts are not used: no chain, no restart).
     max_restarts = cfg.fault.max_restarts if cfg is not None and req.bench is None else 0
     notes = []
+    if problem:  # only a dry run gets here with one
+        notes.append(f"{problem}; a submitted job would be refused here")
     if cfg is not None and req.bench is None and req.chain != 1:
         timeout = cfg.fault.collective_timeout_s
         if timeout >= req.signal_seconds:
@@ -288,6 +297,25 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Conf
     except ConfigError as e:
         raise ConfigError(f"{req.config} on {req.nodes} node(s) ({world} ranks): {e}") from None
     return dims.describe(), cfg
+
+
+def _data_problem(cfg: Config) -> str:
+    """What the trainer's start-up would find wrong with prepared data (``data.sources``):
+    manifests, shard names, types and sizes, one tokenizer, the model's vocabulary. Sizes only
+    (no checksum pass, no document index), so a login node answers in seconds; "" when fine.
+    A raw-text corpus is not tokenized here."""
+    if not cfg.data.sources:
+        return ""
+    from dataclasses import replace
+
+    from eurotrain.data.pipeline import DataPipeline
+
+    try:
+        data = DataPipeline(replace(cfg.data, verify="size", document_positions=False))
+        data.check_model_vocab(cfg.model.vocab_size)
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str, Config | None]:

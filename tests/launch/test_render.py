@@ -286,3 +286,68 @@ def test_queue_limits_in_a_profile_are_checked(old, new, says, tmp_path, monkeyp
     monkeypatch.setenv("EUROTRAIN_CLUSTERS", str(tmp_path))
     with pytest.raises(ConfigError, match=re.escape(f"queues.debug.{says}")):
         load_profile("local")
+
+
+# ---- prepared data: the trainer's start-up checks, before the job queues --------------------
+
+
+def _prepared(tmp_path: Path, capsys) -> Path:
+    from eurotrain.data.prepare import prepare
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(20):
+        (text / f"{i}.txt").write_text(f"document {i} " * 40)
+    prepare(str(text), "byte", str(tmp_path / "prepared"), workers=1)
+    capsys.readouterr()  # what prepare printed
+    return tmp_path / "prepared"
+
+
+def test_missing_prepared_data_is_refused_before_submitting(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nowhere"
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG,
+        "--data.sources", f"[{{path: {missing}}}]",
+    )  # fmt: skip
+    assert f"{missing} holds no manifest.json" in err and "(checked before submitting)" in err
+
+
+def test_damaged_prepared_data_is_refused_before_submitting(tmp_path, capsys, monkeypatch):
+    prepared = _prepared(tmp_path, capsys)
+    manifest = prepared / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"dtype": "uint16"', '"dtype": "int16"'))
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG,
+        "--data.sources", f"[{{path: {prepared}}}]",
+    )  # fmt: skip
+    assert "dtype is 'int16', not one of ('uint16', 'uint32')" in err
+
+
+def test_data_for_a_larger_vocabulary_than_the_model_is_refused(tmp_path, capsys, monkeypatch):
+    prepared = _prepared(tmp_path, capsys)
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG,
+        "--data.sources", f"[{{path: {prepared}}}]", "--model.vocab_size", "128",
+    )  # fmt: skip
+    assert "has 257 tokens but model.vocab_size is 128" in err
+
+
+def test_a_dry_run_renders_with_a_note_when_the_data_is_not_here(tmp_path, capsys, monkeypatch):
+    """A script may be rendered away from the cluster's file systems: a note, not an error."""
+    missing = tmp_path / "nowhere"
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--dry-run", CONFIG,
+        "--data.sources", f"[{{path: {missing}}}]",
+    )  # fmt: skip
+    assert rc == 0 and out.startswith("#!")
+    assert f"note: data.sources: {missing} holds no manifest.json" in err
+    assert "a submitted job would be refused here" in err
+
+
+def test_good_prepared_data_renders_without_a_note(tmp_path, capsys, monkeypatch):
+    prepared = _prepared(tmp_path, capsys)
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--dry-run", CONFIG,
+        "--data.sources", f"[{{path: {prepared}}}]",
+    )  # fmt: skip
+    assert rc == 0 and out.startswith("#!") and "note" not in err
