@@ -16,6 +16,7 @@ from eurotrain.configtools import (
     merge,
     parse_overrides,
     read_yaml,
+    shown,
     to_dict,
 )
 from eurotrain.data.config import DataConfig
@@ -40,7 +41,8 @@ class TrainingConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     seed: int = 0
-    """Seeds weights (layout-independent) and the data order."""
+    """Seeds weights (layout-independent) and the data order; 0 <= seed < 2**63 (numpy refuses
+    negative seeds, torch ones beyond 64 bits)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the local GPU when there is one, else the CPU."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -55,7 +57,7 @@ class TrainingConfig:
     """Run directory name under output_dir; empty means '<model.name>-job<SLURM_JOB_ID>' inside a
     SLURM job (a requeued job resumes from its own checkpoints), else '<model.name>-<date>-<time>'."""
     peak_tflops: float | None = None
-    """Per-device bf16 peak for MFU; null means looked up from the GPU's name."""
+    """Per-device bf16 peak for MFU, > 0; null means looked up from the GPU's name."""
     max_nonfinite_steps: int = 0
     """Non-finite losses tolerated (the step is skipped) before the run stops with an error."""
     eval_interval: int = 0
@@ -89,8 +91,18 @@ class TrainingConfig:
                 f"train.gc_interval: {self.gc_interval} must be >= 0 (0 = Python's automatic "
                 "garbage collection)"
             )
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:  # written so that nan fails too
             raise ConfigError(f"train.grad_clip: {self.grad_clip} must be >= 0 (0 = off)")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(
+                f"train.seed: {shown(self.seed)} must be between 0 and 2**63 - 1 (any such "
+                f"integer; the default is 0)"
+            )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(
+                f"train.peak_tflops: {self.peak_tflops} must be > 0 (the device's bf16 peak in "
+                f"TFLOP/s), or null to look it up from the GPU's name"
+            )
 
 
 @dataclass

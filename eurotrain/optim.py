@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from eurotrain.configtools import ConfigError
+from eurotrain.configtools import ConfigError, shown
 
 
 @dataclass
@@ -32,11 +32,14 @@ class OptimConfig:
         if self.betas is None:
             self.betas = [0.9, 0.95]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optim.betas: {self.betas} must be two numbers in [0, 1)")
-        if self.lr <= 0:
+            raise ConfigError(f"optim.betas: {shown(self.betas)} must be two numbers in [0, 1)")
+        # `not x > 0` rather than `x <= 0`: nan fails it too (loaded configs never hold nan).
+        if not self.lr > 0:
             raise ConfigError(f"optim.lr: {self.lr} must be > 0")
-        if self.weight_decay < 0 or self.eps <= 0:
-            raise ConfigError("optim.weight_decay must be >= 0 and optim.eps > 0")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps: {self.eps} must be > 0 (the default is 1e-8)")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay: {self.weight_decay} must be >= 0 (0 = off)")
 
 
 @dataclass

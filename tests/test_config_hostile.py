@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from eurotrain.config import Config, load_config
+from eurotrain.config import Config, TrainingConfig, load_config
 from eurotrain.configtools import ConfigError, from_dict, load_yaml, shown
+from eurotrain.models.config import RopeScaling
+from eurotrain.optim import OptimConfig
 
 
 def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -250,3 +252,100 @@ def test_nan_inside_a_list_and_floats_beyond_range_are_refused() -> None:
     )
     cfg = load_config(None, ["--optim.lr", "3e-4", "--optim.betas", "[0.9, 0.95]"])
     assert cfg.optim.lr == 3e-4 and cfg.optim.betas == [0.9, 0.95]
+
+
+# --- ranges the code relies on ------------------------------------------------------------
+
+RANGE_CASES = [
+    # models/rope.py divides by both factors (0: ZeroDivisionError; negative: a wrong model).
+    (
+        ["--model.rope_scaling.factor", "8", "--model.rope_scaling.low_freq_factor", "0"],
+        "model.rope_scaling.low_freq_factor: 0.0 must be > 0 (Llama 3.1 uses low_freq_factor 1 "
+        "and high_freq_factor 4)",
+    ),
+    (
+        [
+            "--model.rope_scaling.low_freq_factor",
+            "-2",
+            "--model.rope_scaling.high_freq_factor",
+            "-1",
+        ],
+        "model.rope_scaling.low_freq_factor: -2.0 must be > 0 (Llama 3.1 uses low_freq_factor 1 "
+        "and high_freq_factor 4)",
+    ),
+    (
+        ["--model.rope_scaling.high_freq_factor", "0"],
+        "model.rope_scaling.high_freq_factor: 0.0 must be > 0 (Llama 3.1 uses low_freq_factor 1 "
+        "and high_freq_factor 4)",
+    ),
+    (
+        ["--model.rope_scaling.factor", "8", "--model.rope_scaling.high_freq_factor", "1"],
+        "model.rope_scaling: high_freq_factor (1.0) must exceed low_freq_factor (1.0)",
+    ),
+    (
+        ["--model.rope_scaling.original_max_position_embeddings", "0"],
+        "model.rope_scaling.original_max_position_embeddings: 0 must be >= 1 (8192 for Llama 3.1)",
+    ),
+    (["--model.norm_eps", "0"], "model.norm_eps: 0.0 must be > 0 (the default is 1e-5)"),
+    (["--model.init_std", "-0.02"], "model.init_std: -0.02 must be > 0 (the default is 0.02)"),
+    (["--model.rope_theta", "0"], "model.rope_theta: 0.0 must be > 0 (the default is 10000)"),
+    (["--optim.eps", "0"], "optim.eps: 0.0 must be > 0 (the default is 1e-8)"),
+    (["--optim.weight_decay", "-0.1"], "optim.weight_decay: -0.1 must be >= 0 (0 = off)"),
+    (["--train.grad_clip", "-1"], "train.grad_clip: -1.0 must be >= 0 (0 = off)"),
+    (
+        ["--train.peak_tflops", "0"],
+        "train.peak_tflops: 0.0 must be > 0 (the device's bf16 peak in TFLOP/s), or null to look "
+        "it up from the GPU's name",
+    ),
+    (
+        ["--train.peak_tflops", "-1"],
+        "train.peak_tflops: -1.0 must be > 0 (the device's bf16 peak in TFLOP/s), or null to "
+        "look it up from the GPU's name",
+    ),
+    # numpy refuses a negative seed inside the first step; torch one beyond 64 bits.
+    (
+        ["--train.seed", "-1"],
+        "train.seed: -1 must be between 0 and 2**63 - 1 (any such integer; the default is 0)",
+    ),
+    (
+        ["--train.seed", str(2**63)],
+        "train.seed: 9223372036854775808 is out of range; a config integer lies between -2**63 "
+        "and 2**63 - 1",
+    ),
+    (
+        ["--train.seed", "1.0e+30"],
+        "train.seed: 1e+30 is out of range; a config integer lies between -2**63 and 2**63 - 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), RANGE_CASES)
+def test_values_the_code_cannot_use_are_refused(overrides: list[str], message: str) -> None:
+    _refused(None, message, overrides)
+
+
+def test_the_edges_of_those_ranges_still_load(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "--train.seed", str(2**63 - 1), "--train.grad_clip", "0", "--train.peak_tflops",
+            "989.4", "--model.rope_scaling.factor", "8", "--model.rope_scaling.low_freq_factor",
+            "0.5", "--model.rope_scaling.high_freq_factor", "4", "--model.norm_eps", "1e-6",
+        ],
+    )  # fmt: skip
+    assert cfg.train.seed == 2**63 - 1 and cfg.train.grad_clip == 0.0  # 0 = no clipping
+    assert cfg.train.peak_tflops == 989.4 and cfg.model.rope_scaling.low_freq_factor == 0.5
+    assert load_config(None).train.peak_tflops is None  # null: looked up from the GPU's name
+    assert load_config(None, ["--train.seed", "0"]).train.seed == 0
+    preset = Path(__file__).resolve().parents[1] / "configs" / "llama3.2-1b.yaml"
+    assert load_config(preset).model.rope_scaling.factor > 1  # Llama 3.1 scaling as shipped
+
+
+def test_the_checks_hold_for_configs_built_in_python() -> None:
+    """A dataclass built directly skips the loader's nan check; its own checks still refuse."""
+    with pytest.raises(ConfigError, match=r"^train.grad_clip: nan must be >= 0"):
+        TrainingConfig(grad_clip=float("nan"))
+    with pytest.raises(ConfigError, match=r"^optim.lr: nan must be > 0"):
+        OptimConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"^model.rope_scaling.low_freq_factor: nan must be"):
+        RopeScaling(low_freq_factor=float("nan"))

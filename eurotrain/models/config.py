@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from eurotrain.configtools import ConfigError, divisors
+from eurotrain.configtools import ConfigError, divisors, shown
 
 
 @dataclass
@@ -15,15 +15,28 @@ class RopeScaling:
     factor: float = 1.0
     """Context extension factor (8.0 for Llama 3.1); 1.0 disables scaling."""
     low_freq_factor: float = 1.0
-    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
+    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled;
+    > 0."""
     high_freq_factor: float = 4.0
-    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
+    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept;
+    > low_freq_factor when scaling is on (models/rope.py divides by their difference)."""
     original_max_position_embeddings: int = 8192
     """Context length the base model was trained with."""
 
     def __post_init__(self) -> None:
-        if self.factor < 1.0:
+        if not self.factor >= 1.0:
             raise ConfigError(f"model.rope_scaling.factor: {self.factor} must be >= 1 (1 = off)")
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if not getattr(self, key) > 0:  # models/rope.py divides by both
+                raise ConfigError(
+                    f"model.rope_scaling.{key}: {getattr(self, key)} must be > 0 (Llama 3.1 "
+                    f"uses low_freq_factor 1 and high_freq_factor 4)"
+                )
+        if self.original_max_position_embeddings < 1:
+            raise ConfigError(
+                f"model.rope_scaling.original_max_position_embeddings: "
+                f"{self.original_max_position_embeddings} must be >= 1 (8192 for Llama 3.1)"
+            )
         if self.factor > 1.0 and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(
                 f"model.rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
@@ -117,9 +130,9 @@ class ModelConfig:
     ffn_dim: int = 384
     """Hidden size of the SwiGLU MLP (HF intermediate_size)."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
+    """RMSNorm epsilon; > 0."""
     rope_theta: float = 10000.0
-    """RoPE base (500000 for Llama 3)."""
+    """RoPE base (500000 for Llama 3); > 0."""
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     """Llama-3.1 RoPE frequency scaling; factor 1 = off."""
     max_seq_len: int = 2048
@@ -141,7 +154,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts blocks; model.moe.num_experts 0 (default) = dense."""
     init_std: float = 0.02
-    """Standard deviation of the (truncated) normal init of linear and embedding weights."""
+    """Standard deviation of the (truncated) normal init of linear and embedding weights; > 0."""
     kernels: Literal["torch", "triton", "compile"] = "torch"
     """Implementation of RMSNorm, RoPE, SwiGLU and the loss: PyTorch references, fused Triton
     kernels (fall back to the references where Triton or a GPU is missing), or torch.compile."""
@@ -171,12 +184,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model.sliding_window: {self.sliding_window} must be >= 1 (null: no window)"
             )
-        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
-            raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        for key, default in (("norm_eps", "1e-5"), ("init_std", "0.02"), ("rope_theta", "10000")):
+            if not getattr(self, key) > 0:  # written so that nan fails too
+                raise ConfigError(
+                    f"model.{key}: {getattr(self, key)} must be > 0 (the default is {default})"
+                )
         bad = [i for i in self.moe.dense_layers if not 0 <= i < self.num_layers]
         if self.moe.enabled and bad:
             raise ConfigError(
-                f"model.moe.dense_layers: {bad} are not blocks of this model (0..{self.num_layers - 1})"
+                f"model.moe.dense_layers: {shown(bad)} are not blocks of this model "
+                f"(0..{self.num_layers - 1})"
             )
 
     def is_moe_layer(self, index: int) -> bool:
