@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,7 +48,14 @@ from eurotrain.checkpoint import directory
 from eurotrain.checkpoint.checkpointer import write_commit
 from eurotrain.checkpoint.directory import CheckpointError
 from eurotrain.checkpoint.safe_reader import load_state
-from eurotrain.checkpoint.storage import DIGEST, FILE_MODE, checksum, make_dir, write_durable
+from eurotrain.checkpoint.storage import (
+    DIGEST,
+    DIR_MODE,
+    FILE_MODE,
+    checksum,
+    make_dir,
+    write_durable,
+)
 from eurotrain.checkpoint.verify import verify_checkpoint
 from eurotrain.configtools import from_dict, to_dict
 from eurotrain.errors import ConfigError, EurotrainError
@@ -206,7 +215,12 @@ def _read_json(path: Path) -> Any:
 
 def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     """Refuses (ConfigError / CheckpointError) any model eurotrain would compute differently,
-    before anything is written."""
+    before anything is written; OUT_DIR must not hold a step-000000 or a config.yaml (an
+    existing OUT_DIR keeps its mode)."""
+    tmp, final = directory.step_dir(out_dir, 0, tmp=True), directory.step_dir(out_dir, 0)
+    taken = [p for p in (final, tmp, out_dir / "config.yaml") if os.path.lexists(p)]
+    if taken:  # a link there would be written through, a user's config.yaml overwritten
+        raise FileExistsError(f"{taken[0]}: exists; choose an empty OUT_DIR")
     if not os.path.lexists(hf_dir / "config.json"):
         raise FileNotFoundError(f"{hf_dir / 'config.json'}: missing; HF_DIR must hold config.json")
     config_json = hf_file(hf_dir, "config.json")
@@ -220,11 +234,9 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     weights = from_hf_state_dict(hf_state, model_cfg)
     weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
 
-    make_dir(out_dir)
-    tmp, final = directory.step_dir(out_dir, 0, tmp=True), directory.step_dir(out_dir, 0)
-    if final.exists() or tmp.exists():
-        raise FileExistsError(f"{final}: exists; choose an empty OUT_DIR")
-    make_dir(tmp)
+    if not out_dir.is_dir():
+        make_dir(out_dir)
+    tmp.mkdir(mode=DIR_MODE)  # not exist_ok: a directory (or link) made meanwhile is an error
     start = time.perf_counter()
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore", UserWarning)
@@ -240,8 +252,18 @@ def hf_to_eurotrain(hf_dir: Path, out_dir: Path) -> Path:
     marker = directory.make_marker(info, 1, files, time.perf_counter() - start)
     marker["source"] = str(hf_dir.resolve())
     write_commit(tmp, final, marker)
-    write_durable(out_dir / "config.yaml", text.encode())
+    _write_new(out_dir / "config.yaml", text.encode())
     return final
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a file that does not exist yet, durably; O_EXCL fails on anything at ``path``,
+    a symbolic link included, instead of writing through it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---- eurotrain -> HF -----------------------------------------------------------------------
@@ -297,6 +319,25 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes:
     return names
 
 
+def check_export_dir(out_dir: Path) -> None:
+    """OUT_DIR may exist (holding a tokenizer, say) but not hold a model's files: a link among
+    them would be written through, and the files of two exports would mix (from_pretrained
+    loads a stale model.safetensors before a new index)."""
+    if not out_dir.is_dir():
+        return
+    clash = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if p.name in ("config.json", INDEX) or p.name.endswith(".safetensors")
+    )
+    if clash:
+        more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
+        raise CheckpointError(
+            f"{out_dir}: already holds {', '.join(clash[:3])}{more}; export into a new "
+            f"directory, or one without config.json, *.safetensors or {INDEX}"
+        )
+
+
 def eurotrain_to_hf(
     ckpt_dir: Path,
     out_dir: Path,
@@ -305,7 +346,10 @@ def eurotrain_to_hf(
     untie: bool = False,
 ) -> list[str]:
     """``untie``: export a tied model with its own lm_head (for checkpoints whose two matrices
-    came apart in training)."""
+    came apart in training). The files are written into a private temporary directory
+    inside OUT_DIR and renamed into place, config.json last: nothing is written through a
+    link, and an export cut short leaves no partial model."""
+    check_export_dir(out_dir)
     ckpt = resolve_checkpoint(ckpt_dir)
     _, metadata = verify_checkpoint(ckpt, "full")  # config.yaml included
     run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -315,11 +359,19 @@ def eurotrain_to_hf(
     weights = read_model_weights(ckpt, metadata)
     hf_state = to_hf_state_dict(weights, model_cfg)
     hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
-    make_dir(out_dir)
     hf_cfg = to_hf_config(model_cfg)
     hf_cfg["torch_dtype"] = dtype
-    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    return save_sharded(hf_state, out_dir, int(max_shard_gb * 2**30))
+    if not out_dir.is_dir():
+        make_dir(out_dir)  # an existing OUT_DIR keeps its mode
+    work = Path(tempfile.mkdtemp(prefix=".eurotrain-export-", dir=out_dir))  # mode 0700
+    try:
+        names = save_sharded(hf_state, work, int(max_shard_gb * 2**30))
+        (work / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        for name in [*names, *([INDEX] if len(names) > 1 else []), "config.json"]:
+            os.replace(work / name, out_dir / name)  # replaces a link, never writes through it
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return names
 
 
 # ---- command line --------------------------------------------------------------------------

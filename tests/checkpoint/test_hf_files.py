@@ -1,12 +1,14 @@
-"""`eurotrain convert` reads a HF model directory as untrusted files: links are followed to
-regular files only (a hub cache's snapshot is all links), a FIFO or device is refused before it
-is read, and JSON is read with limits.
+"""`eurotrain convert` reads a HF model directory as untrusted files and writes only into its
+OUT_DIR: links are followed to regular files only (a hub cache's snapshot is all links), a FIFO
+or device is refused before it is read, JSON is read with limits, and neither direction writes
+through a symbolic link it finds in OUT_DIR or mixes its files with another model's.
 
 Tiny random HF Llamas are saved with save_pretrained (no downloads) and then rearranged.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -226,3 +228,86 @@ def test_oversized_config_is_refused(saved, tmp_path, capsys, monkeypatch):
     code, err = run_import(hf_dir, tmp_path / "out", capsys)
     assert code == 2
     assert f"{hf_dir / 'config.json'}: more than 100 bytes; not a HF config or index" in err
+
+
+# ---- OUT_DIR: nothing is written through a link, nothing of the user's overwritten ---------
+@pytest.fixture()
+def victim(tmp_path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_text("precious\n")
+    return path
+
+
+def test_import_refuses_an_out_dir_config_yaml_it_did_not_write(saved, tmp_path, victim, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / "config.yaml")
+    code, err = run_import(saved / "plain", out, capsys)
+    assert code == 1
+    assert f"{out / 'config.yaml'}: exists; choose an empty OUT_DIR" in err
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # nothing written
+
+
+def test_import_leaves_an_existing_out_dir_mode_alone(saved, tmp_path, capsys):
+    out = tmp_path / "shared-project"
+    out.mkdir()
+    out.chmod(0o2775)
+    code, err = run_import(saved / "plain", out, capsys)
+    assert code == 0, err
+    assert out.stat().st_mode & 0o7777 == 0o2775
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", INDEX])
+def test_export_refuses_an_out_dir_holding_a_model(name, saved, tmp_path, victim, capsys):
+    """A link planted in OUT_DIR would have been written through (overwriting its target); a
+    stale file of an earlier export would mix with this one (HF loads a model.safetensors
+    before an index)."""
+    out = tmp_path / "hf-out"
+    out.mkdir()
+    os.symlink(victim, out / name)
+    capsys.readouterr()
+    assert convert(["eurotrain-to-hf", str(saved / "reference"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"eurotrain convert: checkpoint error: {out}: already holds {name}; export into a new "
+        f"directory, or one without config.json, *.safetensors or {INDEX}"
+    ) in err
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_export_into_a_directory_with_other_files(saved, tmp_path, capsys):
+    """A tokenizer saved first stays; the directory keeps its mode; no temporary remains."""
+    out = tmp_path / "hf-out"
+    out.mkdir()
+    out.chmod(0o2775)
+    (out / "tokenizer.json").write_text("{}")
+    assert convert(["eurotrain-to-hf", str(saved / "reference"), str(out), "--max-shard-gb",
+                    "0.00004"]) == 0  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) > 1 and names == sorted(["config.json", INDEX, "tokenizer.json", *shards])
+    assert out.stat().st_mode & 0o7777 == 0o2775
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert json.loads((out / INDEX).read_text())["weight_map"]
+
+
+def test_an_export_cut_short_leaves_no_partial_model(saved, tmp_path, monkeypatch, capsys):
+    real = convert_module.save_file
+    calls = []
+
+    def disk_full_on_second_shard(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", path)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(convert_module, "save_file", disk_full_on_second_shard)
+    out = tmp_path / "hf-out"
+    args = ["eurotrain-to-hf", str(saved / "reference"), str(out), "--max-shard-gb", "0.00004"]
+    capsys.readouterr()
+    assert convert(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither a shard nor the temporary directory
