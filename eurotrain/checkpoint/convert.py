@@ -17,7 +17,9 @@
 
 Both run in one process on the CPU and hold the whole model in memory once. Nothing is
 unpickled without restriction: safetensors in; a DCP checkpoint is verified fully and read
-through safe_reader.py (restricted metadata and values); safetensors out.
+through safe_reader.py (restricted metadata and values); safetensors out. HF_DIR's files must be
+regular files or links to them (hub caches are all links; see hf_file), its JSON is read with
+limits, and neither direction writes through a link in OUT_DIR (docs/checkpointing.md).
 torch's HuggingFaceStorageReader/Writer would do the file format, but not the renaming, the
 tied-embedding handling or the config, which are most of the work here.
 """
