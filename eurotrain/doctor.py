@@ -19,12 +19,16 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from eurotrain import offline
 from eurotrain.checkpoint.storage import detect_fs
 from eurotrain.clusters import ClusterProfile, load_profile
+
+if TYPE_CHECKING:
+    from eurotrain.config import Config
 
 PACKAGES = ("numpy", "transformers", "datasets", "safetensors", "wandb", "mpi4py", "deepspeed")
 MIN_FREE_GIB = 50.0
@@ -189,7 +193,20 @@ def local_checks(
         cfg = load_config(args.config)
         checks.append(Check("offline paths", *offline.check_paths(cfg, profile)))
         checks.append(Check("offline load", *offline.check_load(cfg)))
+        if cfg.data.sources:
+            checks.append(check_data(cfg))
     return checks
+
+
+def check_data(cfg: Config) -> Check:
+    """Prepared data as the trainer's start-up finds it (sizes only: no checksum pass)."""
+    from eurotrain.data.pipeline import prepared_data_problem
+
+    problem = prepared_data_problem(cfg)
+    if problem:
+        return Check("data", "FAIL", problem, "restore or prepare the data again, as it says")
+    n = len(cfg.data.sources) + len(cfg.data.validation_sources)
+    return Check("data", "PASS", f"{n} prepared source(s): manifests, shards and tokenizer agree")
 
 
 # ---- checks across ranks -------------------------------------------------------------------

@@ -8,7 +8,8 @@ data-parallel rank is known.
 
 from __future__ import annotations
 
-from typing import cast
+from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 from eurotrain.configtools import ConfigError
 from eurotrain.data.config import DataConfig, SourceConfig
@@ -22,6 +23,9 @@ from eurotrain.data.sources import (
     split_validation,
 )
 from eurotrain.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
+
+if TYPE_CHECKING:
+    from eurotrain.config import Config
 
 
 class DataPipeline:
@@ -148,3 +152,18 @@ class DataPipeline:
             document_positions=self.cfg.document_positions,
             vocab_size=self.vocab_size,
         )
+
+
+def prepared_data_problem(cfg: Config) -> str:
+    """What the trainer's start-up would find wrong with prepared data (``data.sources``):
+    manifests, shard names, types and sizes, one tokenizer, the model's vocabulary; "" when
+    fine. Sizes only (no checksum pass, no document index), so a login node answers in
+    seconds (`eurotrain launch`, `eurotrain doctor`). A raw-text corpus is not tokenized here."""
+    if not cfg.data.sources:
+        return ""
+    try:
+        data = DataPipeline(replace(cfg.data, verify="size", document_positions=False))
+        data.check_model_vocab(cfg.model.vocab_size)
+    except ConfigError as e:
+        return str(e)
+    return ""

@@ -139,7 +139,9 @@ def plan(req: LaunchRequest) -> Plan:
     else:
         layout, cfg = _check_config(req, world, cuda=cuda)
         name = cfg.model.name
-        problem = _data_problem(cfg)
+        from eurotrain.data.pipeline import prepared_data_problem
+
+        problem = prepared_data_problem(cfg)
         if problem and not req.dry_run:
             raise ConfigError(f"{problem} (checked before submitting)")
         if req.chain != 1 and cfg.checkpoint.interval == 0:
@@ -297,25 +299,6 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Conf
     except ConfigError as e:
         raise ConfigError(f"{req.config} on {req.nodes} node(s) ({world} ranks): {e}") from None
     return dims.describe(), cfg
-
-
-def _data_problem(cfg: Config) -> str:
-    """What the trainer's start-up would find wrong with prepared data (``data.sources``):
-    manifests, shard names, types and sizes, one tokenizer, the model's vocabulary. Sizes only
-    (no checksum pass, no document index), so a login node answers in seconds; "" when fine.
-    A raw-text corpus is not tokenized here."""
-    if not cfg.data.sources:
-        return ""
-    from dataclasses import replace
-
-    from eurotrain.data.pipeline import DataPipeline
-
-    try:
-        data = DataPipeline(replace(cfg.data, verify="size", document_positions=False))
-        data.check_model_vocab(cfg.model.vocab_size)
-    except ConfigError as e:
-        return str(e)
-    return ""
 
 
 def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str, Config | None]:

@@ -70,3 +70,27 @@ def test_doctor_reports_planted_faults(tmp_path):
 def test_doctor_unknown_cluster(capsys):
     assert main(["--cluster", "nope"]) == 2
     assert "Known clusters" in capsys.readouterr().err
+
+
+def test_doctor_checks_prepared_data_as_the_trainer_will(tmp_path, capsys, monkeypatch):
+    from eurotrain.data.prepare import prepare
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("a document of the corpus " * 200)
+    prepare(str(text), "byte", str(tmp_path / "prepared"), workers=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"base: {REPO / 'configs' / 'tiny.yaml'}\ndata:\n  sources: [{{path: {tmp_path / 'prepared'}}}]\n"
+    )
+    args = ["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--wandb-dir", str(tmp_path / "wb"), "--config", str(config)]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "[PASS] data: 1 prepared source(s)" in capsys.readouterr().out
+    (tmp_path / "prepared" / "shard-00000.bin").write_bytes(b"\0\0")  # cut short
+    assert main(args) != 0
+    out = capsys.readouterr().out
+    assert "[FAIL] data: data.sources: " in out and "shard-00000.bin has 2 bytes" in out
