@@ -3,6 +3,7 @@
 One directory: its tables, and plots of throughput per GPU against nodes (with the ideal line),
 scaling efficiency, MFU and bus bandwidth against message size. Several directories: the same
 plots with one line per directory and a side-by-side table (before/after a change, two clusters).
+Records are checked by ``read_results``; a measurement a record lacks shows as "-".
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eurotrain.bench.results import read_results
+from eurotrain.bench.results import cell, read_results
 from eurotrain.errors import ConfigError
 
 _OPS_SHOWN = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
@@ -89,11 +90,12 @@ def _plot_comms(runs: list[tuple[str, dict]], out: Path) -> list[str]:
         for name, res in with_comms:
             for op in _OPS_SHOWN:
                 rows = [r for r in res["comms"] if r["op"] == op and r["scope"] == scope]
+                rows = [r for r in rows if r.get("busbw_GBps") is not None]
                 if rows:
                     label = op if len(with_comms) == 1 else f"{op} {name}"
                     ax.plot([r["bytes"] for r in rows], [r["busbw_GBps"] for r in rows],
                             marker=".", label=label)  # fmt: skip
-            nominal = {r["nominal_GBps"] for r in res["comms"] if r["scope"] == scope}
+            nominal = {r.get("nominal_GBps") for r in res["comms"] if r["scope"] == scope}
             for figure in nominal - {None}:
                 ax.axhline(figure, ls="--", color="grey", lw=1)
         ax.set_xscale("log", base=2)
@@ -118,13 +120,14 @@ def _train_table(name: str, res: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["train"]:
-        layout = " x ".join(f"{k}={v}" for k, v in r.get("layout", {}).items() if v > 1) or "1"
+        degrees = (r.get("layout") or {}).items()
+        layout = " x ".join(f"{k}={v}" for k, v in degrees if v > 1) or "1"
         lines.append(
-            f"| {r['nodes']} | {r['ranks']} | {r.get('mode', '')} | {layout} "
-            f"| {_num(r.get('tokens_per_s_per_gpu'), ',.0f')} | {_num(r.get('tflops_per_gpu'))} "
-            f"| {_num(r.get('mfu'), '.3f')} | {_num(r.get('peak_memory_gib'))} "
-            f"| {_num(r.get('step_time_s'), '.3f')} | {_num(r.get('compute_s'), '.3f')} "
-            f"| {_num(r.get('exposed_comm_s'), '.3f')} | {_num(r.get('scaling_efficiency'), '.3f')} |"
+            f"| {r['nodes']} | {cell(r.get('ranks'), 'd')} | {r.get('mode') or ''} | {layout} "
+            f"| {cell(r.get('tokens_per_s_per_gpu'), ',.0f')} | {cell(r.get('tflops_per_gpu'))} "
+            f"| {cell(r.get('mfu'), '.3f')} | {cell(r.get('peak_memory_gib'))} "
+            f"| {cell(r.get('step_time_s'), '.3f')} | {cell(r.get('compute_s'), '.3f')} "
+            f"| {cell(r.get('exposed_comm_s'), '.3f')} | {cell(r.get('scaling_efficiency'), '.3f')} |"
         )
     return [*lines, ""]
 
@@ -142,16 +145,13 @@ def _comms_table(name: str, res: dict[str, Any]) -> list[str]:
         if key not in largest or r["bytes"] > largest[key]["bytes"]:
             largest[key] = r
     for (scope, op), r in sorted(largest.items()):
-        share = f"{r['busbw_fraction']:.0%}" if r.get("busbw_fraction") is not None else "-"
+        ms = "-" if r.get("time_s") is None else f"{r['time_s'] * 1e3:.3f} ms"
         lines.append(
-            f"| {scope} | {op} | {r['ranks']} | {r['bytes']:,} B | {r['time_s'] * 1e3:.3f} ms "
-            f"| {r['algbw_GBps']:.3f} | {r['busbw_GBps']:.3f} | {share} |"
+            f"| {scope} | {op} | {cell(r.get('ranks'), 'd')} | {r['bytes']:,} B "
+            f"| {ms} | {cell(r.get('algbw_GBps'), '.3f')} "
+            f"| {cell(r.get('busbw_GBps'), '.3f')} | {cell(r.get('busbw_fraction'), '.0%')} |"
         )
     return [*lines, ""]
-
-
-def _num(value: Any, fmt: str = ".2f") -> str:
-    return "-" if value is None else format(value, fmt)
 
 
 def _side_by_side(runs: list[tuple[str, dict]]) -> list[str]:
@@ -166,11 +166,11 @@ def _side_by_side(runs: list[tuple[str, dict]]) -> list[str]:
     for k in nodes:
         values = []
         for _, res in runs:
-            match = [r["tokens_per_s_per_gpu"] for r in res["train"] if r["nodes"] == k]
+            match = [r.get("tokens_per_s_per_gpu") for r in res["train"] if r["nodes"] == k]
             values.append(match[0] if match else None)
         ratio = values[-1] / values[0] if values[0] and values[-1] else None
-        cells = " | ".join(_num(v, ",.0f") for v in values)
-        lines.append(f"| {k} | {cells} | {_num(ratio, '.3f')} |")
+        cells = " | ".join(cell(v, ",.0f") for v in values)
+        lines.append(f"| {k} | {cells} | {cell(ratio, '.3f')} |")
     return [*lines, ""]
 
 

@@ -10,11 +10,17 @@ config, model, params, nodes, ranks, mode (weak | strong), layout, global_batch,
 seq_len, steps, warmup_steps, tokens_per_s_per_gpu, tflops_per_gpu, mfu, peak_memory_gib,
 step_time_s, compute_s, exposed_comm_s, scaling_efficiency. GBps is 1e9 bytes/s; times are
 steady-state means in seconds. Readers ignore keys they do not know.
+
+A comms record needs op, scope and bytes, a train record nodes; every other field may be absent
+or null (shown as "-"), but where present has its type: counts are integers, measurements
+finite numbers, layout an object of degrees. ``read_results`` refuses a file that breaks this
+with one line naming the file, the record (``train[2]``) and the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -26,6 +32,15 @@ from eurotrain.errors import ConfigError
 
 FORMAT = "eurotrain-bench/1"
 FILE = "bench.json"
+_REQUIRED = {"comms": ("op", "scope", "bytes"), "train": ("nodes",)}
+_POSITIVE = ("nodes", "ranks", "bytes")
+_COUNTS = ("params", "global_batch", "micro_batch", "seq_len", "steps", "warmup_steps")
+_NUMBERS = (
+    "time_s", "algbw_GBps", "busbw_GBps", "nominal_GBps", "busbw_fraction",
+    "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "peak_memory_gib", "step_time_s",
+    "compute_s", "exposed_comm_s", "scaling_efficiency",
+)  # fmt: skip
+_STRINGS = ("op", "scope", "dtype", "config", "model", "mode")
 
 
 def new_results(cluster: str | None, device: str, per_node: int, backend: str) -> dict[str, Any]:
@@ -60,7 +75,7 @@ def write_results(directory: Path, results: dict[str, Any]) -> Path:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A bench.json (or a directory holding one), checked for the format."""
+    """A bench.json (or a directory holding one), checked for the format and every record."""
     file = path / FILE if path.is_dir() else path
     try:
         data = json.loads(file.read_text())
@@ -68,22 +83,69 @@ def read_results(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: no {FILE} here; give a directory written by `eurotrain bench comms|train`"
         ) from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{file}: not a readable bench result ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigError(f"{file}: not an {FORMAT} result (format {data.get('format')!r})")
+    except (OSError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ConfigError(f"{file}: not a readable bench result ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{file}: not an {FORMAT} result (a JSON {type(data).__name__}, not an object); "
+            f"give a {FILE} written by `eurotrain bench comms|train`"
+        )
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"{file}: not an {FORMAT} result (format {data.get('format')!r:.40})")
+    if not isinstance(data.get("cluster"), str | None):
+        raise ConfigError(f"{file}: 'cluster' must be a cluster name or null")
     for key in ("comms", "train"):
         if not isinstance(data.get(key, []), list):
             raise ConfigError(f"{file}: {key!r} must be a list of records")
         data.setdefault(key, [])
+        for i, record in enumerate(data[key]):
+            problem = check_record(key, record)
+            if problem:
+                raise ConfigError(
+                    f"{file}: {key}[{i}]: {problem}; fix or remove that record, or measure "
+                    f"again (`eurotrain bench {key}`)"
+                )
     return data
+
+
+def check_record(kind: str, record: Any) -> str | None:
+    """What is wrong with a ``kind`` ("comms" or "train") record; None if nothing."""
+    if not isinstance(record, dict):
+        return f"not a record (a JSON {type(record).__name__}, not an object)"
+    for key in _REQUIRED[kind]:
+        if record.get(key) is None:
+            return f"no {key!r}, which every {kind} record needs"
+    for key, value in record.items():
+        if value is None:
+            continue
+        if key in _POSITIVE and (type(value) is not int or value < 1):
+            return f"{key!r} is {value!r:.40}, not a positive integer"
+        if key in _COUNTS and (type(value) is not int or value < 0):
+            return f"{key!r} is {value!r:.40}, not a count"
+        if key in _NUMBERS and (type(value) not in (int, float) or not math.isfinite(value)):
+            return f"{key!r} is {value!r:.40}, not a finite number"
+        if key in _STRINGS and not isinstance(value, str):
+            return f"{key!r} is {value!r:.40}, not a string"
+    if record.get("scope") not in (None, "intra", "inter"):
+        return f"'scope' is {record['scope']!r:.40}, not 'intra' or 'inter'"
+    layout = record.get("layout", {})
+    if not (isinstance(layout, dict) and all(type(v) is int and v >= 1 for v in layout.values())):
+        return f"'layout' is {layout!r:.40}, not an object of parallel degrees"
+    return None
+
+
+def cell(value: Any, fmt: str = ".2f") -> str:
+    """A table cell: ``value`` in ``fmt``, or "-" for a measurement a record lacks."""
+    return "-" if value is None else format(value, fmt)
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several (e.g. one job per node count): header of the first, records of all."""
     merged = dict(results[0])
     merged["comms"] = [r for res in results for r in res["comms"]]
-    merged["train"] = sorted(
-        (r for res in results for r in res["train"]), key=lambda r: (r.get("mode", ""), r["nodes"])
+    merged["train"] = sorted(  # records checked by read_results: mode a string, nodes a count
+        (r for res in results for r in res["train"]),
+        key=lambda r: (r.get("mode") or "", r["nodes"]),
     )
     return merged

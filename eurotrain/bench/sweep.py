@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eurotrain.bench.results import new_results, write_results
+from eurotrain.bench.results import cell, check_record, new_results, write_results
 from eurotrain.clusters import ClusterProfile
 from eurotrain.config import load_config
 from eurotrain.distributed import PORT_BASE, PORT_SPAN
@@ -149,26 +149,40 @@ def run_sweep(args: Any, profile: ClusterProfile | None) -> Path:
                 f"size {size.nodes} node(s) failed (exit {done.returncode}); its output is "
                 f"above, its run directory {record.parent}"
             )
-        entry = json.loads(record.read_text())
-        entry.update(nodes=size.nodes, mode=args.mode)
-        results["train"].append(entry)
-    first = results["train"][0]["tokens_per_s_per_gpu"]
+        results["train"].append(_read_record(record, size.nodes, args.mode))
+    first = results["train"][0].get("tokens_per_s_per_gpu")
     for entry in results["train"]:
-        entry["scaling_efficiency"] = entry["tokens_per_s_per_gpu"] / first if first else None
+        tokens = entry.get("tokens_per_s_per_gpu")
+        entry["scaling_efficiency"] = tokens / first if first and tokens is not None else None
     path = write_results(out, results)
     print(summary(results["train"]), flush=True)
     return path
 
 
+def _read_record(record: Path, nodes: int, mode: str) -> dict[str, Any]:
+    """The record one size's run wrote, checked as bench.json's records are."""
+    try:
+        entry = json.loads(record.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ConfigError(f"{record}: unreadable ({reason}); run that size again") from None
+    if isinstance(entry, dict):
+        entry.update(nodes=nodes, mode=mode)
+    problem = check_record("train", entry)
+    if problem:
+        raise ConfigError(f"{record}: {problem}; run that size again")
+    return entry
+
+
 def summary(records: list[dict[str, Any]]) -> str:
     lines = ["nodes  ranks  tokens/s/GPU  TFLOP/s/GPU    MFU  step s  exposed comm s  efficiency"]
     for r in records:
-        mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "  -  "
-        comm = f"{r['exposed_comm_s']:.3f}" if r.get("exposed_comm_s") is not None else "-"
         lines.append(
-            f"{r['nodes']:5d}  {r['ranks']:5d}  {r['tokens_per_s_per_gpu']:12,.0f}  "
-            f"{r['tflops_per_gpu']:11.2f}  {mfu:>5}  {r['step_time_s']:6.3f}  {comm:>14}  "
-            f"{r.get('scaling_efficiency') or 0:10.3f}"
+            f"{r['nodes']:5d}  {cell(r.get('ranks'), 'd'):>5}  "
+            f"{cell(r.get('tokens_per_s_per_gpu'), ',.0f'):>12}  "
+            f"{cell(r.get('tflops_per_gpu')):>11}  {cell(r.get('mfu'), '.3f'):>5}  "
+            f"{cell(r.get('step_time_s'), '.3f'):>6}  {cell(r.get('exposed_comm_s'), '.3f'):>14}  "
+            f"{cell(r.get('scaling_efficiency'), '.3f'):>10}"
         )
     return "\n".join(lines)
 
