@@ -81,7 +81,9 @@ def attempt_start() -> float:
     names = (JOB_START_ENV, ATTEMPT_START_ENV) if attempt() == 0 else (ATTEMPT_START_ENV,)
     for name in names:
         with contextlib.suppress(KeyError, ValueError):
-            return float(os.environ[name])
+            value = float(os.environ[name])
+            if math.isfinite(value):  # "nan" would make every record fail check_record
+                return value
     return process_start_time()
 
 

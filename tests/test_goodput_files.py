@@ -12,7 +12,15 @@ import pytest
 from multiproc import REPO
 
 from eurotrain import Trainer, load_config
-from eurotrain.goodput import CATEGORIES, FILE, LIVE, GoodputRecorder, Ledger, read_records
+from eurotrain.goodput import (
+    ATTEMPT_START_ENV,
+    CATEGORIES,
+    FILE,
+    LIVE,
+    GoodputRecorder,
+    Ledger,
+    read_records,
+)
 from eurotrain.status import main as status_main
 from eurotrain.status import report
 
@@ -173,3 +181,15 @@ def test_status_shows_a_good_heartbeat(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "running or died without a record: job 7 (requeue 0, start 0)" in out
     assert "heartbeat" in out and "skipped" not in out
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "soon"])
+def test_an_attempt_start_that_is_not_a_time_is_ignored(tmp_path, monkeypatch, value):
+    """The job script's start time comes through the environment; one that is not a finite
+    number falls back to the process start, so the record still passes its own check."""
+    monkeypatch.setenv(ATTEMPT_START_ENV, value)
+    recorder = GoodputRecorder(tmp_path, Ledger(), enabled=True)
+    assert time.time() - 3600 < recorder.start <= time.time()
+    recorder.finish("done")
+    [record] = read_records(tmp_path)
+    assert record["how"] == "done" and record["wall_s"] >= 0
