@@ -86,7 +86,7 @@ def report_error(error: BaseException) -> None:
 
 def attempt() -> int:
     value = os.environ.get(ATTEMPT_ENV, "0")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isascii() and value.isdigit() else 0  # not "²": isdigit() only
 
 
 class JobStateReport(Callback):

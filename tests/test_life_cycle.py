@@ -16,7 +16,7 @@ from multiproc import REPO, read_metrics, run_distributed
 
 from eurotrain import ConfigError, Trainer, load_config
 from eurotrain.checkpoint.interval import AutoInterval, young_daly
-from eurotrain.errors import NonFiniteLossError
+from eurotrain.errors import CheckpointError, NonFiniteLossError
 from eurotrain.fault.anomalies import WINDOWS_FILE, read_windows
 from eurotrain.fault.inject import NAN_HOOK
 from eurotrain.goodput import (
@@ -111,9 +111,18 @@ def test_rollbacks_are_limited_and_need_a_checkpoint(tmp_path, monkeypatch):
         limited.train()
 
 
-def test_a_damaged_windows_file_is_an_error_naming_it(tmp_path):
-    (tmp_path / WINDOWS_FILE).write_text('{"windows": [{"start": 5, "end": 2}]}')
-    with pytest.raises(Exception, match=f"{WINDOWS_FILE}: unreadable list of skipped data"):
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('{"windows": [{"start": 5, "end": 2}]}', "bad window"),
+        ('{"windows": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
+    ],
+)
+def test_a_damaged_windows_file_is_an_error_naming_it(tmp_path, text, reason):
+    (tmp_path / WINDOWS_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=f"{WINDOWS_FILE}: unreadable list of skipped data"):
+        read_windows(tmp_path)
+    with pytest.raises(CheckpointError, match=reason):
         read_windows(tmp_path)
 
 

@@ -237,10 +237,11 @@ def read_windows(run_dir: Path) -> list[dict[str, Any]]:
             ):
                 raise ValueError(f"bad window {w!r:.80}")
         return [dict(w) for w in windows]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
         raise CheckpointError(
-            f"{path}: unreadable list of skipped data windows ({e}); fix or remove it (a removed "
-            f"file means those batches are trained on again)"
+            f"{path}: unreadable list of skipped data windows ({reason}); fix or remove it (a "
+            f"removed file means those batches are trained on again)"
         ) from None
 
 

@@ -179,3 +179,11 @@ def test_a_chain_whose_collective_timeout_outlasts_the_walltime_warning_is_noted
     assert "note: fault.collective_timeout_s 600 s is not shorter than --signal-seconds 300" in err
     assert cli_main([*args, "--fault.collective_timeout_s", "120"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("", 0), ("²", 0), ("-1", 0), ("x", 0)])
+def test_an_attempt_number_that_is_not_a_count_reads_as_the_first(monkeypatch, value, expected):
+    from eurotrain import chain
+
+    monkeypatch.setenv(chain.ATTEMPT_ENV, value)
+    assert chain.attempt() == expected
