@@ -64,7 +64,7 @@ def test_rope_parameters_per_layer_type_must_agree():
     "changes, message",
     [
         ({"partial_rotary_factor": None}, None),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor null is not a positive number"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor null is not a finite positive number"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
         ({"num_attention_heads": 6}, "does not make a valid eurotrain model: model.num_kv_heads"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings 'yes' is not true or false"),
