@@ -4,15 +4,14 @@ Everything here is generic; the config tree itself lives in ``eurotrain/config.p
 components it configures. Errors are ``ConfigError`` (a ``ValueError``) whose message names the
 field, the bad value and what is allowed, so a wrong setting stops a job before it asks for GPUs.
 Config files are read as if from a stranger: YAML that would exhaust memory or the stack, or
-silently drop a setting (a key given twice), is refused at the load, and nan or inf is refused
-for every float setting."""
+silently drop a setting (a key given twice), is refused at the load (``eurotrain/safe_yaml.py``),
+and nan or inf is refused for every float setting."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
-import reprlib
 import types
 import typing
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 import yaml
 
 from eurotrain import resources
-from eurotrain.errors import ConfigError
+from eurotrain.errors import ConfigError, shown
+from eurotrain.safe_yaml import load_yaml
 
 __all__ = [
     "ConfigError",
@@ -36,51 +36,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-MAX_YAML_NODES = 100_000
-"""Values (scalars, lists and mappings) a config file may hold once its aliases are expanded: a
-preset holds about a hundred, while nine nested aliases of nine items each expand to 9**9 ("a
-billion laughs"), which printing or walking would need gigabytes for."""
-MAX_YAML_DEPTH = 50
-"""Nesting levels a config file may have (a preset has four); deeper ones exhaust the stack of
-the YAML reader and of everything that walks the result."""
-YAML_INT_DIGITS = 4300
-"""Longest integer literal read: Python's own limit for converting a string to an int."""
 INT64 = 2**63
 """Config integers lie in [-INT64, INT64): the range of the int64 that torch and numpy hold."""
-
-
-SHOWN_CHARS = 160
-"""Longest user value an error message shows."""
-
-
-class _Shown(reprlib.Repr):
-    """repr() cut short at every level, for user values in error messages."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel = 3
-        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
-        self.maxstring = self.maxother = 60
-        self.maxlong = 40
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 256:  # builtins.repr refuses beyond 4300 digits and is slow below
-            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
-        return super().repr_int(x, level)
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        cut = x[: self.maxstring]
-        return repr(cut) + ("..." if len(x) > len(cut) else "")
-
-
-_SHOWN = _Shown()
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` bounded to about a line, at any size or depth of ``value``: every error
-    message that shows a user's value uses it (``f"{v!r:.200}"`` builds the whole repr first)."""
-    text = _SHOWN.repr(value)  # at most a few thousand characters, whatever the value
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 class _OutOfRange(ConfigError):
@@ -293,124 +250,6 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also refuses what would silently change a config or exhaust memory
-    or the stack: duplicate keys, alias expansion beyond MAX_YAML_NODES ("billion laughs"),
-    recursive aliases, nesting beyond MAX_YAML_DEPTH and integers Python will not read.
-    ``source`` ("config file 'x.yaml'", "override --a.b") starts each error."""
-
-    def __init__(self, text: str, source: str) -> None:
-        super().__init__(text)
-        self.source = source
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        # The composer recurses once per level: refuse before Python's stack runs out.
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                line = self.peek_event().start_mark.line + 1
-                raise ConfigError(
-                    f"{self.source}: nested more than {MAX_YAML_DEPTH} levels deep at line "
-                    f"{line}; a config needs a few levels (section: key: value)"
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_document(self, node: Any) -> Any:
-        _check_graph(node, self.source)
-        return super().construct_document(node)
-
-    def construct_int(self, node: Any) -> int:
-        line = node.start_mark.line + 1
-        if len(node.value) > YAML_INT_DIGITS:
-            raise ConfigError(
-                f"{self.source}: the integer at line {line} is {len(node.value)} characters "
-                f"long, more than the {YAML_INT_DIGITS} digits Python reads; no setting needs "
-                f"one that large"
-            )
-        return cast(int, self.construct_yaml_int(node))
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_int)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [child for pair in node.value for child in pair]
-    return []
-
-
-def _check_graph(root: yaml.Node, source: str) -> None:
-    """Refuse a composed YAML document whose aliases expand to more than MAX_YAML_NODES values
-    or MAX_YAML_DEPTH levels, or refer to themselves, and mappings with a key twice. Each node
-    is visited once (sizes and depths are memoised per node), without recursion, so the check
-    costs what the file holds, not what it expands to."""
-    size: dict[int, int] = {}
-    depth: dict[int, int] = {}
-    open_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        line = node.start_mark.line + 1
-        if children_done:
-            open_nodes.discard(key)
-            children = _children(node)
-            size[key] = 1 + sum(size[id(c)] for c in children)
-            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
-            if size[key] > MAX_YAML_NODES or depth[key] > MAX_YAML_DEPTH:
-                what = (
-                    f"{MAX_YAML_NODES:,} values"
-                    if size[key] > MAX_YAML_NODES
-                    else f"{MAX_YAML_DEPTH} levels of nesting"
-                )
-                raise ConfigError(
-                    f"{source}: the value at line {line} expands through its aliases (*name) "
-                    f"to more than {what}; write the settings out instead of nesting aliases"
-                )
-        elif key in open_nodes:  # met again inside its own expansion
-            raise ConfigError(
-                f"{source}: the value anchored at line {line} contains an alias to itself; a "
-                f"config cannot be infinite: remove that alias"
-            )
-        elif key not in size:
-            if isinstance(node, yaml.MappingNode):
-                _check_unique_keys(node, source)
-            open_nodes.add(key)
-            stack.append((node, True))
-            stack.extend((c, False) for c in _children(node) if id(c) not in size)
-
-
-def _check_unique_keys(node: yaml.MappingNode, source: str) -> None:
-    """A key given twice in one mapping: YAML keeps the last silently (a second ``train:`` block
-    replaces the first). Merged keys (``<<: *base``) may be overridden, as YAML intends."""
-    first: dict[tuple[str, str], yaml.Node] = {}
-    for key_node, _ in node.value:
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-            continue
-        seen = first.setdefault((key_node.tag, key_node.value), key_node)
-        if seen is not key_node:
-            raise ConfigError(
-                f"{source}: key {shown(key_node.value)} appears twice in one mapping, at line "
-                f"{seen.start_mark.line + 1} and line {key_node.start_mark.line + 1}; YAML "
-                f"would keep only the second: merge them into one"
-            )
-
-
-def load_yaml(text: str, source: str) -> Any:
-    """Parse YAML ``text`` as safe_load does, refusing what ``_ConfigLoader`` refuses; errors
-    start with ``source``. yaml.YAMLError for invalid syntax, as from safe_load."""
-    loader = _ConfigLoader(text, source)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

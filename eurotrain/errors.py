@@ -9,9 +9,45 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import math
 import os
+import reprlib
 import sys
 from collections.abc import Callable
+from typing import Any
+
+SHOWN_CHARS = 160
+"""Longest user value an error message shows."""
+
+
+class _Shown(reprlib.Repr):
+    """repr() cut short at every level, for user values in error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = 60
+        self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # builtins.repr refuses beyond 4300 digits and is slow below
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        cut = x[: self.maxstring]
+        return repr(cut) + ("..." if len(x) > len(cut) else "")
+
+
+_SHOWN = _Shown()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` bounded to about a line, at any size or depth of ``value``: every error
+    message that shows a user's value uses it (``f"{v!r:.200}"`` builds the whole repr first)."""
+    text = _SHOWN.repr(value)  # at most a few thousand characters, whatever the value
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 class EurotrainError(Exception):

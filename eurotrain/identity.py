@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from eurotrain.errors import ConfigError
+from eurotrain.safe_yaml import load_yaml
 
 MAY_CHANGE_SECTIONS = ("parallel", "checkpoint", "logging", "fault")
 MAY_CHANGE_KEYS = (
@@ -63,7 +64,7 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], allow_change: bool) -> 
     if not path.is_file():
         return None
     try:
-        before = yaml.safe_load(path.read_text())
+        before = load_yaml(path.read_text(), str(path))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"{path}: unreadable ({e}); this run directory cannot be checked: choose another "

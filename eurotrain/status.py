@@ -18,6 +18,7 @@ from eurotrain.checkpoint.directory import latest
 from eurotrain.errors import ConfigError
 from eurotrain.fault.anomalies import read_windows
 from eurotrain.goodput import CATEGORIES, LIVE, read_live, scan_records, summarize
+from eurotrain.safe_yaml import load_yaml
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
@@ -28,10 +29,9 @@ def _config(run_dir: Path) -> dict[str, Any]:
             f"e.g. runs/<model>-job<ID>"
         )
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise ConfigError(f"{path}: unreadable ({reason})") from None
+        data = load_yaml(path.read_text(), str(path))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
     return data if isinstance(data, dict) else {}
 
 

@@ -349,3 +349,17 @@ def test_the_checks_hold_for_configs_built_in_python() -> None:
         OptimConfig(lr=float("nan"))
     with pytest.raises(ConfigError, match=r"^model.rope_scaling.low_freq_factor: nan must be"):
         RopeScaling(low_freq_factor=float("nan"))
+
+
+# --- the run directory's config.yaml, read back by status, the run-identity check and export --
+
+
+def test_a_run_directory_config_is_read_with_the_same_loader(tmp_path: Path) -> None:
+    from eurotrain.identity import check_run_dir
+    from eurotrain.status import report
+
+    (tmp_path / "config.yaml").write_text(_laughs(9))
+    with pytest.raises(ConfigError, match=r"config.yaml: the value at line \d+ expands"):
+        report(tmp_path)
+    with pytest.raises(ConfigError, match=r"config.yaml: the value at line \d+ expands"):
+        check_run_dir(tmp_path, {"train": {"steps": 1}}, allow_change=False)

@@ -64,6 +64,7 @@ from eurotrain.errors import ConfigError, EurotrainError
 from eurotrain.models.config import ModelConfig
 from eurotrain.models.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from eurotrain.models.hf_config import hf_config_notes
+from eurotrain.safe_yaml import load_yaml
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -354,7 +355,12 @@ def eurotrain_to_hf(
     check_export_dir(out_dir)
     ckpt = resolve_checkpoint(ckpt_dir)
     _, metadata = verify_checkpoint(ckpt, "full")  # config.yaml included
-    run_cfg: dict[str, Any] = yaml.safe_load((ckpt / "config.yaml").read_text())
+    run_cfg = load_yaml((ckpt / "config.yaml").read_text(), str(ckpt / "config.yaml"))
+    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("model"), dict):
+        raise CheckpointError(
+            f"{ckpt / 'config.yaml'} holds no model section: the checkpoint's config is damaged; "
+            f"export another checkpoint of the run"
+        )
     model_cfg = from_dict(ModelConfig, run_cfg["model"], "model")
     if untie:
         model_cfg.tie_embeddings = False
