@@ -363,3 +363,16 @@ def test_a_run_directory_config_is_read_with_the_same_loader(tmp_path: Path) -> 
         report(tmp_path)
     with pytest.raises(ConfigError, match=r"config.yaml: the value at line \d+ expands"):
         check_run_dir(tmp_path, {"train": {"steps": 1}}, allow_change=False)
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("max_seq_len", 2**24 + 1, "more than the 16,777,216 positions the fp32 RoPE tables"),
+        ("vocab_size", 2**32 + 1, "more than 4,294,967,296, the ids that prepared data"),
+    ],
+)
+def test_model_sizes_past_what_the_code_can_represent(key: str, value: int, says: str) -> None:
+    with pytest.raises(ConfigError, match=f"model.{key}: {value} is {says}"):
+        load_config(None, [f"--model.{key}", str(value)])
+    load_config(None, [f"--model.{key}", str(2**24 if key == "max_seq_len" else 2**32)])

@@ -7,6 +7,13 @@ from typing import Literal
 
 from eurotrain.configtools import ConfigError, divisors, shown
 
+MAX_POSITIONS = 2**24
+"""Longest context: the RoPE tables hold positions as fp32, which counts whole numbers exactly up
+to 2**24 (16,777,216); past it two positions would share one rotation. The longest contexts of
+supported HF models are a few million (Llama-3-Gradient-4194k: 2**22)."""
+MAX_VOCAB = 2**32
+"""Largest vocabulary: prepared shards store token ids as uint32 at most."""
+
 
 @dataclass
 class RopeScaling:
@@ -164,6 +171,16 @@ class ModelConfig:
             value = getattr(self, key)
             if value <= 0:
                 raise ConfigError(f"model.{key}: {value} must be a positive integer")
+        if self.max_seq_len > MAX_POSITIONS:
+            raise ConfigError(
+                f"model.max_seq_len: {self.max_seq_len} is more than the {MAX_POSITIONS:,} "
+                f"positions the fp32 RoPE tables count exactly; set the context you train with"
+            )
+        if self.vocab_size > MAX_VOCAB:
+            raise ConfigError(
+                f"model.vocab_size: {self.vocab_size} is more than {MAX_VOCAB:,}, the ids that "
+                f"prepared data (uint32) can hold"
+            )
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:

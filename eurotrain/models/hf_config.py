@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from eurotrain.errors import SHOWN_CHARS, ConfigError
-from eurotrain.models.config import ModelConfig, MoEConfig, RopeScaling
+from eurotrain.models.config import MAX_POSITIONS, ModelConfig, MoEConfig, RopeScaling
 
 CAUSAL_LM = {
     "llama": "LlamaForCausalLM",
@@ -222,12 +222,6 @@ def _sliding_window(d: dict[str, Any], model_type: str) -> int | None:
 def _summary(layers: list[str]) -> str:
     kinds = sorted(set(layers))
     return f"{len(layers)} layers mixing {' and '.join(kinds)}"
-
-
-MAX_POSITIONS = 2**24
-"""Longest context imported: eurotrain's RoPE tables hold positions as fp32, which counts whole
-numbers exactly up to 2**24 (16,777,216); past it two positions would share one rotation. The
-longest contexts of supported HF models are a few million (Llama-3-Gradient-4194k: 2**22)."""
 
 
 def _context(d: dict[str, Any], model_type: str) -> int:

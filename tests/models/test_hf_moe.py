@@ -210,7 +210,7 @@ HF = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers
         ({"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [0, "1"]},
          "mlp_only_layers [0, \"1\"] is not a list of layer indices"),
         ({"model_type": "qwen3_moe", "num_experts": 4, "router_aux_loss_coef": -1},
-         "router_aux_loss_coef -1 is not a number >= 0"),
+         "router_aux_loss_coef -1 is not a finite number >= 0"),
         ({"model_type": "qwen2_moe", "num_experts": 4},
          "model_type 'qwen2_moe' is not supported: Qwen2-MoE adds a shared expert behind a "
          "sigmoid gate"),
