@@ -6,6 +6,7 @@ state each rank holds."""
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,45 @@ def data_parallel(model: Any) -> str:
     return "ddp" if "replicate" in (_get_registry(model) or {}) else ""
 
 
+WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+"""Name segments that compile, activation checkpointing and wrappers add to parameter names."""
+
+
+def gradient_fingerprints(model_parts: list[Any]) -> dict[str, tuple[float, float]]:
+    """Per parameter (by its name in the plain model): the norm of its whole gradient and the
+    gradient's projection onto a fixed random direction seeded by the name (which a wrong
+    scale, a missing reduction or misplaced shards all change), in float64. Every rank holding
+    a shard takes part in gathering it (DTensor.full_tensor), in the same order."""
+    out: dict[str, tuple[float, float]] = {}
+    for part in model_parts:
+        for name, param in part.named_parameters():
+            if param.grad is None:
+                continue
+            for segment in WRAPPERS:
+                name = name.replace(segment, "")
+            grad = param.grad
+            if hasattr(grad, "full_tensor"):
+                grad = grad.full_tensor()
+            flat = grad.detach().to(torch.float64).flatten()
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            direction = torch.randn(flat.numel(), generator=gen, dtype=torch.float64)
+            out[name] = (float(flat.norm()), float(flat @ direction))
+    return out
+
+
+class FirstGradients:
+    """Records ``gradient_fingerprints`` of the first step's gradients (final, before
+    clipping and the update): a layout's step 0 starts from the same weights and the same batch
+    as one process, so every parameter's gradient must agree on its own, not only their norm."""
+
+    def __init__(self) -> None:
+        self.fingerprints: dict[str, tuple[float, float]] | None = None
+
+    def on_before_optimizer_step(self, trainer: Any, step: int) -> None:
+        if self.fingerprints is None:
+            self.fingerprints = gradient_fingerprints(trainer.model_parts)
+
+
 def train_layouts(
     rank: int, world_size: int, layouts: list[dict[str, Any]], output_dir: str
 ) -> list[dict[str, Any]]:
@@ -97,7 +137,12 @@ def train_layouts(
     results = []
     for i, layout in enumerate(layouts):
         cfg = load_config(TINY, overrides(layout, output_dir, f"layout{i}"))
-        trainer = Trainer(cfg)
+        deepspeed = layout.get("parallel.engine") == "deepspeed"
+        # DeepSpeed keeps its gradients in its own buffers; under MoE an expert no token of a
+        # rank reached has no gradient there, so ranks would gather different parameters
+        dense = not deepspeed and not cfg.model.moe.enabled
+        first = FirstGradients()
+        trainer = Trainer(cfg, callbacks=[first] if dense else [])
         syncs: list[bool] = []  # what the engine told FSDP2 / DDP before each micro-batch
         sync_fn = getattr(trainer.model, "set_requires_gradient_sync", None)
         if sync_fn is not None:
@@ -114,7 +159,9 @@ def train_layouts(
         entry["grad_syncs"] = list(syncs)  # the training steps only
         entry["loss_fns"] = [describe_loss(part) for part in trainer.model_parts]
         entry["data_parallel"] = data_parallel(trainer.model)
-        if layout.get("parallel.engine") != "deepspeed":
+        if dense:
+            entry["first_grads"] = first.fingerprints
+        if not deepspeed:
             entry["bytes"] = measure_bytes(trainer)
         results.append(entry)
     return results
