@@ -126,6 +126,37 @@ class FirstGradients:
             self.fingerprints = gradient_fingerprints(trainer.model_parts)
 
 
+def first_gradient_problems(
+    name: str, ranks: list[dict[str, Any]], want: dict[str, Any], rtol: float
+) -> list[str]:
+    """Every parameter's step-0 gradient (its norm and a random projection, float64) against
+    one process's, within ``rtol`` of the parameter's own gradient norm: a gradient that is wrong
+    for one small tensor (a norm weight split over tp ranks) barely moves the total norm. Each
+    rank reports the parameters it holds (a pipeline stage's); a parameter on several ranks
+    must agree on each."""
+    if "first_grads" not in ranks[0]:  # DeepSpeed keeps its gradients in its own buffers
+        return []
+    problems = []
+    seen: set[str] = set()
+    for rank, got in enumerate(ranks):
+        for param, (norm, proj) in got["first_grads"].items():
+            seen.add(param)
+            if param not in want:
+                problems.append(f"{name} rank {rank}: gradient of {param}, unknown to one process")
+                continue
+            ref_norm, ref_proj = want[param]
+            scale = max(ref_norm, 1e-12)
+            if abs(norm - ref_norm) > rtol * scale or abs(proj - ref_proj) > rtol * scale:
+                problems.append(
+                    f"{name} rank {rank} step-0 gradient of {param}: norm {norm:.9g} vs "
+                    f"{ref_norm:.9g}, projection {proj:.9g} vs {ref_proj:.9g} (single)"
+                )
+    missing = sorted(set(want) - seen)
+    if missing:
+        problems.append(f"{name}: no rank holds a gradient of {missing[:3]}")
+    return problems
+
+
 def train_layouts(
     rank: int, world_size: int, layouts: list[dict[str, Any]], output_dir: str
 ) -> list[dict[str, Any]]:

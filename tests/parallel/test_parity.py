@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from harness import TINY, FirstGradients, overrides, train_layouts
+from harness import TINY, FirstGradients, first_gradient_problems, overrides, train_layouts
 from multiproc import run_distributed
 
 from eurotrain.config import load_config
@@ -119,37 +119,8 @@ def _check_parity(results: dict[str, list[dict]], reference: dict) -> None:
                     if not math.isclose(a, b, rel_tol=RTOL):
                         bad.append(f"{name} rank {rank} {key}[{step}]: {a} != {b} (single)")
             assert len(got["losses"]) == len(reference["losses"]) == 5
-        bad += _first_gradient_problems(name, ranks, reference["first_grads"])
+        bad += first_gradient_problems(name, ranks, reference["first_grads"], RTOL)
     assert not bad, "layouts drift from the single-process run:\n" + "\n".join(bad)
-
-
-def _first_gradient_problems(name: str, ranks: list[dict], want: dict) -> list[str]:
-    """Every parameter's step-0 gradient (its norm and a random projection, float64) against
-    one process's, within RTOL of the parameter's own gradient norm: a gradient that is wrong
-    for one small tensor (a norm weight split over tp ranks) barely moves the total norm. Each
-    rank reports the parameters it holds (a pipeline stage's); a parameter on several ranks
-    must agree on each."""
-    if "first_grads" not in ranks[0]:  # DeepSpeed keeps its gradients in its own buffers
-        return []
-    problems = []
-    seen: set[str] = set()
-    for rank, got in enumerate(ranks):
-        for param, (norm, proj) in got["first_grads"].items():
-            seen.add(param)
-            if param not in want:
-                problems.append(f"{name} rank {rank}: gradient of {param}, unknown to one process")
-                continue
-            ref_norm, ref_proj = want[param]
-            scale = max(ref_norm, 1e-12)
-            if abs(norm - ref_norm) > RTOL * scale or abs(proj - ref_proj) > RTOL * scale:
-                problems.append(
-                    f"{name} rank {rank} step-0 gradient of {param}: norm {norm:.9g} vs "
-                    f"{ref_norm:.9g}, projection {proj:.9g} vs {ref_proj:.9g} (single)"
-                )
-    missing = sorted(set(want) - seen)
-    if missing:
-        problems.append(f"{name}: no rank holds a gradient of {missing[:3]}")
-    return problems
 
 
 def test_two_ranks(reference, tmp_path):
