@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from harness import train_layouts
+from harness import first_gradient_problems, train_layouts
 from multiproc import run_distributed
 
 # Two blocks: Triton's interpreter runs every kernel call in Python on the CPU.
@@ -51,3 +51,10 @@ def test_fused_loss_in_every_layout(tmp_path):
     assert [r["loss_fns"] for r in last_stage] == [["vocab-parallel-triton"]] * 2
     for r in last_stage:
         _same(one, r)
+    # and every parameter's own step-0 gradient (the fused loss writes d weight and d hidden)
+    want = one["first_grads"]
+    bad = first_gradient_problems("tp=2 triton", list(tp), want, REL)
+    bad += first_gradient_problems("tp=2 torch ops", list(tp_torch), want, REL)
+    bad += first_gradient_problems("pp=2 triton", list(pp), want, REL)
+    bad += first_gradient_problems("tp=2 x pp=2 triton", list(tp_pp), want, REL)
+    assert not bad, "\n".join(bad)
