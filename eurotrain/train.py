@@ -132,7 +132,8 @@ class Trainer:
 
         # Everything that can be wrong with the input is checked before the model exists.
         self.dims = check_layout(cfg, self.dist.world_size)  # layout and batch split
-        self.data = DataPipeline(cfg.data)  # prepared sources, or the raw-text corpus
+        # prepared sources (their checksums read once, split over the ranks), or raw text
+        self.data = DataPipeline(cfg.data, self.dist.rank, self.dist.world_size)
         self.tokenizer = self.data.tokenizer
         self.data.check_model_vocab(cfg.model.vocab_size)
         if cfg.train.eval_interval and not (

@@ -57,8 +57,9 @@ class DataConfig:
     masked so that a token attends only to earlier tokens of its own document (training and
     validation)."""
     verify: Literal["size", "checksum"] = "checksum"
-    """How prepared shards are checked when opened: sizes only, or sizes and SHA-256 (reads
-    every shard once; choose "size" for corpora of many terabytes)."""
+    """How prepared shards are checked when opened: sizes only, or sizes, SHA-256 and token ids
+    (reads every shard once, split over the ranks; choose "size" for corpora of many
+    terabytes)."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -9,7 +9,10 @@ data-parallel rank is known.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, cast
+
+import torch.distributed as dist
 
 from eurotrain.configtools import ConfigError
 from eurotrain.data.config import DataConfig, SourceConfig
@@ -28,9 +31,18 @@ if TYPE_CHECKING:
     from eurotrain.config import Config
 
 
+VERIFY_TIMEOUT_S = 4 * 3600.0
+"""How long ranks that finished their share of the checksum pass wait for the slowest."""
+
+
 class DataPipeline:
-    def __init__(self, cfg: DataConfig) -> None:
+    """``rank`` / ``world``: with ``data.verify: checksum`` each rank reads its share of the
+    prepared shards (every world-th one) and the ranks agree on the verdict (a gloo group
+    when torch.distributed is up), so a corpus is read once per start, not once per rank."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg = cfg
+        self._opened: list[tuple[str, PreparedDataset]] = []
         self.tokenizer: Tokenizer | None = None
         self.train_sources: list[SequenceSource]
         self.validation_sources: list[SequenceSource] = []
@@ -72,6 +84,31 @@ class DataPipeline:
                         f"sequence of {v.name!r}: raise it or give data.validation_sources"
                     )
         self.vocab_size = int(cast(int, self.identity["vocab_size"]))
+        if cfg.verify == "checksum" and self._opened:
+            self._verify_everywhere(rank, world)
+
+    def _verify_everywhere(self, rank: int, world: int) -> None:
+        """This rank's share of the checksum and token-id pass; every rank raises the first
+        problem any rank found, or none does."""
+        agree = world > 1 and dist.is_available() and dist.is_initialized()
+        if not agree:  # no group to agree in: this process checks everything
+            rank, world = 0, 1
+        problem, offset = "", 0
+        for key, ds in self._opened:
+            try:
+                ds.verify_share(rank, world, offset)
+            except DataFormatError as e:
+                problem = f"{key}: {e}"
+                break
+            offset += ds.num_shards
+        if agree:
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=VERIFY_TIMEOUT_S))
+            problems: list[str | None] = [None] * world
+            dist.all_gather_object(problems, problem, group=group)
+            dist.destroy_process_group(group)
+            problem = next((p for p in problems if p), "")
+        if problem:
+            raise ConfigError(problem)
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """The model's embedding must hold every id of the data's tokenizer."""
@@ -88,10 +125,11 @@ class DataPipeline:
         opened: list[SequenceSource] = []
         identity: dict[str, object] | None = None
         for s in sources:
-            try:
-                ds = PreparedDataset(s.path, verify=self.cfg.verify)
+            try:  # sizes here, the same on every rank; checksums split over ranks, after
+                ds = PreparedDataset(s.path, verify="size")
             except DataFormatError as e:
                 raise ConfigError(f"{key}: {e}") from None
+            self._opened.append((key, ds))
             if identity is None:
                 identity = ds.tokenizer
             self._check_same(ds.tokenizer, f"{key} {s.path!r}", identity)

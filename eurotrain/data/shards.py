@@ -255,8 +255,11 @@ class PreparedDataset:
         self.tokenizer: dict[str, Any] = manifest["tokenizer"]
         self.dtype = np.dtype(manifest["dtype"])
         shards = [s for s in manifest["shards"] if s["num_tokens"] > 0]
+        self._shards = shards
         for s in shards:
-            self._check_shard(s, verify)
+            self._check_shard(s)
+        if verify == "checksum":
+            self.verify_share()
         # Plain ndarray views of the maps: slicing them skips np.memmap's per-slice overhead.
         self._maps = [
             np.memmap(self.path / s["file"], dtype=self.dtype, mode="r").view(np.ndarray)
@@ -268,11 +271,26 @@ class PreparedDataset:
         self.num_documents = sum(s["num_documents"] for s in shards)
         self._doc_ends: np.ndarray | None = None
 
-    def _check_shard(self, s: dict[str, Any], verify: str) -> None:
-        vocab = self.tokenizer["vocab_size"]
-        for key, sum_key, expected in (
-            ("file", "sha256", s["num_tokens"] * self.dtype.itemsize),
-            ("index_file", "index_sha256", s["num_documents"] * 8),
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def verify_share(self, rank: int = 0, world: int = 1, offset: int = 0) -> list[str]:
+        """Check the SHA-256 and the token ids of every ``world``-th shard, from ``rank``
+        (shard i is this rank's when (i + offset) % world == rank): ranks split the reading of
+        a large corpus instead of each reading all of it. Returns the shard files checked."""
+        checked = []
+        for i, s in enumerate(self._shards):
+            if (i + offset) % world == rank:
+                self._scan_shard(s)
+                checked.append(s["file"])
+        return checked
+
+    def _check_shard(self, s: dict[str, Any]) -> None:
+        """Both files of a shard: present, regular, of the size the manifest gives."""
+        for key, expected in (
+            ("file", s["num_tokens"] * self.dtype.itemsize),
+            ("index_file", s["num_documents"] * 8),
         ):
             f = self.path / s[key]
             if not f.exists():
@@ -291,8 +309,13 @@ class PreparedDataset:
                     f"{f} has {st.st_size} bytes but the manifest expects {expected}: the shard "
                     f"is truncated or damaged; restore it or prepare the data again"
                 )
-            if verify != "checksum":
-                continue
+
+    def _scan_shard(self, s: dict[str, Any]) -> None:
+        """Both files of a shard against their SHA-256, and its token ids against the
+        vocabulary, in one read."""
+        vocab = self.tokenizer["vocab_size"]
+        for key, sum_key in (("file", "sha256"), ("index_file", "index_sha256")):
+            f = self.path / s[key]
             digest, largest = scan_file(f, self.dtype if key == "file" else None)
             if digest != s[sum_key]:
                 raise DataFormatError(

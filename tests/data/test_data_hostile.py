@@ -271,3 +271,35 @@ def test_tokenizer_with_ids_beyond_its_length_counts_its_largest_id(bpe_dir, tmp
     ds = PreparedDataset(tmp_path / "out")  # checksum pass: every id inside the vocabulary
     assert ds.dtype == np.uint32 and ds.tokenizer["vocab_size"] == 70_001
     assert int(np.max(ds.read_rows(np.array([0]), ds.num_tokens))) == 70_000
+
+
+# ---- the checksum pass is split over the ranks, and they agree on its verdict ----------------
+
+
+def test_each_rank_checks_its_share_of_the_shards(prepared_byte):
+    ds = PreparedDataset(prepared_byte, verify="size")
+    shares = [ds.verify_share(rank, 3) for rank in range(3)]
+    assert ds.num_shards >= 3 and all(shares)
+    assert sorted(f for share in shares for f in share) == sorted(s["file"] for s in ds._shards)
+    assert ds.verify_share(0, 2, offset=1) == ds.verify_share(1, 2)  # offsets across sources
+
+
+def _open_on_ranks(rank: int, world: int, path: str) -> str:
+    cfg = DataConfig(sources=[SourceConfig(path=path)], seq_len=32)
+    try:
+        DataPipeline(cfg, rank, world)
+    except ConfigError as e:
+        return str(e)
+    return "ok"
+
+
+def test_a_problem_in_one_ranks_share_stops_every_rank(prepared_byte, tmp_path):
+    """Shard 1 is rank 1's to read: rank 0 never reads it, and still stops with rank 1's
+    error (the same on every rank, so rank 0 reports it and no rank trains on)."""
+    from multiproc import run_distributed
+
+    assert run_distributed(_open_on_ranks, 2, str(prepared_byte), timeout=120) == ["ok", "ok"]
+    d = copy(prepared_byte, tmp_path, forge_token)
+    first, second = run_distributed(_open_on_ranks, 2, str(d), timeout=120)
+    assert first == second
+    assert "data.sources: " in first and "shard-00001.bin holds token id 60000" in first
