@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from eurotrain.errors import DataError
+from eurotrain.errors import DataError, shown
 
 MANIFEST = "manifest.json"
 FORMAT = "eurotrain-tokens"
@@ -93,7 +93,8 @@ def write_shard(
 
 
 MAX_MANIFEST = 1 << 28
-"""Bytes a manifest may hold (a million shards take about 400 MB less)."""
+"""Bytes a manifest may hold: about 350 per shard, so some 750,000 shards (of 1 GiB of text each
+by default)."""
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -148,7 +149,7 @@ def manifest_problem(m: dict[str, Any]) -> str | None:
             return f"tokenizer.eos_id is {eos}, not a token of its {vocab} (0..{vocab - 1})"
         dtype = _get(m, "dtype", str, "")
         if dtype not in TOKEN_DTYPES:
-            return f"dtype is {dtype!r:.40}, not one of {TOKEN_DTYPES}"
+            return f"dtype is {shown(dtype)}, not one of {TOKEN_DTYPES}"
         if np.dtype(dtype).itemsize < token_dtype(vocab).itemsize:
             return f"dtype {dtype} cannot hold the ids of a vocabulary of {vocab}"
         for i, entry in enumerate(_get(m, "inputs", list, "")):
@@ -163,7 +164,7 @@ def manifest_problem(m: dict[str, Any]) -> str | None:
                 name = _get(s, key, str, where)
                 if name in ("", ".", "..") or "/" in name or "\0" in name:
                     return (
-                        f"{where}.{key} is {name!r:.80}: a shard must be a file of the prepared "
+                        f"{where}.{key} is {shown(name)}: a shard must be a file of the prepared "
                         f"directory itself (a plain name)"
                     )
             for key in ("sha256", "index_sha256", "input"):
@@ -194,7 +195,7 @@ def _get(obj: Any, key: str, kind: type, where: str) -> Any:
         raise _FieldError(f"{name} is missing")
     v = obj[key]
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise _FieldError(f"{name} is {v!r:.60}, not {kind.__name__}")
+        raise _FieldError(f"{name} is {shown(v)}, not {kind.__name__}")
     return v
 
 
