@@ -23,7 +23,7 @@ from eurotrain.data.corpus import documents
 from eurotrain.data.shards import out_of_vocabulary
 from eurotrain.data.sources import PackedSequences, SequenceSource
 from eurotrain.data.tokenizer import ByteTokenizer, Tokenizer
-from eurotrain.errors import CheckpointError
+from eurotrain.errors import CheckpointError, shown
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
@@ -202,7 +202,7 @@ class GlobalBatchLoader:
         step = state.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise CheckpointError(
-                f"the checkpoint's data position (step) is {step!r:.40}, not a count of batches "
+                f"the checkpoint's data position (step) is {shown(step)}, not a count of batches "
                 f"served: the checkpoint is damaged; resume from another one"
             )
         self.step = step
