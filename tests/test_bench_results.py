@@ -94,7 +94,7 @@ def test_calibrate_refuses_a_bad_record_in_any_of_several_files(tmp_path):
 def test_records_lacking_measurements_are_reported_with_dashes(tmp_path):
     """Only the required fields: the tables show "-" and the report is written."""
     directory = bench_file(tmp_path / "b", result(
-        train=[{"nodes": 2, "mode": "weak"}, {"nodes": 1, "tokens_per_s_per_gpu": 1000.0}],
+        train=[{"nodes": 2, "mode": "weak", "layout": None}, {"nodes": 1, "tokens_per_s_per_gpu": 1000.0}],
         comms=[{"op": "all_reduce", "scope": "intra", "bytes": 8192}],
     ))  # fmt: skip
     data = read_results(directory)

@@ -129,7 +129,8 @@ def check_record(kind: str, record: Any) -> str | None:
             return f"{key!r} is {value!r:.40}, not a string"
     if record.get("scope") not in (None, "intra", "inter"):
         return f"'scope' is {record['scope']!r:.40}, not 'intra' or 'inter'"
-    layout = record.get("layout", {})
+    layout = record.get("layout")
+    layout = {} if layout is None else layout  # absent or null, like every optional field
     if not (isinstance(layout, dict) and all(type(v) is int and v >= 1 for v in layout.values())):
         return f"'layout' is {layout!r:.40}, not an object of parallel degrees"
     return None
