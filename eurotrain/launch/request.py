@@ -25,6 +25,7 @@ from eurotrain.errors import ConfigError, EurotrainError
 
 if TYPE_CHECKING:
     from eurotrain.config import Config
+    from eurotrain.parallel.dims import ParallelDims
 
 SIGNAL_MAX_SECONDS = 65535
 """The latest warning `sbatch --signal=...@SECONDS` accepts."""
@@ -132,13 +133,22 @@ def plan(req: LaunchRequest) -> Plan:
     cuda = profile.accelerator.vendor != "cpu"
     cfg: Config | None = None
     problem = ""  # with the data
+    memory_note = ""
     if req.bench is not None:
         if req.chain != 1:
             raise LaunchError("--chain/--until-done: a chain trains; leave it out with --bench")
         layout, name, cfg = _check_bench(req, gpus, cuda)
     else:
-        layout, cfg = _check_config(req, world, cuda=cuda)
-        name = cfg.model.name
+        dims, cfg = _check_config(req, world, cuda=cuda)
+        layout, name = dims.describe(), cfg.model.name
+        acc = profile.accelerator
+        if cuda and acc.memory_gib:  # a note, not a refusal: GPU peaks are modelled, unmeasured
+            from eurotrain.plan.memory import over_memory
+
+            try:
+                memory_note = over_memory(cfg, dims, acc.memory_gib, acc.model)
+            except ConfigError:  # a layout the planner cannot model (zero-bubble orders)
+                memory_note = ""
         from eurotrain.data.pipeline import prepared_data_problem
 
         problem = prepared_data_problem(cfg)
@@ -168,6 +178,8 @@ def plan(req: LaunchRequest) -> Plan:
     # With --bench, cfg is the swept config (its restarts are not used: no chain, no restart).
     max_restarts = cfg.fault.max_restarts if cfg is not None and req.bench is None else 0
     notes = []
+    if memory_note:
+        notes.append(memory_note)
     if problem:  # only a dry run gets here with one
         notes.append(f"{problem}; a submitted job would be refused here")
     if cfg is not None and req.bench is None and req.chain != 1:
@@ -286,7 +298,7 @@ def _queue_that_admits(
     return None
 
 
-def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Config]:
+def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[ParallelDims, Config]:
     """The config loads and its layout and batch fit `world` ranks: the same check_layout the
     trainer runs first on every rank, so a job is refused here rather than after it queued.
     Returns the layout and the config."""
@@ -298,7 +310,7 @@ def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[str, Conf
         dims = check_layout(cfg, world, cuda=cuda)
     except ConfigError as e:
         raise ConfigError(f"{req.config} on {req.nodes} node(s) ({world} ranks): {e}") from None
-    return dims.describe(), cfg
+    return dims, cfg
 
 
 def _check_bench(req: LaunchRequest, gpus: int, cuda: bool) -> tuple[str, str, Config | None]:

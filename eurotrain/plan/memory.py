@@ -111,6 +111,20 @@ def estimate(cfg: Config, dims: ParallelDims, setting: Setting) -> MemoryEstimat
     return max(estimate_ranks(cfg, dims, setting), key=lambda e: e.total)
 
 
+def over_memory(cfg: Config, dims: ParallelDims, device_gib: float, device: str) -> str:
+    """A note when the predicted peak of this layout on a GPU is above the whole memory of the
+    device (not a fraction of it: the model errs on the safe side); "" otherwise."""
+    peak = estimate(cfg, dims, Setting(cuda=True)).total / GIB
+    if peak <= device_gib:
+        return ""
+    return (
+        f"the planner predicts a peak of {peak:.1f} GiB per GPU for {dims.describe()}, more "
+        f"than the {device_gib:g} GiB of each {device}: the first step will likely run out of "
+        f"memory; `eurotrain plan CONFIG --cluster ... --nodes ...` lists layouts that fit "
+        f"(more dp_shard or tp, activation checkpointing, a smaller micro-batch)"
+    )
+
+
 def estimate_ranks(cfg: Config, dims: ParallelDims, setting: Setting) -> list[MemoryEstimate]:
     """The peak of each pipeline rank (one entry without pipelining)."""
     ests = [_torch_rank(cfg, dims, setting, share) for share in rank_shares(cfg, dims)]

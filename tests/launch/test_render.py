@@ -351,3 +351,26 @@ def test_good_prepared_data_renders_without_a_note(tmp_path, capsys, monkeypatch
         "--data.sources", f"[{{path: {prepared}}}]",
     )  # fmt: skip
     assert rc == 0 and out.startswith("#!") and "note" not in err
+
+
+# ---- memory: the planner's peak against the profile's GPU, before the job queues ------------
+
+
+def test_a_layout_that_cannot_fit_the_gpu_gets_a_note(capsys, monkeypatch):
+    """Llama 3 70B with FSDP over one node of four 64 GiB H100s: some 280 GiB of fp32 weights,
+    gradients and Adam state per GPU. A note, not a refusal: GPU peaks are modelled, not
+    measured."""
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "mn5-acc", "--nodes", "1", "--time", "01:00:00",
+        "--account", "p", "--dry-run", "configs/llama3-70b.yaml", "--parallel.dp_shard", "-1",
+        "--parallel.tp", "1", "--parallel.pp", "1",
+    )  # fmt: skip
+    assert rc == 0 and out.startswith("#!")
+    note = next(line for line in err.splitlines() if "the planner predicts" in line)
+    assert "GiB per GPU for dp_shard=4, more than the 64 GiB of each NVIDIA H100" in note
+    assert "`eurotrain plan CONFIG" in note
+
+
+def test_a_layout_that_fits_gets_no_memory_note(capsys, monkeypatch):
+    rc, _, err = _render(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--dry-run", CONFIG)
+    assert rc == 0 and "the planner predicts" not in err
