@@ -84,6 +84,29 @@ def check_env(profile: ClusterProfile | None, in_job: bool) -> Finding:
 
 def check_paths(cfg: Config, profile: ClusterProfile | None) -> Finding:
     """Everything the run reads is a local path that exists; nothing names the Hub or a URL."""
+    problems = path_problems(cfg)
+    if (
+        cfg.logging.wandb
+        and cfg.logging.wandb_mode == "online"
+        and not (profile and profile.internet_on_compute)
+    ):
+        problems.append("logging.wandb_mode: online, but compute nodes may have no internet")
+    if problems:
+        return Finding(
+            "FAIL",
+            "; ".join(problems),
+            "copy what the run reads to the cluster's file systems and name it by path "
+            "(tokenizers: `huggingface-cli download NAME --local-dir DIR` where there is "
+            "internet); logging.wandb_mode: offline, then `wandb sync` from a login node",
+        )
+    what = "prepared sources" if cfg.data.sources else f"corpus {cfg.data.corpus}"
+    return Finding("PASS", f"tokenizer {cfg.data.tokenizer}, {what}: local")
+
+
+def path_problems(cfg: Config) -> list[str]:
+    """What the run would read that is not a local path that exists (tokenizer, corpus,
+    prepared sources, resume and init_from checkpoints), relative paths from here (the job
+    runs where it is submitted): `eurotrain doctor` and `eurotrain launch` ask."""
     problems: list[str] = []
     data = cfg.data
     if not data.sources:
@@ -102,22 +125,7 @@ def check_paths(cfg: Config, profile: ClusterProfile | None) -> Finding:
         problems += _path_problems("checkpoint.init_from", ck.init_from)
     if ck.resume not in ("auto", "none", ""):
         problems += _path_problems("checkpoint.resume", ck.resume)
-    if (
-        cfg.logging.wandb
-        and cfg.logging.wandb_mode == "online"
-        and not (profile and profile.internet_on_compute)
-    ):
-        problems.append("logging.wandb_mode: online, but compute nodes may have no internet")
-    if problems:
-        return Finding(
-            "FAIL",
-            "; ".join(problems),
-            "copy what the run reads to the cluster's file systems and name it by path "
-            "(tokenizers: `huggingface-cli download NAME --local-dir DIR` where there is "
-            "internet); logging.wandb_mode: offline, then `wandb sync` from a login node",
-        )
-    what = "prepared sources" if data.sources else f"corpus {data.corpus}"
-    return Finding("PASS", f"tokenizer {data.tokenizer}, {what}: local")
+    return problems
 
 
 def _path_problems(key: str, text: str, glob_ok: bool = False) -> list[str]:

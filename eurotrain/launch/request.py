@@ -150,8 +150,9 @@ def plan(req: LaunchRequest) -> Plan:
             except ConfigError:  # a layout the planner cannot model (zero-bubble orders)
                 memory_note = ""
         from eurotrain.data.pipeline import prepared_data_problem
+        from eurotrain.offline import path_problems
 
-        problem = prepared_data_problem(cfg)
+        problem = "; ".join(path_problems(cfg)) or prepared_data_problem(cfg)
         if problem and not req.dry_run:
             raise ConfigError(f"{problem} (checked before submitting)")
         if req.chain != 1 and cfg.checkpoint.interval == 0:

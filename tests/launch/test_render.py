@@ -309,7 +309,7 @@ def test_missing_prepared_data_is_refused_before_submitting(tmp_path, capsys, mo
         capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG,
         "--data.sources", f"[{{path: {missing}}}]",
     )  # fmt: skip
-    assert f"{missing} holds no manifest.json" in err and "(checked before submitting)" in err
+    assert f"data.sources: {missing} does not exist (checked before submitting)" in err
 
 
 def test_damaged_prepared_data_is_refused_before_submitting(tmp_path, capsys, monkeypatch):
@@ -340,7 +340,7 @@ def test_a_dry_run_renders_with_a_note_when_the_data_is_not_here(tmp_path, capsy
         "--data.sources", f"[{{path: {missing}}}]",
     )  # fmt: skip
     assert rc == 0 and out.startswith("#!")
-    assert f"note: data.sources: {missing} holds no manifest.json" in err
+    assert f"note: data.sources: {missing} does not exist" in err
     assert "a submitted job would be refused here" in err
 
 
@@ -374,3 +374,18 @@ def test_a_layout_that_cannot_fit_the_gpu_gets_a_note(capsys, monkeypatch):
 def test_a_layout_that_fits_gets_no_memory_note(capsys, monkeypatch):
     rc, _, err = _render(capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, "--dry-run", CONFIG)
     assert rc == 0 and "the planner predicts" not in err
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("checkpoint.resume", "/nonexistent/ckpt"),
+        ("data.tokenizer", "/nonexistent/tok"),
+        ("data.corpus", "/nonexistent/corpus"),
+    ],
+)
+def test_a_path_the_run_reads_that_is_not_here_is_refused(key, value, capsys, monkeypatch):
+    err = _refused(
+        capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG, f"--{key}", value,
+    )  # fmt: skip
+    assert f"{key}: {value} does not exist (checked before submitting)" in err
