@@ -5,7 +5,10 @@ state each rank holds."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,14 +18,44 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
+TEXT = (
+    "the data loader serves packed sequences der Zug fährt über die Brücke la niña mange une "
+    "crème brûlée à Zürich łódź żółw Ελληνικά γλώσσα суперкомпьютер eurohpc marenostrum lumi "
+    "leonardo jupiter tokens shards résumé naïve café rank step grad norm mask model train"
+)
+WORDS = TEXT.split()
+
+
+def parity_corpus() -> str:
+    """300 generated documents (20-400 words), the same on every machine and Python release:
+    the demo corpus is the running Python's own stdlib, which changes from release to release
+    (random.Random's choice and randint are stable across releases). Written once per user
+    into the temporary directory, each file atomically (every rank process imports this)."""
+    rng = random.Random(2026)
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 400))) + "\n" for _ in range(300)
+    ]
+    digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12]
+    root = Path(tempfile.gettempdir()) / f"eurotrain-parity-{os.getuid()}-{digest}"
+    if not (root / "done").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        for name, text in [*((f"{i:03d}.txt", d) for i, d in enumerate(docs)), ("done", "")]:
+            tmp = root / f".{name}.{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, root / name)
+    return str(root)
+
+
+CORPUS = parity_corpus()
+
 # Small enough for 8 processes on 2 cores; 4 micro-batches of accumulation on one rank.
-# Adam's eps is 1e-6, not 1e-8: the data is Python's own stdlib (the demo corpus), so it differs
-# from one Python release to the next, and on Debian's 3.11.2 a batch at step 4 whose residual
-# stream nearly cancels amplified a 4e-7 weight difference 155-fold in the gradient norm. The
-# difference came from Adam with eps 1e-8 turning rounding-level gradients (sums that nearly
-# cancel) into full-size updates after step 0; with 1e-6 those stay rounding-level. Step 0
-# (identical weights) agreed within 4e-7 per parameter either way.
+# Adam's eps is 1e-6, not 1e-8: on the stdlib corpus of Debian's 3.11.2 (before CORPUS) a batch
+# at step 4 whose residual stream nearly cancels amplified a 4e-7 weight difference 155-fold in
+# the gradient norm. The difference came from Adam with eps 1e-8 turning rounding-level
+# gradients (sums that nearly cancel) into full-size updates after step 0; with 1e-6 those stay
+# rounding-level. Step 0 (identical weights) agreed within 4e-7 per parameter either way.
 COMMON = [
+    "--data.corpus", CORPUS,
     "--optim.eps", "1e-6",
     "--data.seq_len", "32",
     "--train.global_batch_size", "8",

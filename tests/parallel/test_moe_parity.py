@@ -47,19 +47,19 @@ def _config(layout: dict[str, Any], out: str, name: str, extra: list[str] | None
     return load_config(MOE, [*overrides(layout, out, name), *SHORT, *(extra or [])])
 
 
-def _param_stats(trainer) -> dict[str, tuple[float, float]]:
-    """{name: (sum, sum of squares)} of every full parameter this rank's stages hold (a
-    collective per DTensor: every rank walks its parameters in the same order)."""
-    import torch
-
+def _param_stats(trainer) -> dict[str, tuple[float, float, float]]:
+    """{name: (sum, sum of squares, sum of magnitudes)} of every full parameter this rank's
+    stages hold, and of the experts' biases (a collective per DTensor: every rank walks its
+    parameters in the same order)."""
     stats = {}
     for name, p in trainer.model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         full = full.detach().double()
-        stats[name] = (float(full.sum()), float(full.pow(2).sum()))
+        stats[name] = (float(full.sum()), float(full.pow(2).sum()), float(full.abs().sum()))
     for name, b in trainer.model.named_buffers():
         if name.endswith("expert_bias"):
-            stats[name] = (float(b.double().sum()), float(torch.as_tensor(b).abs().sum()))
+            b = b.detach().double()
+            stats[name] = (float(b.sum()), float(b.pow(2).sum()), float(b.abs().sum()))
     return stats
 
 
@@ -94,7 +94,7 @@ def _close(a: float, b: float) -> bool:
 
 def _check(name: str, ranks: list[dict], reference: dict) -> list[str]:
     bad = []
-    params: dict[str, tuple[float, float]] = {}
+    params: dict[str, tuple[float, float, float]] = {}
     for rank, got in enumerate(ranks):
         params.update(got["params"])
         if not got["losses"]:  # a pipeline stage without the output
@@ -105,9 +105,12 @@ def _check(name: str, ranks: list[dict], reference: dict) -> list[str]:
                 if not _close(a, b):
                     bad.append(f"{name} rank {rank} {key}[{step}]: {a} != {b} (one process)")
     assert set(params) == set(reference["params"]), name
-    for pname, (s, sq) in params.items():
-        rs, rsq = reference["params"][pname]
-        if not (_close(s, rs) and _close(sq, rsq)):
+    for pname, (s, sq, _) in params.items():
+        rs, rsq, rl1 = reference["params"][pname]
+        # A sum of weights of both signs nearly cancels: its rounding scales with the sum of
+        # magnitudes, not with the sum (seen: w2's sum 0.0895 off by 1.2e-6 = 1.3e-5 of it,
+        # 3e-9 of its magnitudes, while its sum of squares agreed to 1e-8).
+        if not (abs(s - rs) <= RTOL * rl1 + 1e-12 and _close(sq, rsq)):
             bad.append(f"{name} {pname}: sum {s} / {rs}, sum of squares {sq} / {rsq}")
     return bad
 
