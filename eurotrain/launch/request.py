@@ -73,8 +73,9 @@ class LaunchRequest:
     cpu_bind: str | None = None
     """srun --cpu-bind for the ranks; None: the profile's."""
     dry_run: bool = False
-    """Only the script is wanted: data that cannot be opened here is a note, not an error
-    (the script may be rendered away from the cluster's file systems)."""
+    """Only the script is wanted: a path the run reads that is not here, or prepared data that
+    does not open, is a note, not an error (the script may be rendered away from the cluster's
+    file systems)."""
 
 
 @dataclass
@@ -302,7 +303,7 @@ def _queue_that_admits(
 def _check_config(req: LaunchRequest, world: int, cuda: bool) -> tuple[ParallelDims, Config]:
     """The config loads and its layout and batch fit `world` ranks: the same check_layout the
     trainer runs first on every rank, so a job is refused here rather than after it queued.
-    Returns the layout and the config."""
+    Returns the layout (its degrees) and the config."""
     from eurotrain.config import load_config
     from eurotrain.parallel.checks import check_layout
 
