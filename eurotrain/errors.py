@@ -46,8 +46,19 @@ _SHOWN = _Shown()
 def shown(value: Any) -> str:
     """``repr(value)`` bounded to about a line, at any size or depth of ``value``: every error
     message that shows a user's value uses it (``f"{v!r:.200}"`` builds the whole repr first)."""
-    text = _SHOWN.repr(value)  # at most a few thousand characters, whatever the value
+    return clip(_SHOWN.repr(value))  # at most a few thousand characters, whatever the value
+
+
+def clip(text: str) -> str:
+    """``text`` cut to SHOWN_CHARS, marked with "..." where it was cut."""
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def unreadable(error: BaseException) -> str:
+    """Why a file could not be read or parsed, for a one-line message: the error's text, but
+    "nested too deeply" for a RecursionError (a file nested deeper than a parser recurses),
+    whose own text speaks of Python's stack, not of the file."""
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
 
 
 class EurotrainError(Exception):

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from eurotrain.callbacks import Callback, StepMetrics
 from eurotrain.chain import JOB_START_ENV, attempt
+from eurotrain.errors import unreadable
 
 if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
@@ -259,10 +260,7 @@ def read_live(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         live = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        if isinstance(e, RecursionError):
-            reason = "nested too deeply"
-        else:
-            reason = (e.strerror if isinstance(e, OSError) else None) or str(e)[:120]
+        reason = (e.strerror if isinstance(e, OSError) else None) or unreadable(e)[:120]
         return None, f"unreadable ({reason})"
     problem = check_record(live, live=True)
     return (live, None) if problem is None else (None, problem)

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eurotrain.errors import ConfigError
+from eurotrain.errors import ConfigError, unreadable
 
 FORMAT = "eurotrain-bench/1"
 FILE = "bench.json"
@@ -84,8 +84,7 @@ def read_results(path: Path) -> dict[str, Any]:
             f"{path}: no {FILE} here; give a directory written by `eurotrain bench comms|train`"
         ) from None
     except (OSError, ValueError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise ConfigError(f"{file}: not a readable bench result ({reason})") from None
+        raise ConfigError(f"{file}: not a readable bench result ({unreadable(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{file}: not an {FORMAT} result (a JSON {type(data).__name__}, not an object); "

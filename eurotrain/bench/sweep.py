@@ -21,7 +21,7 @@ from eurotrain.bench.results import cell, check_record, new_results, write_resul
 from eurotrain.clusters import ClusterProfile
 from eurotrain.config import load_config
 from eurotrain.distributed import PORT_BASE, PORT_SPAN
-from eurotrain.errors import ConfigError
+from eurotrain.errors import ConfigError, unreadable
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,7 @@ def _read_record(record: Path, nodes: int, mode: str) -> dict[str, Any]:
     try:
         entry = json.loads(record.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise ConfigError(f"{record}: unreadable ({reason}); run that size again") from None
+        raise ConfigError(f"{record}: unreadable ({unreadable(e)}); run that size again") from None
     if isinstance(entry, dict):
         entry.update(nodes=nodes, mode=mode)
     problem = check_record("train", entry)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from eurotrain.errors import DataError, shown
+from eurotrain.errors import DataError, shown, unreadable
 
 MANIFEST = "manifest.json"
 FORMAT = "eurotrain-tokens"
@@ -105,18 +105,18 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if not f.exists():
         return None
     try:
-        if not stat.S_ISREG(f.stat().st_mode):
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):
             raise DataFormatError(f"{f} is not a regular file: remove it or prepare the data again")
-        if f.stat().st_size > MAX_MANIFEST:
+        if st.st_size > MAX_MANIFEST:
             raise DataFormatError(
-                f"{f} holds {f.stat().st_size:,} bytes, more than any manifest "
+                f"{f} holds {st.st_size:,} bytes, more than any manifest "
                 f"(at most {MAX_MANIFEST:,}): it is not a eurotrain manifest"
             )
         manifest = json.loads(f.read_bytes())
     except (ValueError, RecursionError) as e:  # JSON, UTF-8, or nesting beyond the parser
-        reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
         raise DataFormatError(
-            f"{f} is not valid JSON ({reason}): the manifest is damaged; prepare the data again"
+            f"{f} is not valid JSON ({unreadable(e)}): the manifest is damaged; prepare the data again"
         ) from None
     if (
         not isinstance(manifest, dict)

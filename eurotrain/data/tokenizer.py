@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from eurotrain.configtools import ConfigError
+from eurotrain.errors import unreadable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,9 +99,8 @@ def refuse_custom_code(folder: Path) -> None:
                 raise ValueError("not a regular file of at most 64 MiB")
             config = json.loads(f.read_bytes())
         except (OSError, ValueError, RecursionError) as e:
-            reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
             raise ConfigError(
-                f"data.tokenizer: {f} is unreadable ({reason}): repair or remove it"
+                f"data.tokenizer: {f} is unreadable ({unreadable(e)}): repair or remove it"
             ) from None
         if isinstance(config, dict) and "auto_map" in config:
             raise ConfigError(

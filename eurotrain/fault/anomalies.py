@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from eurotrain.callbacks import Callback, StepMetrics
 from eurotrain.checkpoint import directory
-from eurotrain.errors import CheckpointError, NonFiniteLossError
+from eurotrain.errors import CheckpointError, NonFiniteLossError, unreadable
 from eurotrain.fault.config import FaultConfig
 from eurotrain.fault.inject import poisoned_batches
 
@@ -238,9 +238,8 @@ def read_windows(run_dir: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"bad window {w!r:.80}")
         return [dict(w) for w in windows]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
         raise CheckpointError(
-            f"{path}: unreadable list of skipped data windows ({reason}); fix or remove it (a "
+            f"{path}: unreadable list of skipped data windows ({unreadable(e)}); fix or remove it (a "
             f"removed file means those batches are trained on again)"
         ) from None
 

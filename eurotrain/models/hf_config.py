@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-from eurotrain.errors import SHOWN_CHARS, ConfigError
+from eurotrain.errors import ConfigError, clip
 from eurotrain.models.config import MAX_POSITIONS, ModelConfig, MoEConfig, RopeScaling
 
 CAUSAL_LM = {
@@ -101,10 +101,9 @@ def _refuse(field: str, value: Any, why: str) -> ConfigError:
 
 def _show(value: Any) -> str:
     """Strings quoted as in Python, everything else as config.json writes it (true, null), cut
-    to SHOWN_CHARS (config.json is read with a size cap and 64-bit integers only, so building
+    to a line (config.json is read with a size cap and 64-bit integers only, so building
     the text first is bounded)."""
-    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+    return clip(repr(value) if isinstance(value, str) else json.dumps(value, default=str))
 
 
 def _count(value: Any, field: str) -> int:

@@ -110,7 +110,7 @@ def test_malformed_manifest_names_the_field(prepared_byte, tmp_path, case):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deep\)"),
+        ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply\)"),
         (b"\xff\xfe{}", r"not valid JSON"),
         ("[1, 2]", r"not a eurotrain prepared-data manifest"),
     ],
