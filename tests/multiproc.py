@@ -145,3 +145,21 @@ def run_torchrun(
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SMALL_RUN = (
+    "--model.num_layers", "2", "--model.dim", "64", "--model.ffn_dim", "128",
+    "--data.seq_len", "32", "--train.global_batch_size", "4", "--train.micro_batch_size", "4",
+    "--logging.log_interval", "1", "--checkpoint.async_save", "false",
+    "--fault.hang_timeout_s", "-1",
+)  # fmt: skip
+"""The tiny model cut to two narrow blocks and one micro-batch of 4, logging every step and
+saving synchronously: a run of a few steps takes about a second."""
+
+
+def small_run(out: Path, *overrides: str) -> Any:
+    """configs/tiny.yaml with SMALL_RUN, run "run" under ``out``, then ``overrides``."""
+    from eurotrain.config import load_config
+
+    base = ["--train.output_dir", str(out), "--train.run_name", "run", *SMALL_RUN]
+    return load_config(REPO / "configs" / "tiny.yaml", [*base, *overrides])

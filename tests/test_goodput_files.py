@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from multiproc import REPO
+from multiproc import small_run
 
-from eurotrain import Trainer, load_config
+from eurotrain import Trainer
 from eurotrain.goodput import (
     ATTEMPT_START_ENV,
     CATEGORIES,
@@ -24,22 +24,11 @@ from eurotrain.goodput import (
 from eurotrain.status import main as status_main
 from eurotrain.status import report
 
-TINY = REPO / "configs/tiny.yaml"
-SMALL = (
-    "--model.num_layers", "2", "--model.dim", "64", "--model.ffn_dim", "128",
-    "--data.seq_len", "32", "--train.global_batch_size", "4", "--train.micro_batch_size", "4",
-    "--logging.log_interval", "1", "--checkpoint.async_save", "false",
-    "--fault.hang_timeout_s", "-1", "--checkpoint.interval", "2",
-)  # fmt: skip
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that no recursive parser can read
 
 
 def tiny(out: Path, steps: int):
-    return load_config(
-        TINY,
-        ["--train.output_dir", str(out), "--train.run_name", "run", *SMALL,
-         "--train.steps", str(steps)],
-    )  # fmt: skip
+    return small_run(out, "--checkpoint.interval", "2", "--train.steps", str(steps))
 
 
 def good_record(**fields) -> dict:

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from multiproc import REPO, read_metrics, run_distributed
+from multiproc import REPO, read_metrics, run_distributed, small_run
 
-from eurotrain import ConfigError, Trainer, load_config
+from eurotrain import ConfigError, Trainer
 from eurotrain.checkpoint.interval import AutoInterval, young_daly
 from eurotrain.errors import CheckpointError, NonFiniteLossError
 from eurotrain.fault.anomalies import WINDOWS_FILE, read_windows
@@ -33,18 +33,10 @@ from eurotrain.status import main as status_main
 from eurotrain.status import report
 
 TINY = REPO / "configs/tiny.yaml"
-SMALL = (
-    "--model.num_layers", "2", "--model.dim", "64", "--model.ffn_dim", "128",
-    "--data.seq_len", "32", "--train.global_batch_size", "4", "--train.micro_batch_size", "4",
-    "--train.steps", "8", "--logging.log_interval", "1", "--checkpoint.async_save", "false",
-    "--fault.hang_timeout_s", "-1",
-)  # fmt: skip
 
 
 def tiny(out: Path, *overrides: str):
-    return load_config(
-        TINY, ["--train.output_dir", str(out), "--train.run_name", "run", *SMALL, *overrides]
-    )
+    return small_run(out, "--train.steps", "8", *overrides)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
