@@ -40,10 +40,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    return scan_file(path, None, chunk)[0]
-
-
 def scan_file(path: Path, dtype: np.dtype | None, chunk: int = 1 << 24) -> tuple[str, int]:
     """SHA-256 of a file and, given a token dtype, its largest token id (-1 when there is none),
     from one read."""
