@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from eurotrain.callbacks import Callback, StepMetrics
 from eurotrain.chain import JOB_START_ENV, attempt
-from eurotrain.errors import unreadable
+from eurotrain.errors import shown, unreadable
 
 if TYPE_CHECKING:
     from eurotrain.train import Trainer, TrainResult
@@ -302,21 +302,21 @@ def check_record(record: Any, live: bool = False) -> str | None:
         if key in record or key in required:
             value = record.get(key)
             if not _seconds(value):
-                return f"{key} is {value!r:.40}, not a duration in seconds"
+                return f"{key} is {shown(value)}, not a duration in seconds"
     for key in ("start", "end"):
         value = record.get(key, 0.0)
         if type(value) not in (int, float) or not math.isfinite(value):
-            return f"{key} is {value!r:.40}, not a Unix time"
+            return f"{key} is {shown(value)}, not a Unix time"
     for key in ("job", "how", "gap"):
         if not isinstance(record.get(key, ""), str):
-            return f"{key} is {record[key]!r:.40}, not a string"
+            return f"{key} is {shown(record[key])}, not a string"
     for key in ("requeue", "attempt"):
         value = record.get(key, 0)
         if type(value) is not int or value < 0:
-            return f"{key} is {value!r:.40}, not a count"
+            return f"{key} is {shown(value)}, not a count"
     steps = record.get("steps", [0, 0])
     if not (isinstance(steps, list) and len(steps) == 2 and all(type(x) is int for x in steps)):
-        return f"steps is {steps!r:.40}, not [first, last]"
+        return f"steps is {shown(steps)}, not [first, last]"
     if live:
         commits = record.get("commits") or []
         pairs = isinstance(commits, list) and all(
@@ -324,7 +324,7 @@ def check_record(record: Any, live: bool = False) -> str | None:
             for c in commits
         )
         if not pairs:
-            return f"commits is {commits!r:.40}, not a list of [step, productive seconds]"
+            return f"commits is {shown(commits)}, not a list of [step, productive seconds]"
     return None
 
 

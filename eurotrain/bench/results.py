@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eurotrain.errors import ConfigError, unreadable
+from eurotrain.errors import ConfigError, shown, unreadable
 
 FORMAT = "eurotrain-bench/1"
 FILE = "bench.json"
@@ -91,7 +91,7 @@ def read_results(path: Path) -> dict[str, Any]:
             f"give a {FILE} written by `eurotrain bench comms|train`"
         )
     if data.get("format") != FORMAT:
-        raise ConfigError(f"{file}: not an {FORMAT} result (format {data.get('format')!r:.40})")
+        raise ConfigError(f"{file}: not an {FORMAT} result (format {shown(data.get('format'))})")
     if not isinstance(data.get("cluster"), str | None):
         raise ConfigError(f"{file}: 'cluster' must be a cluster name or null")
     for key in ("comms", "train"):
@@ -119,19 +119,19 @@ def check_record(kind: str, record: Any) -> str | None:
         if value is None:
             continue
         if key in _POSITIVE and (type(value) is not int or value < 1):
-            return f"{key!r} is {value!r:.40}, not a positive integer"
+            return f"{key!r} is {shown(value)}, not a positive integer"
         if key in _COUNTS and (type(value) is not int or value < 0):
-            return f"{key!r} is {value!r:.40}, not a count"
+            return f"{key!r} is {shown(value)}, not a count"
         if key in _NUMBERS and (type(value) not in (int, float) or not math.isfinite(value)):
-            return f"{key!r} is {value!r:.40}, not a finite number"
+            return f"{key!r} is {shown(value)}, not a finite number"
         if key in _STRINGS and not isinstance(value, str):
-            return f"{key!r} is {value!r:.40}, not a string"
+            return f"{key!r} is {shown(value)}, not a string"
     if record.get("scope") not in (None, "intra", "inter"):
-        return f"'scope' is {record['scope']!r:.40}, not 'intra' or 'inter'"
+        return f"'scope' is {shown(record['scope'])}, not 'intra' or 'inter'"
     layout = record.get("layout")
     layout = {} if layout is None else layout  # absent or null, like every optional field
     if not (isinstance(layout, dict) and all(type(v) is int and v >= 1 for v in layout.values())):
-        return f"'layout' is {layout!r:.40}, not an object of parallel degrees"
+        return f"'layout' is {shown(layout)}, not an object of parallel degrees"
     return None
 
 

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from eurotrain.checkpoint.safe_pickle import Refused, unpickle_metadata
 from eurotrain.checkpoint.storage import MAX_SMALL_FILE, digest, entry_digest, read_small
-from eurotrain.errors import CheckpointError
+from eurotrain.errors import CheckpointError, shown
 
 METADATA = ".metadata"
 _OVERLAP_CHECKS = 10_000_000
@@ -81,25 +81,25 @@ def metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
         return "state_dict_metadata or storage_data is not a dict"
     for key, value in entries.items():
         if type(key) is not str or type(value) not in (TensorStorageMetadata, BytesStorageMetadata):
-            return f"entry {key!r:.80} is not a tensor or bytes entry"
+            return f"entry {shown(key)} is not a tensor or bytes entry"
         if type(value) is TensorStorageMetadata and not _tensor_entry_ok(value):
-            return f"tensor entry {key!r:.80} has a malformed dtype, size or chunk"
+            return f"tensor entry {shown(key)} has a malformed dtype, size or chunk"
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(index.fqn) is not str:
-            return f"storage entry {index!r:.80} is malformed"
+            return f"storage entry {shown(index)} is malformed"
         if type(info) is not _StorageInfo:
-            return f"storage entry {index!r:.80} is malformed"
+            return f"storage entry {shown(index)} is malformed"
         name, offset, length = info.relative_path, info.offset, info.length
         if type(name) is not str or not name.endswith(".distcp") or name not in files:
-            return f"storage entry {index.fqn!r:.80} points to {name!r:.80}, not a data file"
+            return f"storage entry {shown(index.fqn)} points to {shown(name)}, not a data file"
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-            return f"storage entry {index.fqn!r:.80} has a bad offset/length"
+            return f"storage entry {shown(index.fqn)} has a bad offset/length"
         if offset + length > files[name]["size"]:
-            return f"storage entry {index.fqn!r:.80} reaches past the end of {name}"
+            return f"storage entry {shown(index.fqn)} reaches past the end of {name}"
         if getattr(info, "transform_descriptors", None):
-            return f"storage entry {index.fqn!r:.80} asks for stream transforms"
+            return f"storage entry {shown(index.fqn)} asks for stream transforms"
         if index.fqn not in entries:
-            return f"storage entry {index.fqn!r:.80} has no state_dict_metadata entry"
+            return f"storage entry {shown(index.fqn)} has no state_dict_metadata entry"
     # Each tensor chunk is stored, with room for its bytes, and no byte is claimed twice: what
     # the metadata says it holds is at most what the data files hold (convert allocates it).
     stored = {
@@ -114,9 +114,9 @@ def metadata_problem(metadata: Metadata, files: dict[str, Any]) -> str:
         for c in value.chunks:
             room = stored.get((key, tuple(c.offsets)))
             if room is None:
-                return f"tensor entry {key!r:.80} has a chunk at {tuple(c.offsets)} not stored"
+                return f"tensor entry {shown(key)} has a chunk at {tuple(c.offsets)} not stored"
             if math.prod(c.sizes) * value.properties.dtype.itemsize > room:
-                return f"tensor entry {key!r:.80} has a chunk larger than its stored bytes"
+                return f"tensor entry {shown(key)} has a chunk larger than its stored bytes"
     return ""
 
 
