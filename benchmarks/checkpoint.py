@@ -21,9 +21,14 @@ ratios:
   * load: DCP load through the safe reader into allocated, touched tensors -> GB/s (cache
     warm), and the speed-up over DCP's own FileSystemReader (torch.load of every item) loading
     the same checkpoint into the same tensors, alternating;
-  * stall: --steps training steps, each a fixed amount of compute (a matmul loop) and then an
-    in-place update of every parameter, preceded by the checkpointer's wait_staged() as in the
-    trainer; a save after step 2, sync vs async: the extra time the loop sees, ratio async/sync.
+  * stall: --steps training steps, each a fixed amount of compute (--matmuls 512x512 matmuls,
+    standing in for forward and backward) and then an in-place update of every parameter,
+    preceded by the checkpointer's wait_staged() as in the trainer; a save after step 2, sync
+    vs async: the extra time the loop sees over the mean of the loop without saves just before
+    and after, ratio async/sync; and the time the loop spent inside save() and wait_staged().
+    The default step is mostly update (8 matmuls, ~0.02-0.04 s, against ~0.1 s to update 2 GB),
+    the worst case for hiding the staging copy; in LLM training forward and backward take
+    most of a step, e.g. --matmuls 700 (~2 s here) at 5e8 parameters.
 """
 
 from __future__ import annotations
@@ -203,20 +208,24 @@ def main() -> None:
         work = torch.randn(512, 512)
         stalls, blocks = [], []
         first = 100  # steps after the throughput runs' saves
+        bases: list[float] = []
+        common = {"work": work, "matmuls": args.matmuls}
+
+        def loop(save_at: int, sync: bool) -> tuple[float, float]:
+            nonlocal first
+            first += args.steps
+            return run_steps(parts, ck, first - args.steps, args.steps, save_at, sync, **common)
+
+        bases.append(loop(-1, True)[0])
         for _ in range(args.runs):
-            common = {"work": work, "matmuls": args.matmuls}
-            base, _ = run_steps(parts, ck, first, args.steps, save_at=-1, sync=True, **common)
-            first += args.steps
-            sync_s, sync_blocked = run_steps(
-                parts, ck, first, args.steps, save_at=2, sync=True, **common
-            )
-            first += args.steps
+            sync_s, sync_blocked = loop(2, True)
             # async: the loop waits only where the copy to host memory is not done by the
             # next update; the write overlaps later steps.
-            async_loop, async_blocked = run_steps(
-                parts, ck, first, args.steps, save_at=2, sync=False, **common
-            )
-            first += args.steps
+            async_loop, async_blocked = loop(2, False)
+            bases.append(loop(-1, True)[0])
+            # The loop without saves, before and after: the mean of the two is the baseline
+            # (the loop alone drifts between rounds on a shared machine).
+            base = (bases[-2] + bases[-1]) / 2
             stalls.append((base, max(sync_s - base, 1e-9), max(async_loop - base, 1e-9)))
             blocks.append((sync_blocked, async_blocked))
         ck.close()
@@ -260,6 +269,8 @@ def main() -> None:
         )
     print(f"async / sync stall (loop time over the loop without saves): "
           f"{ratios([a / s for _, s, a in stalls])}")  # fmt: skip
+    print(f"the loop without saves, {len(bases)} times: {min(bases):.2f}-{max(bases):.2f} s (its own "
+          f"spread, {max(bases) - min(bases):.2f} s, is the noise in each stall above)")  # fmt: skip
     for i, (sync_b, async_b) in enumerate(blocks):
         print(f"run {i + 1}: time inside save() and wait_staged(): sync {sync_b:.2f} s, async "
               f"{async_b:.3f} s = {async_b / sync_b:.3f}")  # fmt: skip
