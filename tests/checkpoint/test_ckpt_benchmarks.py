@@ -34,7 +34,8 @@ def test_checkpoint_benchmark_prints_its_ratios(tmp_path):
         "checkpoint.py", "--params", "1e6", "--runs", "1", "--steps", "3", "--dir", str(tmp_path)
     )
     for pattern in (
-        rf"save / dd throughput: min {NUMBER} / median {NUMBER}",
+        rf"save / dd throughput: min {NUMBER} / median {NUMBER}; all runs together: dd "
+        rf"{NUMBER} s, save {NUMBER} s = {NUMBER} x dd",
         rf"checksum of the file +{NUMBER} GB/s",
         rf"verify full +{NUMBER} s/GB",
         rf"load \(safe reader\) +{NUMBER} GB/s .* = {NUMBER} x DCP's FileSystemReader",
