@@ -195,7 +195,20 @@ def local_checks(
         checks.append(Check("offline load", *offline.check_load(cfg)))
         if cfg.data.sources:
             checks.append(check_data(cfg))
+        if cfg.parallel.compile or cfg.model.kernels == "compile":
+            checks.append(check_compile())
     return checks
+
+
+def check_compile() -> Check:
+    """Whether torch.compile can build its C++ here, where the run compiles on a CPU."""
+    from eurotrain.parallel.ac import inductor_cpu_problem
+
+    problem = inductor_cpu_problem()
+    if problem:  # a GPU run compiles Triton kernels: only CPU runs are refused
+        return Check("compile", "WARN", f"{problem}; a run on CPUs here is refused at start",
+                     "GPU runs are not affected; for CPU runs, move the paths as it says")  # fmt: skip
+    return Check("compile", "PASS", "Inductor's C++ command gets paths without whitespace")
 
 
 def check_data(cfg: Config) -> Check:

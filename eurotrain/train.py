@@ -56,7 +56,7 @@ from eurotrain.metrics import (
 )
 from eurotrain.moe_balance import MoEBalance
 from eurotrain.optim import build_scheduler
-from eurotrain.parallel.checks import check_layout
+from eurotrain.parallel.checks import check_compile, check_layout
 from eurotrain.parallel.dims import dp_rank_and_size
 from eurotrain.parallel.engine import Engine, build_engine
 from eurotrain.state import RNGState, Stateful, TrainState
@@ -132,6 +132,7 @@ class Trainer:
 
         # Everything that can be wrong with the input is checked before the model exists.
         self.dims = check_layout(cfg, self.dist.world_size)  # layout and batch split
+        check_compile(cfg, self.dist.device.type)  # CPU compiling where paths break it
         # prepared sources (their checksums read once, split over the ranks), or raw text
         self.data = DataPipeline(cfg.data, self.dist.rank, self.dist.world_size)
         self.tokenizer = self.data.tokenizer

@@ -6,6 +6,9 @@ Both keep parameter names unchanged (no wrapper modules): checkpointing swaps a 
 
 from __future__ import annotations
 
+import os
+import sysconfig
+import tempfile
 from collections import Counter
 from functools import partial
 from typing import Any, cast
@@ -58,3 +61,35 @@ def apply_compile(model: nn.Module) -> nn.Module:
     for layer in cast(nn.ModuleDict, model.layers).values():
         layer.compile(fullgraph=False)
     return model
+
+
+def inductor_cpu_problem() -> str | None:
+    """Why torch.compile would fail on a CPU here, or None.
+
+    On a CPU, Inductor compiles C++ with g++, and torch 2.13 puts torch's and Python's library
+    directories (``-L``) and its cache directory into that command unquoted (pytorch/pytorch
+    pull request 191010): whitespace in any of them splits the command, and every compile
+    fails with a C++ compile error of a few hundred lines. GPUs compile Triton, not this."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+            cache = default_cache_dir()  # under TMPDIR
+        except ImportError:  # another torch: its default was under TMPDIR too
+            cache = tempfile.gettempdir()
+    where = [
+        ("torch's library directory", os.path.join(os.path.dirname(torch.__file__), "lib"),
+         "install the environment (venv) under a path without spaces"),
+        ("Python's library directory", sysconfig.get_config_var("LIBDIR") or "",
+         "use a Python installed under a path without spaces"),
+        ("Inductor's cache directory", os.path.abspath(cache),
+         "set TORCHINDUCTOR_CACHE_DIR (or TMPDIR) to a directory whose path has no spaces"),
+    ]  # fmt: skip
+    bad = [f"{what} {path!r} ({fix})" for what, path, fix in where if any(map(str.isspace, path))]
+    if not bad:
+        return None
+    return (
+        f"torch.compile on a CPU cannot work here: torch {torch.__version__}'s C++ compile "
+        f"command does not quote its paths, and these contain whitespace: {'; '.join(bad)}"
+    )

@@ -2,6 +2,7 @@
 is built, as a function of (config, world size) so that each case is a cheap test.
 
 Every error names the values that do not fit and a layout (or setting) that would.
+check_compile(): a CPU run that compiles where torch.compile cannot build its C++.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from eurotrain.configtools import ConfigError, divisors
+from eurotrain.parallel.ac import inductor_cpu_problem
 from eurotrain.parallel.config import VIRTUAL_STAGE_SCHEDULES, ZERO_BUBBLE_SCHEDULES
 from eurotrain.parallel.dims import ParallelDims
 
@@ -302,3 +304,13 @@ def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
     if cfg.parallel.pp_microbatches is not None:
         return cfg.parallel.pp_microbatches
     return accumulation_steps(cfg, dims)
+
+
+def check_compile(cfg: Config, device_type: str) -> None:
+    """Refuse, before the model exists, a CPU run that compiles where compiling cannot work."""
+    if device_type != "cpu" or not (cfg.parallel.compile or cfg.model.kernels == "compile"):
+        return
+    problem = inductor_cpu_problem()
+    if problem:
+        asked = "parallel.compile: true" if cfg.parallel.compile else "model.kernels: compile"
+        raise ConfigError(f"{asked}: {problem}; or turn compiling off")

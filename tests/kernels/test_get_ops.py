@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from eurotrain.kernels import OP_NAMES, _runtime, get_ops, reference
+from eurotrain.parallel.ac import inductor_cpu_problem
+
+CPU_COMPILE = inductor_cpu_problem()  # a path with spaces breaks torch.compile on a CPU
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,6 +103,7 @@ def test_compile_is_lazy():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(CPU_COMPILE is not None, reason=f"the trainer refuses it: {CPU_COMPILE}")
 def test_compile_runs_and_matches_reference():
     ops = get_ops("compile")
     a, b = torch.randn(4, 6), torch.randn(4, 6)

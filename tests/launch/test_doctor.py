@@ -10,6 +10,7 @@ from pathlib import Path
 from multiproc import free_port
 
 from eurotrain.doctor import main
+from eurotrain.parallel.ac import inductor_cpu_problem
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,23 @@ def test_doctor_checks_prepared_data_as_the_trainer_will(tmp_path, capsys, monke
     assert main(args) != 0
     out = capsys.readouterr().out
     assert "[FAIL] data: data.sources: " in out and "shard-00000.bin has 2 bytes" in out
+
+
+def test_doctor_warns_where_cpu_compiling_cannot_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\nparallel:\n  compile: true\n")
+    args = ["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--wandb-dir", str(tmp_path / "wb"), "--config", str(config)]  # fmt: skip
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a cache"))
+    capsys.readouterr()
+    main(args)
+    out = capsys.readouterr().out
+    assert "[WARN] compile: torch.compile on a CPU cannot work here" in out, out
+    assert repr(str(tmp_path / "a cache")) in out
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    main(args)
+    out = capsys.readouterr().out
+    if inductor_cpu_problem() is None:  # this checkout's own environment has no spaced path
+        assert "[PASS] compile: Inductor's C++ command gets paths without whitespace" in out, out

@@ -4,12 +4,17 @@ naming the values and a layout that would fit. No processes needed."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from eurotrain.config import load_config
 from eurotrain.configtools import ConfigError
+from eurotrain.parallel.ac import inductor_cpu_problem
 from eurotrain.parallel.checks import balanced_split, check_layout
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -201,3 +206,53 @@ def test_reduce_every_microbatch_is_refused_where_others_reduce():
     )  # fmt: skip
     for world, extra in ((1, {}), (2, {"parallel__dp_replicate": 2, "parallel__dp_shard": 1})):
         check_layout(cfg(parallel__reduce_every_microbatch=True, **extra), world, cuda=False)
+
+
+def test_cpu_compile_is_refused_where_a_path_has_whitespace(tmp_path, monkeypatch):
+    """torch 2.13's Inductor leaves its cache and library directories unquoted in the C++
+    compile command: a CPU run that compiles there is refused at start-up, naming the path."""
+    from eurotrain.parallel.checks import check_compile
+    from eurotrain.train import Trainer
+
+    spaced = str(tmp_path / "inductor cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", spaced)
+    for compiling in (cfg(parallel__compile="true"), cfg(model__kernels="compile")):
+        with pytest.raises(ConfigError, match="TORCHINDUCTOR_CACHE_DIR") as err:
+            check_compile(compiling, "cpu")
+        assert repr(spaced) in str(err.value) and "turn compiling off" in str(err.value)
+        check_compile(compiling, "cuda")  # GPUs compile Triton: not this command
+    check_compile(cfg(), "cpu")  # nothing compiles
+    c = cfg(parallel__compile="true", train__output_dir=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"parallel\.compile: true: torch\.compile on a CPU"):
+        Trainer(c)
+    assert not (tmp_path / "out").exists()  # before the run directory
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "tmp dir").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp dir"))  # the default cache is under it
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    problem = inductor_cpu_problem()
+    assert problem is not None and "tmp dir" in problem
+
+
+def test_cpu_compile_check_passes_clean_paths(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/nonexistent/inductor-cache")
+    problem = inductor_cpu_problem()
+    # Where this checkout's own environment sits under a path with spaces, it says so.
+    assert problem is None or "library directory" in problem
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU backend needs g++")
+def test_inductor_still_breaks_on_a_cache_dir_with_spaces(tmp_path):
+    """The premise of check_compile: if this starts passing, torch quotes its paths and the
+    refusal can go (or be limited to the torch releases before the fix)."""
+    code = "import torch; torch.compile(lambda x: torch.sin(x) + 1)(torch.randn(8))"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "a cache")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode != 0, "torch.compile worked with a space in its cache directory"
+    assert "C++ compile error" in out.stderr, out.stderr[-2000:]
