@@ -208,7 +208,7 @@ def check_compile() -> Check:
     if problem:  # a GPU run compiles Triton kernels: only CPU runs are refused
         return Check("compile", "WARN", f"{problem}; a run on CPUs here is refused at start",
                      "GPU runs are not affected; for CPU runs, move the paths as it says")  # fmt: skip
-    return Check("compile", "PASS", "Inductor's C++ command gets paths without whitespace")
+    return Check("compile", "PASS", "the paths in Inductor's C++ command are plain")
 
 
 def check_data(cfg: Config) -> Check:

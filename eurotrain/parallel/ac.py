@@ -7,6 +7,7 @@ Both keep parameter names unchanged (no wrapper modules): checkpointing swaps a 
 from __future__ import annotations
 
 import os
+import shlex
 import sysconfig
 import tempfile
 from collections import Counter
@@ -67,9 +68,10 @@ def inductor_cpu_problem() -> str | None:
     """Why torch.compile would fail on a CPU here, or None.
 
     On a CPU, Inductor compiles C++ with g++, and torch 2.13 puts torch's and Python's library
-    directories (``-L``) and its cache directory into that command unquoted (pytorch/pytorch
-    pull request 191010): whitespace in any of them splits the command, and every compile
-    fails with a C++ compile error of a few hundred lines. GPUs compile Triton, not this."""
+    directories (``-L``) and its cache directory into that command unquoted, then splits it as
+    a shell would (pytorch/pytorch pull request 191010): whitespace, a quote or a backslash in
+    any of them breaks the command, and every compile fails with a C++ compile error of a few
+    hundred lines. GPUs compile Triton, not this."""
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not cache:
         try:
@@ -80,16 +82,25 @@ def inductor_cpu_problem() -> str | None:
             cache = tempfile.gettempdir()
     where = [
         ("torch's library directory", os.path.join(os.path.dirname(torch.__file__), "lib"),
-         "install the environment (venv) under a path without spaces"),
+         "install the environment (venv) under a plain path"),
         ("Python's library directory", sysconfig.get_config_var("LIBDIR") or "",
-         "use a Python installed under a path without spaces"),
+         "use a Python installed under a plain path"),
         ("Inductor's cache directory", os.path.abspath(cache),
-         "set TORCHINDUCTOR_CACHE_DIR (or TMPDIR) to a directory whose path has no spaces"),
+         "set TORCHINDUCTOR_CACHE_DIR (or TMPDIR) to a plain path, e.g. /tmp/$USER-inductor"),
     ]  # fmt: skip
-    bad = [f"{what} {path!r} ({fix})" for what, path, fix in where if any(map(str.isspace, path))]
+    bad = [f"{what} {path!r} ({fix})" for what, path, fix in where if path and _splits(path)]
     if not bad:
         return None
     return (
         f"torch.compile on a CPU cannot work here: torch {torch.__version__}'s C++ compile "
-        f"command does not quote its paths, and these contain whitespace: {'; '.join(bad)}"
+        f"command does not quote its paths, and these contain whitespace, a quote or a "
+        f"backslash: {'; '.join(bad)}"
     )
+
+
+def _splits(path: str) -> bool:
+    """Whether a shell-style split of ``path`` is not ``path`` itself."""
+    try:
+        return shlex.split(path) != [path]
+    except ValueError:  # an unbalanced quote
+        return True

@@ -13,7 +13,7 @@ import torch
 from eurotrain.kernels import OP_NAMES, _runtime, get_ops, reference
 from eurotrain.parallel.ac import inductor_cpu_problem
 
-CPU_COMPILE = inductor_cpu_problem()  # a path with spaces breaks torch.compile on a CPU
+CPU_COMPILE = inductor_cpu_problem()  # a path with spaces or quotes breaks CPU compiling
 
 REPO = Path(__file__).resolve().parents[2]
 

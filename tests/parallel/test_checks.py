@@ -208,9 +208,10 @@ def test_reduce_every_microbatch_is_refused_where_others_reduce():
         check_layout(cfg(parallel__reduce_every_microbatch=True, **extra), world, cuda=False)
 
 
-def test_cpu_compile_is_refused_where_a_path_has_whitespace(tmp_path, monkeypatch):
+def test_cpu_compile_is_refused_where_a_path_would_split(tmp_path, monkeypatch):
     """torch 2.13's Inductor leaves its cache and library directories unquoted in the C++
-    compile command: a CPU run that compiles there is refused at start-up, naming the path."""
+    compile command, then splits it as a shell would: a CPU run that compiles where one holds
+    whitespace, a quote or a backslash is refused at start-up, naming the path."""
     from eurotrain.parallel.checks import check_compile
     from eurotrain.train import Trainer
 
@@ -235,6 +236,11 @@ def test_cpu_compile_is_refused_where_a_path_has_whitespace(tmp_path, monkeypatc
     monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     problem = inductor_cpu_problem()
     assert problem is not None and "tmp dir" in problem
+    for name in ("it's", 'a"b', "a\\b"):  # shlex would split or choke on these too
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", f"/scratch/{name}/cache")
+        assert repr(f"/scratch/{name}/cache") in (inductor_cpu_problem() or "")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/ü-$HOME/cache")  # neither
+    assert "Inductor's cache directory" not in (inductor_cpu_problem() or "")
 
 
 def test_cpu_compile_check_passes_clean_paths(monkeypatch):

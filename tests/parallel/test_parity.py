@@ -18,7 +18,7 @@ from eurotrain.config import load_config
 from eurotrain.parallel.ac import inductor_cpu_problem
 from eurotrain.train import Trainer
 
-CPU_COMPILE = inductor_cpu_problem()  # a path with spaces breaks torch.compile on a CPU
+CPU_COMPILE = inductor_cpu_problem()  # a path with spaces or quotes breaks CPU compiling
 RTOL = 1e-5  # fp32; differences come from reduction order only (seen: <= 4e-7)
 
 TWO_RANKS = {
