@@ -195,13 +195,15 @@ def local_checks(
         checks.append(Check("offline load", *offline.check_load(cfg)))
         if cfg.data.sources:
             checks.append(check_data(cfg))
-        if cfg.parallel.compile or cfg.model.kernels == "compile":
-            checks.append(check_compile())
+        from eurotrain.parallel.checks import compile_setting
+
+        if compile_setting(cfg):
+            checks.append(check_compile_paths())
     return checks
 
 
-def check_compile() -> Check:
-    """Whether torch.compile can build its C++ here, where the run compiles on a CPU."""
+def check_compile_paths() -> Check:
+    """Whether torch.compile can build its C++ here, for a run that compiles on a CPU."""
     from eurotrain.parallel.ac import inductor_cpu_problem
 
     problem = inductor_cpu_problem()

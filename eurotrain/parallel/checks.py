@@ -306,11 +306,18 @@ def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
     return accumulation_steps(cfg, dims)
 
 
+def compile_setting(cfg: Config) -> str | None:
+    """The setting that makes the run call torch.compile, as a user writes it, or None."""
+    if cfg.parallel.compile:
+        return "parallel.compile: true"
+    return "model.kernels: compile" if cfg.model.kernels == "compile" else None
+
+
 def check_compile(cfg: Config, device_type: str) -> None:
     """Refuse, before the model exists, a CPU run that compiles where compiling cannot work."""
-    if device_type != "cpu" or not (cfg.parallel.compile or cfg.model.kernels == "compile"):
+    asked = compile_setting(cfg)
+    if device_type != "cpu" or asked is None:
         return
     problem = inductor_cpu_problem()
     if problem:
-        asked = "parallel.compile: true" if cfg.parallel.compile else "model.kernels: compile"
         raise ConfigError(f"{asked}: {problem}; or turn compiling off")
