@@ -4,7 +4,9 @@ run is reported by its error line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from datetime import date
 
 import pytest
@@ -24,6 +26,7 @@ def test_cpu_smoke_writes_one_section(tmp_path):
         ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", "--results",
          str(results)],
         capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PYTHON": sys.executable},  # the suite's Python, whichever it is
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     text = results.read_text()
