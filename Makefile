@@ -11,7 +11,13 @@ TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-quick check lint typecheck format clean
 
+# The pinned set needs CPython >= 3.11 (transformers 5.23 and numpy 2.4.6 publish nothing older).
+PYCHECK := import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else \
+	"make: $(PY) is Python %d.%d; the pinned versions need 3.11 or newer: run make PY=python3.11 \
+	(or python3.12, ...), after loading a newer Python module on a cluster" % v)
+
 $(BIN)/.installed: pyproject.toml requirements-pinned.txt
+	$(PY) -c '$(PYCHECK)'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

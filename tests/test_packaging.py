@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,29 @@ def test_kernels_never_import_the_rest_of_eurotrain(module, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_make_refuses_a_python_older_than_the_pins_need(tmp_path):
+    # A stand-in for CPython 3.10 (the real one is not on every machine): it reports 3.10 and
+    # runs what the Makefile asks. make must stop before it creates anything, saying what to do.
+    if shlex.split(str(tmp_path)) != [str(tmp_path)]:
+        pytest.skip(f"make's PY cannot name a path with spaces or quotes: {tmp_path}")
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "import sys\nsys.version_info = (3, 10, 13, 'final', 0)\n"
+        "code = sys.argv[2]\nsys.argv = ['-c']\nexec(code)\n"
+    )
+    old = tmp_path / "python3.10"
+    old.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {fake} "$@"\n')
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "venv", f"PY={old}", f"VENV={venv}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "is Python 3.10; the pinned versions need 3.11 or newer" in done.stderr
+    assert "make PY=python3.11" in done.stderr
+    assert not venv.exists()
+    # pyproject says the same
+    assert 'requires-python = ">=3.11"' in (REPO / "pyproject.toml").read_text()

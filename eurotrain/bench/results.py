@@ -24,7 +24,7 @@ import math
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def new_results(cluster: str | None, device: str, per_node: int, backend: str) -
 
     return {
         "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cluster": cluster,
         "device": device,
         "device_count_per_node": per_node,

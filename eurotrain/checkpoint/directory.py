@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def make_marker(
         "world_size": world_size,
         "layout": info["layout"],
         "config_hash": info.get("config_hash", ""),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "write_seconds": round(write_s, 3),
         "files": dict(sorted(files.items())),
