@@ -167,6 +167,10 @@ def render(p: Plan) -> str:
     env = {**prof.env, "OMP_NUM_THREADS": str(prof.cpus_per_task), "PYTHONUNBUFFERED": "1"}
     lines.append("# Every rank")
     lines += [_export(k, v) for k, v in env.items()]
+    if "TRITON_CACHE_DIR" not in env:
+        # Triton's default is ~/.triton/cache: every rank of every node compiling into $HOME on
+        # the shared file system (small quotas, slow metadata). A value set at submission wins.
+        lines.append('export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache-$(id -u)}"')
     lines.append("")
     if prof.master_addr == "nodeaddr":  # the rendezvous on the first node of each start
         master = "MASTER_ADDR=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"

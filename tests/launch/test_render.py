@@ -389,3 +389,23 @@ def test_a_path_the_run_reads_that_is_not_here_is_refused(key, value, capsys, mo
         capsys, monkeypatch, "--cluster", "mn5-acc", *BASE, CONFIG, f"--{key}", value,
     )  # fmt: skip
     assert f"{key}: {value} does not exist (checked before submitting)" in err
+
+
+@pytest.mark.parametrize("preset", [None, "/scratch/me/triton"])
+def test_triton_cache_is_node_local_unless_set_at_submission(preset, capsys, monkeypatch):
+    """Triton's default cache is ~/.triton/cache, in $HOME on the shared file system, written by
+    every rank of every node; the job puts it in /tmp, and keeps a value the user submitted with."""
+    rc, out, err = _render(
+        capsys, monkeypatch, "--cluster", "leonardo-booster", "--nodes", "2", "--time",
+        "01:00:00", "--account", "myproject", "--dry-run", CONFIG,
+    )  # fmt: skip
+    assert rc == 0, err
+    (line,) = [x for x in out.splitlines() if "TRITON_CACHE_DIR" in x]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
+    if preset is not None:
+        env["TRITON_CACHE_DIR"] = preset
+    shown = subprocess.run(
+        ["bash", "-euc", f'{line}\necho "$TRITON_CACHE_DIR"'], env=env,
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert shown == (preset or f"/tmp/triton-cache-{os.getuid()}")
