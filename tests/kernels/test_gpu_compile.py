@@ -18,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.skipif(not triton_importable(), reason="no triton")
-def test_kernels_compile_for_gpu_targets():
+def test_kernels_compile_for_gpu_targets(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Its own cache: not ~/.triton (a HOME that is not writable, a stale cache from another run)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run(
