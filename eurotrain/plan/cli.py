@@ -235,7 +235,9 @@ def render(
         f"(intra / inter)" + (f"; planner defaults: {', '.join(assumed)}" if assumed else ""),
         "",
     ]
-    header = f"{'nodes':>5}  {'layout':<44} {'GiB/GPU':>7} {'tok/s/GPU':>9} {'MFU':>5} " \
+    shown = [o for opts in table.values() for o in opts[: args.top]]
+    width = max([44, *(len(o.layout()) for o in shown)])  # the columns stay aligned
+    header = f"{'nodes':>5}  {'layout':<{width}} {'GiB/GPU':>7} {'tok/s/GPU':>9} {'MFU':>5} " \
         f"{'days':>7} {'node-h':>9} {'GPU-h':>9}"  # fmt: skip
     lines.append(header)
     for n, opts in table.items():
@@ -244,7 +246,7 @@ def render(
         for o in opts[: args.top]:
             s = o.speed
             lines.append(
-                f"{n:>5}  {o.layout():<44} {o.memory.total / GIB:>7.1f} "
+                f"{n:>5}  {o.layout():<{width}} {o.memory.total / GIB:>7.1f} "
                 f"{s.tokens_per_s_per_gpu:>9.0f} {s.mfu:>5.1%} {s.days:>7.2f} "
                 f"{s.node_hours:>9.0f} {s.gpu_hours:>9.0f}"
             )

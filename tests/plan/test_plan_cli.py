@@ -104,6 +104,19 @@ def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert len([line for line in text.splitlines() if line.startswith("    2  ")]) == 3
 
 
+def test_table_columns_stay_aligned_past_a_long_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    # dp_replicate=8 dp_shard=2 cp=2 mb=1 ac=selective rs=every (54 characters) is among these
+    args = [LLAMA_8B, "--cluster", "leonardo-booster", "--nodes", "8", "--tokens", "1e12"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("nodes"))
+    rows = lines[header + 1 : lines.index("", header)]
+    assert any("dp_replicate=8 dp_shard=2 cp=2 mb=1 ac=selective rs=every" in r for r in rows)
+    assert {len(r) for r in rows} == {len(lines[header])}  # the right edges line up
+    gib = lines[header].index("GiB/GPU") + len("GiB/GPU") - 1  # and the memory column
+    assert all(r[gib].isdigit() and r[gib + 1] == " " for r in rows)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
