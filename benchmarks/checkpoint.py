@@ -26,9 +26,12 @@ ratios:
     preceded by the checkpointer's wait_staged() as in the trainer; a save after step 2, sync
     vs async: the extra time the loop sees over the mean of the loop without saves just before
     and after, ratio async/sync; and the time the loop spent inside save() and wait_staged().
-    The default step is mostly update (8 matmuls, ~0.02-0.04 s, against ~0.1 s to update 2 GB),
-    the worst case for hiding the staging copy; in LLM training forward and backward take
-    most of a step, e.g. --matmuls 700 (~2 s here) at 5e8 parameters.
+    The default (--matmuls auto) times one update and one matmul first and gives each step
+    --compute-ratio (20) times the update's time in matmuls: in LLM training forward and
+    backward take most of a step (an 8B model on 8 H100s, 256 x 8192 tokens a step: ~30 s of
+    compute against ~10 ms to update each GPU's shard, ~3000x; 20x is far on the short side).
+    --matmuls 8 is the old default: a step that is mostly update (~0.02-0.04 s of matmuls
+    against ~0.1 s to update 2 GB), the worst case for hiding the staging copy.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -135,6 +139,35 @@ def run_steps(
     return loop, blocked
 
 
+def step_compute(
+    matmuls: str, ratio: float, model: nn.Module, work: torch.Tensor
+) -> tuple[int, str]:
+    """The matmuls of one stall-loop step, and a line saying what the step is: with "auto",
+    ``ratio`` times the time of one update of every parameter (median of 5 of each)."""
+    params: list[torch.Tensor] = list(model.parameters())
+
+    def median_s(fn: Callable[[], object], times: int) -> float:
+        spent = []
+        for _ in range(times):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+        return statistics.median(spent)
+
+    with torch.no_grad():
+        update_s = median_s(lambda: torch._foreach_add_(params, 1e-6), 5)
+    matmul_s = median_s(lambda: [work @ work for _ in range(10)], 5) / 10
+    if matmuls == "auto":
+        count = max(1, round(ratio * update_s / matmul_s))
+        how = f"--matmuls auto: {ratio:g} x the update"
+    else:
+        count, how = int(matmuls), "--matmuls"
+    return count, (
+        f"{count} matmuls (~{count * matmul_s:.2f} s; {how}) then the update of every "
+        f"parameter (~{update_s:.2f} s): compute {count * matmul_s / update_s:.1f} x the update"
+    )
+
+
 def ratios(values: list[float]) -> str:
     ordered = sorted(values)
     return f"min {ordered[0]:.2f} / median {statistics.median(ordered):.2f}"
@@ -145,7 +178,13 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=2.5e8)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--matmuls", type=int, default=8, help="512x512 matmuls per step")
+    ap.add_argument(
+        "--matmuls",
+        default="auto",
+        help="512x512 matmuls per step, or auto: --compute-ratio x the update",
+    )
+    ap.add_argument("--compute-ratio", type=float, default=20.0,
+                    help="with --matmuls auto: a step's compute over its update's time")  # fmt: skip
     ap.add_argument("--runs", type=int, default=3, help="repetitions of dd/save and the stall")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before verifying")
     ap.add_argument(
@@ -153,9 +192,11 @@ def main() -> None:
         help="checkpoint.direct_io: which saves are written with O_DIRECT",
     )  # fmt: skip
     args = ap.parse_args()
-    if args.runs < 1 or args.steps < 3 or args.matmuls < 0 or args.params < 64:
-        ap.error("--runs must be >= 1, --steps >= 3 (a save after step 2), --matmuls >= 0, "
-                 "--params >= 64 (64 tensors)")  # fmt: skip
+    if args.matmuls != "auto" and not args.matmuls.isdigit():
+        ap.error(f"--matmuls {args.matmuls!r}: a whole number >= 0, or auto")
+    if args.runs < 1 or args.steps < 3 or args.params < 64 or not args.compute_ratio > 0:
+        ap.error("--runs must be >= 1, --steps >= 3 (a save after step 2), --params >= 64 "
+                 "(64 tensors), --compute-ratio > 0")  # fmt: skip
     params = int(args.params)
     nbytes = params * 4
     work_dir = Path(tempfile.mkdtemp(prefix="eurotrain-ckpt-bench-", dir=args.dir))
@@ -222,15 +263,16 @@ def main() -> None:
             dcp_s.append(time.perf_counter() - t0)
 
         work = torch.randn(512, 512)
+        matmuls, step_note = step_compute(args.matmuls, args.compute_ratio, model, work)
         stalls, blocks = [], []
         first = 100  # steps after the throughput runs' saves
         bases: list[float] = []
-        common = {"work": work, "matmuls": args.matmuls}
 
         def loop(save_at: int, sync: bool) -> tuple[float, float]:
             nonlocal first
             first += args.steps
-            return run_steps(parts, ck, first - args.steps, args.steps, save_at, sync, **common)
+            start = first - args.steps
+            return run_steps(parts, ck, start, args.steps, save_at, sync, work, matmuls)
 
         bases.append(loop(-1, True)[0])
         for _ in range(args.runs):
@@ -253,6 +295,7 @@ def main() -> None:
     cmd = (
         f"--params {args.params:g} --dir {args.dir} --steps {args.steps} --runs {args.runs} "
         f"--matmuls {args.matmuls} --direct-io {args.direct_io}"
+        + (f" --compute-ratio {args.compute_ratio:g}" if args.matmuls == "auto" else "")
     )
     print(f"command: python benchmarks/checkpoint.py {cmd}" + (" --cold" if args.cold else ""))
     print(f"file system: {detect_fs(args.dir).describe()}; {gb:.2f} GB of fp32 weights")
@@ -281,6 +324,7 @@ def main() -> None:
     load, stock = min(load_s), min(dcp_s)
     print(f"load (safe reader)  {gb / load:6.2f} GB/s ({load:.2f} s, page cache warm; min of 2) "
           f"= {stock / load:.2f} x DCP's FileSystemReader ({stock:.2f} s)")  # fmt: skip
+    print(f"stall loop step: {step_note}")
     for i, (base, stall_sync, stall_async) in enumerate(stalls):
         print(
             f"run {i + 1}: stall over {args.steps} steps ({base:.2f} s without saving): sync "

@@ -41,9 +41,21 @@ def test_checkpoint_benchmark_prints_its_ratios(tmp_path):
         rf"load \(safe reader\) +{NUMBER} GB/s .* = {NUMBER} x DCP's FileSystemReader",
         rf"async / sync stall \(loop time over the loop without saves\): min {NUMBER}",
         rf"the loop without saves, 2 times: {NUMBER}-{NUMBER} s \(its own spread",
+        rf"stall loop step: [0-9]+ matmuls \(~{NUMBER} s; --matmuls auto: 20 x the update\) "
+        rf"then the update of every parameter \(~{NUMBER} s\): compute {NUMBER} x the update",
     ):
         assert re.search(pattern, out), (pattern, out)
     assert list(tmp_path.iterdir()) == []  # its scratch directory is gone
+
+
+def test_checkpoint_benchmark_refuses_a_step_it_cannot_run(tmp_path):
+    for bad in (["--matmuls", "many"], ["--matmuls", "-1"], ["--compute-ratio", "0"]):
+        out = subprocess.run(
+            [sys.executable, "benchmarks/checkpoint.py", "--dir", str(tmp_path), *bad],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 2 and "error:" in out.stderr, (bad, out.stderr)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_items_benchmark_prints_its_ratios(tmp_path):
