@@ -21,7 +21,9 @@ $(BIN)/.installed: pyproject.toml requirements-pinned.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements-pinned.txt
+	# Less what that torch pins itself (a GPU build's own triton): eurotrain/pins.py says which.
+	$(BIN)/python eurotrain/pins.py requirements-pinned.txt > $(VENV)/pins.txt
+	$(BIN)/pip install -q -r $(VENV)/pins.txt
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@

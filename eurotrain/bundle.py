@@ -34,6 +34,7 @@ from pathlib import Path
 from eurotrain import resources
 from eurotrain.clusters import ClusterProfile, load_profile
 from eurotrain.errors import ConfigError
+from eurotrain.pins import left_to_torch, normal
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 """CPython versions a bundle can target: those the pinned versions publish wheels for (numpy
@@ -227,18 +228,12 @@ def _build_eurotrain(source: Path, into: Path) -> Path:
 
 
 def _exact_pins(wheel: Path) -> set[str]:
-    """Names a wheel pins with ==, from its METADATA (torch pins its own triton, NCCL, ...)."""
+    """The pins to leave to a torch wheel, from its METADATA: those it makes itself (triton,
+    NCCL, ...), and triton where it pins a Triton of its own (eurotrain/pins.py)."""
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         text = z.read(meta).decode()
-    return {
-        _normal(m[1])
-        for m in re.finditer(r"(?m)^Requires-Dist: ([A-Za-z0-9._-]+)(\[[^\]]*\])?\s*==", text)
-    }
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return set(left_to_torch(re.findall(r"(?m)^Requires-Dist: (.*)$", text)))
 
 
 def _constraints(plan: Plan, torch_wheel: Path, into: Path) -> Path:
@@ -250,7 +245,7 @@ def _constraints(plan: Plan, torch_wheel: Path, into: Path) -> Path:
     pins = plan.source / PINS
     for line in pins.read_text().splitlines() if pins.is_file() else []:
         m = re.fullmatch(r"([A-Za-z0-9._-]+)==\S+", line.strip())
-        if m and _normal(m[1]) not in own | {"torch"}:
+        if m and normal(m[1]) not in own | {"torch"}:
             lines.append(line.strip())
     path = into / "constraints.txt"
     path.write_text("\n".join(lines) + "\n")
