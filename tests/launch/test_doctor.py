@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from multiproc import free_port
 
+from eurotrain import doctor
 from eurotrain.doctor import main
 from eurotrain.parallel.ac import inductor_cpu_problem
 
@@ -32,11 +34,25 @@ def _env(**extra: str) -> dict[str, str]:
 def test_doctor_passes_here_single_rank(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    # The free-space warning is tested below: this machine's free disk is not this test's input
+    monkeypatch.setattr(doctor, "MIN_FREE_GIB", 0.0)
     rc = main(["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
                "--wandb-dir", str(tmp_path / "wb")])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "[PASS] versions" in out and "[PASS] checkpoint dir" in out and "[FAIL]" not in out
+
+
+def test_doctor_warns_of_little_free_space_for_checkpoints(tmp_path, capsys, monkeypatch):
+    free = shutil.disk_usage(tmp_path).free / 2**30
+    monkeypatch.setattr(doctor, "MIN_FREE_GIB", free + 1000.0)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    rc = main(["--cluster", "local", "--checkpoint-dir", str(tmp_path / "ck"),
+               "--wandb-dir", str(tmp_path / "wb")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out  # a warning, not a failure
+    assert "[WARN] checkpoint dir: " in out and " GiB free" in out
+    assert "fix: free space or keep fewer checkpoints" in out
 
 
 def test_doctor_two_ranks_healthy(tmp_path):
