@@ -22,7 +22,12 @@ FP8_RTOL = 2e-2
 """FP8 (e4m3) keeps 3 mantissa bits: ~6 % per element; the mean loss of the tiny model over a
 few steps stays within 2 % of the higher-precision run (seen: 3e-4)."""
 PARITY_RTOL = 1e-5
-"""FP8 under FSDP2 / TP against FP8 in one process: the scales are global, so the same casts."""
+"""FP8 under FSDP2 against FP8 in one process: the scales are global, so the same casts."""
+TP_PARITY_RTOL = 1e-4
+"""FP8 under TP against one process: the scales are global too, but a row-parallel linear adds
+its partial sums in another order, and a rounding-level difference that moves a value across an
+e4m3 rounding boundary changes it by a whole FP8 step (seen: 2.1e-5 with torch's CUDA build on
+a CPU, below 1e-5 with the CPU build): still 200 times tighter than FP8 against bf16 (2e-2)."""
 
 STEPS = 4
 
@@ -82,7 +87,8 @@ def test_fp8_under_fsdp2_and_tp_matches_one_process(tmp_path):
     for rank_results in run_distributed(_layouts, 2, str(tmp_path), cases):
         for (recipe, parallel), losses in zip(cases, rank_results):
             for a, b in zip(losses, one[recipe]):
-                assert math.isclose(a, b, rel_tol=PARITY_RTOL), (parallel, losses, one[recipe])
+                rtol = TP_PARITY_RTOL if parallel.get("tp", 1) > 1 else PARITY_RTOL
+                assert math.isclose(a, b, rel_tol=rtol), (parallel, losses, one[recipe])
 
 
 def test_refused_without_fp8_hardware_or_torchao(monkeypatch):
