@@ -34,7 +34,7 @@ from pathlib import Path
 from eurotrain import resources
 from eurotrain.clusters import ClusterProfile, load_profile
 from eurotrain.errors import ConfigError
-from eurotrain.pins import left_to_torch, normal
+from eurotrain.pins import left_to_torch, normal, pin
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 """CPython versions a bundle can target: those the pinned versions publish wheels for (numpy
@@ -227,7 +227,7 @@ def _build_eurotrain(source: Path, into: Path) -> Path:
     return wheel
 
 
-def _exact_pins(wheel: Path) -> set[str]:
+def _left_to_torch_wheel(wheel: Path) -> set[str]:
     """The pins to leave to a torch wheel, from its METADATA: those it makes itself (triton,
     NCCL, ...), and triton where it pins a Triton of its own (eurotrain/pins.py)."""
     with zipfile.ZipFile(wheel) as z:
@@ -238,15 +238,15 @@ def _exact_pins(wheel: Path) -> set[str]:
 
 def _constraints(plan: Plan, torch_wheel: Path, into: Path) -> Path:
     """The pinned versions, less those the torch wheel pins itself, plus that torch exactly."""
-    own = _exact_pins(torch_wheel)
+    own = _left_to_torch_wheel(torch_wheel)
     version = _WHEEL.fullmatch(torch_wheel.name)
     assert version is not None  # pip saved it under a wheel name
     lines = [f"torch=={version['version']}"]
     pins = plan.source / PINS
     for line in pins.read_text().splitlines() if pins.is_file() else []:
-        m = re.fullmatch(r"([A-Za-z0-9._-]+)==\S+", line.strip())
-        if m and normal(m[1]) not in own | {"torch"}:
-            lines.append(line.strip())
+        p = pin(line)
+        if p is not None and normal(p[0]) not in own | {"torch"}:
+            lines.append(f"{p[0]}=={p[1]}")  # a constraint takes no extras
     path = into / "constraints.txt"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -29,15 +29,17 @@ def normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def exact_pins(requires: Iterable[str]) -> dict[str, str]:
-    """Normalized name -> version of every requirement pinned with == (markers ignored: a
-    pin torch makes on some platform is torch's to make)."""
-    return {normal(m[1]): m[3] for r in requires if (m := _EXACT.match(r))}
+def pin(requirement: str) -> tuple[str, str] | None:
+    """(name as written, version) of a requirement pinned with ==, else None; extras and
+    markers are dropped (a pin torch makes on some platform is torch's to make)."""
+    m = _EXACT.match(requirement)
+    return None if m is None else (m[1], m[3])
 
 
 def left_to_torch(torch_requires: Iterable[str]) -> dict[str, str]:
-    """The pins to leave out, each with what torch asks for instead."""
-    own = {name: f"{name}=={version}" for name, version in exact_pins(torch_requires).items()}
+    """The pins to leave out (normalized names), each with what torch asks for instead."""
+    pins = [p for r in torch_requires if (p := pin(r)) is not None]
+    own = {normal(name): f"{normal(name)}=={version}" for name, version in pins}
     tritons = [req for name, req in own.items() if "triton" in name]
     if tritons and "triton" not in own:
         own["triton"] = tritons[0]
@@ -56,10 +58,10 @@ def main(argv: list[str]) -> int:
     drop = left_to_torch(requires)
     with open(argv[1], encoding="utf-8") as f:
         for line in f:
-            m = _EXACT.match(line)
-            if m and normal(m[1]) in drop:
+            p = pin(line)
+            if p is not None and normal(p[0]) in drop:
                 print(f"pins: {line.strip()} left out: the installed {torch} requires "
-                      f"{drop[normal(m[1])]}", file=sys.stderr)  # fmt: skip
+                      f"{drop[normal(p[0])]}", file=sys.stderr)  # fmt: skip
                 continue
             sys.stdout.write(line)
     return 0
